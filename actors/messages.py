@@ -1,0 +1,70 @@
+"""Messages between the front end and the actors (encoded with msgspec msgpack).
+
+Every Ray call carries one batch: a list of items in, a list of results out, in order.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import msgspec
+
+from ledger.journal import Journal, Line
+
+
+class PostItem(msgspec.Struct, frozen=True, array_like=True):
+    """A single-shard journal to post (the id is always set by the front end)."""
+
+    journal: Journal
+    journal_id: str
+    principal: str
+    idem_key: str | None
+    request_hash: bytes
+
+
+class CrossItem(msgspec.Struct, frozen=True, array_like=True):
+    """A journal touching several shards: its lines split per participant shard."""
+
+    journal: Journal
+    journal_id: str
+    principal: str
+    idem_key: str | None
+    request_hash: bytes
+    parts: dict[int, tuple[Line, ...]]
+
+
+class PrepareItem(msgspec.Struct, frozen=True, array_like=True):
+    """One participant's part of a cross-shard journal, sent with PREPARE."""
+
+    txid: str
+    lines: tuple[Line, ...]
+
+
+class DecideItem(msgspec.Struct, frozen=True, array_like=True):
+    """The coordinator's durable decision for one participant's part."""
+
+    txid: str
+    commit: bool
+    lines: tuple[Line, ...]
+    hash: bytes
+    posted_at: str
+
+
+class Result(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
+    """Outcome of one journal: ok with posted_at, or an error code with message and details."""
+
+    journal_id: str
+    ok: bool
+    posted_at: str | None = None
+    code: str | None = None
+    message: str | None = None
+    details: dict[str, Any] | None = None
+
+
+ENCODER: Final = msgspec.msgpack.Encoder()
+POST_ITEMS: Final = msgspec.msgpack.Decoder(list[PostItem])
+CROSS_ITEMS: Final = msgspec.msgpack.Decoder(list[CrossItem])
+PREPARE_ITEMS: Final = msgspec.msgpack.Decoder(list[PrepareItem])
+DECIDE_ITEMS: Final = msgspec.msgpack.Decoder(list[DecideItem])
+RESULTS: Final = msgspec.msgpack.Decoder(list[Result])
+ACKS: Final = msgspec.msgpack.Decoder(list[bool])

@@ -1,0 +1,26 @@
+"""Ports between the front end, the coordinator and the shards (`typing.Protocol`s).
+
+The Ray shells implement them over actor handles; tests may implement them with the
+engines directly. Payloads are msgpack batches (see `actors.messages`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class ShardPort(Protocol):
+    """What the front end and the coordinator call on a shard."""
+
+    async def post(self, payload: bytes) -> bytes: ...
+    async def prepare(self, payload: bytes) -> bytes: ...
+    async def decide(self, payload: bytes) -> bytes: ...
+    async def create_account(self, account_id: str, no_negative: bool) -> bytes: ...
+    async def status(self) -> dict[str, Any]: ...
+
+
+class CoordinatorPort(Protocol):
+    """What the front end calls on the coordinator."""
+
+    async def submit(self, payload: bytes) -> bytes: ...
+    async def status(self) -> dict[str, Any]: ...

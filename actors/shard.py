@@ -1,0 +1,88 @@
+"""Ray shells around the shard engine and the coordinator engine.
+
+Each shell builds its engine in `__init__` (which Ray reruns on every restart) and starts
+it on the first call, so a restarted actor rebuilds its state from PostgreSQL before it
+answers anything. Calls that were in flight when an actor died fail in the caller with a
+Ray error; the caller answers them as retryable and idempotent retries resolve them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import ray
+
+from actors.coordinator_engine import CoordinatorEngine
+from actors.shard_engine import ShardEngine
+
+ACTOR_OPTIONS: dict[str, Any] = {
+    "max_restarts": -1,
+    "max_task_retries": 0,
+    "num_cpus": 0,
+    "max_concurrency": 4096,
+}
+
+
+class _Lazy:
+    """Starts an engine once, on first use; concurrent first calls share the start."""
+
+    def __init__(self) -> None:
+        self._started: asyncio.Future[None] | None = None
+
+    async def ready(self, start: Any) -> None:
+        if self._started is None:
+            self._started = asyncio.ensure_future(start())
+        await asyncio.shield(self._started)
+
+
+@ray.remote(**ACTOR_OPTIONS)
+class ShardActor:
+    """One shard: the single writer of the accounts in its slots."""
+
+    def __init__(self, shard_id: int, dsn: str, slots: list[int], batch_max: int) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self.engine = ShardEngine(shard_id, dsn, slots, batch_max=batch_max)
+        self.lazy = _Lazy()
+
+    async def post(self, payload: bytes) -> bytes:
+        await self.lazy.ready(self.engine.start)
+        return await self.engine.post(payload)
+
+    async def prepare(self, payload: bytes) -> bytes:
+        await self.lazy.ready(self.engine.start)
+        return await self.engine.prepare(payload)
+
+    async def decide(self, payload: bytes) -> bytes:
+        await self.lazy.ready(self.engine.start)
+        return await self.engine.decide(payload)
+
+    async def create_account(self, account_id: str, no_negative: bool) -> bytes:
+        await self.lazy.ready(self.engine.start)
+        return await self.engine.create_account(account_id, no_negative)
+
+    async def status(self) -> dict[str, Any]:
+        await self.lazy.ready(self.engine.start)
+        return self.engine.status()
+
+
+@ray.remote(**ACTOR_OPTIONS)
+class CoordinatorActor:
+    """The cross-shard coordinator (two-phase commit with a durable decision log)."""
+
+    def __init__(self, dsn: str, prefix: str, shard_ids: list[int], batch_max: int) -> None:
+        from actors.runtime import RayShard
+
+        logging.basicConfig(level=logging.INFO)
+        shards = {shard_id: RayShard(ray.get_actor(f"{prefix}-shard-{shard_id}")) for shard_id in shard_ids}
+        self.engine = CoordinatorEngine(dsn, shards, batch_max=batch_max)
+        self.lazy = _Lazy()
+
+    async def submit(self, payload: bytes) -> bytes:
+        await self.lazy.ready(self.engine.start)
+        return await self.engine.submit(payload)
+
+    async def status(self) -> dict[str, Any]:
+        await self.lazy.ready(self.engine.start)
+        return self.engine.status()

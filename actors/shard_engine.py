@@ -1,0 +1,443 @@
+"""The shard engine: the single writer of one shard's accounts (wrapped by a Ray actor).
+
+Every call (a batch of postings, a batch of PREPAREs or decisions, an account creation)
+goes into one queue. One loop drains the queue: reservations and releases first (they
+see only durable state), then one group commit for every posting and committed part that
+arrived meanwhile: check each journal against the book, stamp time, chain position and
+hash, write the whole batch in one PostgreSQL transaction, and only then apply it to the
+book and answer. If the transaction fails, the book is untouched and every journal of the
+batch is answered with a retryable error; nothing is half-written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from actors.messages import (
+    CROSS_ITEMS,
+    DECIDE_ITEMS,
+    ENCODER,
+    POST_ITEMS,
+    PREPARE_ITEMS,
+    DecideItem,
+    PostItem,
+    PrepareItem,
+    Result,
+)
+from ledger.accounts import AccountType, account_type_of
+from ledger.book import Book, Staging
+from ledger.errors import ErrorCode
+from ledger.invariants import check
+from ledger.timestamps import parse_rfc3339, rfc3339
+from sharding.slots import slot_of
+from sharding.twophase import Phase, stale_reservations
+from signer.canonical import canonical, digest, posted_journal
+from store import repository
+from store.writer import BatchRows, DuplicateJournals, PartsAlreadyApplied, commit_batch
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    """The real clock (UTC)."""
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class _Work:
+    kind: str
+    items: list[Any]
+    future: asyncio.Future[Any]
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One posting inside a batch, with where its answer goes."""
+
+    item: PostItem
+    work: int
+    index: int
+
+
+@dataclass(slots=True)
+class _Batch:
+    posts: list[_Pending] = field(default_factory=list)
+    parts: list[tuple[DecideItem, int, int]] = field(default_factory=list)
+
+
+def unavailable(journal_id: str, reason: str) -> Result:
+    """A retryable failure: nothing was written for this journal."""
+    return Result(
+        journal_id, False, code=ErrorCode.SERVICE_UNAVAILABLE, message=reason, details={"retryable": True}
+    )
+
+
+class ShardEngine:
+    """Owns the book of one shard and commits its postings in batches."""
+
+    def __init__(
+        self, shard_id: int, dsn: str, slots: list[int], *, batch_max: int = 8192, clock: Clock = utc_now
+    ) -> None:
+        self.shard_id = shard_id
+        self.dsn = dsn
+        self.slots = slots
+        self.batch_max = batch_max
+        self.clock = clock
+        self.book = Book()
+        self.seq = 0
+        self.head_hash: bytes | None = None
+        self.last_posted_at = datetime.min.replace(tzinfo=UTC)
+        self.queue: asyncio.Queue[_Work] = asyncio.Queue()
+        self.pool: asyncpg.Pool | None = None
+        self.loop_task: asyncio.Task[None] | None = None
+        self.sweep_task: asyncio.Task[None] | None = None
+        self.sweep_every_s = 30.0
+        self.committed_journals = 0
+        self.batches = 0
+
+    # -- life cycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Connect, rebuild the book from PostgreSQL, re-reserve in-doubt parts, start the loop."""
+        self.pool = await asyncpg.create_pool(self.dsn, min_size=2, max_size=3)
+        async with self.pool.acquire() as conn:
+            for row in await repository.load_accounts(conn, self.slots):
+                self.book.load_account(row[0], AccountType(row[1]), row[2])
+            for row in await repository.load_balances(conn, self.slots):
+                self.book.load_balance((row[0], row[1]), row[2:6])
+            head = await repository.load_chain_head(conn, self.shard_id)
+            self.seq, self.head_hash = head.seq, head.hash
+            for row in await repository.load_in_doubt(conn, self.shard_id):
+                (item,) = CROSS_ITEMS.decode(row["request"])
+                lines = item.parts.get(self.shard_id, ())
+                self.book.reserve(item.journal_id, lines, force=True)
+        self.loop_task = asyncio.create_task(self._run(), name=f"shard-{self.shard_id}")
+        self.sweep_task = asyncio.create_task(self._sweep_loop(), name=f"shard-{self.shard_id}-sweep")
+        log.info("shard %s started: %s accounts, seq %s", self.shard_id, len(self.book.accounts), self.seq)
+
+    async def close(self) -> None:
+        """Stop the loop and the pool."""
+        for task in (self.sweep_task, self.loop_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self.pool is not None:
+            await self.pool.close()
+
+    # -- calls -----------------------------------------------------------------------------
+    async def _submit(self, kind: str, items: list[Any]) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait(_Work(kind, items, future))
+        return await future
+
+    async def post(self, payload: bytes) -> bytes:
+        """Post a batch of single-shard journals; msgpack list of `Result` in order."""
+        results = await self._submit("post", POST_ITEMS.decode(payload))
+        return ENCODER.encode(results)
+
+    async def prepare(self, payload: bytes) -> bytes:
+        """Reserve cross-shard parts; msgpack list of `Result` votes (ok = YES, else the rejection)."""
+        return ENCODER.encode(await self._submit("prepare", PREPARE_ITEMS.decode(payload)))
+
+    async def decide(self, payload: bytes) -> bytes:
+        """Apply (commit) or release (abort) parts; msgpack list of acks (all True on return)."""
+        return ENCODER.encode(await self._submit("decide", DECIDE_ITEMS.decode(payload)))
+
+    async def create_account(self, account_id: str, no_negative: bool) -> bytes:
+        """Create an account explicitly with its policy; a `Result` (journal_id = account_id)."""
+        return ENCODER.encode(await self._submit("account", [(account_id, no_negative)]))
+
+    def status(self) -> dict[str, Any]:
+        """Queue depth and counters for /ready and /metrics."""
+        return {
+            "shard_id": self.shard_id,
+            "queue_depth": self.queue.qsize(),
+            "accounts": len(self.book.accounts),
+            "seq": self.seq,
+            "journals": self.committed_journals,
+            "batches": self.batches,
+            "reservations": len(self.book.reservations),
+        }
+
+    # -- the loop --------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            work = [await self.queue.get()]
+            count = len(work[0].items)
+            while not self.queue.empty() and count < self.batch_max:
+                item = self.queue.get_nowait()
+                work.append(item)
+                count += len(item.items)
+            try:
+                await self._process(work)
+            except Exception as exc:  # the batch failed as a whole: answer everything retryable
+                log.exception("shard %s batch failed", self.shard_id)
+                for entry in work:
+                    if not entry.future.done():
+                        entry.future.set_exception(exc)
+
+    async def _process(self, work: list[_Work]) -> None:
+        answers: list[list[Any]] = [[None] * len(w.items) for w in work]
+        batch = _Batch()
+        for w_index, entry in enumerate(work):
+            if entry.kind == "prepare":
+                answers[w_index] = [self._prepare_one(p) for p in entry.items]
+            elif entry.kind == "sweep":
+                answers[w_index] = [await self._sweep()]
+            elif entry.kind == "account":
+                answers[w_index] = [await self._create_account(*entry.items[0])]
+            elif entry.kind == "decide":
+                for i, decision in enumerate(entry.items):
+                    if decision.commit:
+                        batch.parts.append((decision, w_index, i))
+                    else:
+                        self.book.release(decision.txid)
+                        answers[w_index][i] = True
+            else:
+                batch.posts.extend(_Pending(item, w_index, i) for i, item in enumerate(entry.items))
+        if batch.posts or batch.parts:
+            await self._group_commit(batch, answers)
+        for entry, answer in zip(work, answers, strict=True):
+            if not entry.future.done():
+                entry.future.set_result(answer)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_every_s)
+            with contextlib.suppress(Exception):
+                await self._submit("sweep", [None])
+
+    async def _sweep(self) -> int:
+        """Release reservations whose transaction is finished in the log (see twophase.stale_reservations)."""
+        held = list(self.book.reservations)
+        if not held:
+            return 0
+        assert self.pool is not None
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch("SELECT txid, state FROM xtx WHERE txid = ANY($1::text[])", held)
+        stale = stale_reservations(held, {r["txid"]: Phase(r["state"]) for r in rows})
+        for txid in stale:
+            self.book.release(txid)
+        return len(stale)
+
+    def _prepare_one(self, item: PrepareItem) -> Result:
+        rejection = self.book.reserve(item.txid, item.lines)
+        if rejection is None:
+            return Result(item.txid, True)
+        return Result(
+            item.txid, False, code=rejection.code, message=rejection.message, details=rejection.details
+        )
+
+    async def _create_account(self, account_id: str, no_negative: bool) -> Result:
+        account_type = account_type_of(account_id)
+        check(account_type is not None, f"create_account got a malformed id {account_id}")
+        assert account_type is not None
+        known = self.book.accounts.get(account_id)
+        if known is not None:
+            return self._account_result(account_id, known.no_negative, no_negative, created=False)
+        assert self.pool is not None
+        async with self.pool.acquire() as conn:
+            created, stored = await repository.create_account(
+                conn, account_id, str(account_type), slot_of(account_id), no_negative
+            )
+        self.book.load_account(account_id, account_type, stored)
+        return self._account_result(account_id, stored, no_negative, created)
+
+    @staticmethod
+    def _account_result(account_id: str, stored: bool, wanted: bool, created: bool) -> Result:
+        if stored != wanted:
+            return Result(
+                account_id,
+                False,
+                code=ErrorCode.IDEMPOTENCY_CONFLICT,
+                message=f"account {account_id} exists with a different policy",
+                details={"account_id": account_id, "no_negative": stored},
+            )
+        return Result(account_id, True, details={"created": created})
+
+    # -- group commit ----------------------------------------------------------------------
+    async def _group_commit(self, batch: _Batch, answers: list[list[Any]]) -> None:
+        assert self.pool is not None
+        async with self.pool.acquire() as conn:
+            deferred = self._dedupe(batch)
+            await self._answer_existing(conn, batch.posts, answers, must_exist=False)
+            batch.posts = [p for p in batch.posts if answers[p.work][p.index] is None]
+            for _attempt in range(8):
+                try:
+                    await self._write(conn, batch, answers)
+                    break
+                except DuplicateJournals as exc:
+                    dupes = [p for p in batch.posts if p.item.journal_id in exc.journal_ids]
+                    batch.posts = [p for p in batch.posts if p.item.journal_id not in exc.journal_ids]
+                    for p in dupes:
+                        answers[p.work][p.index] = None
+                    await self._answer_existing(conn, dupes, answers)
+                except PartsAlreadyApplied as exc:
+                    for part, w, i in batch.parts:
+                        if part.txid in exc.journal_ids:
+                            self.book.release(part.txid)
+                            answers[w][i] = True
+                    batch.parts = [p for p in batch.parts if p[0].txid not in exc.journal_ids]
+            else:
+                check(False, "group commit kept colliding with duplicates")
+            await self._answer_existing(conn, deferred, answers)
+
+    def _dedupe(self, batch: _Batch) -> list[_Pending]:
+        """Keep the first of journals sharing an id or idempotency key; the rest wait for it."""
+        seen_ids: set[str] = set()
+        seen_keys: set[tuple[str, str]] = set()
+        keep: list[_Pending] = []
+        deferred: list[_Pending] = []
+        for pending in batch.posts:
+            item = pending.item
+            key = (item.principal, item.idem_key) if item.idem_key is not None else None
+            if item.journal_id in seen_ids or (key is not None and key in seen_keys):
+                deferred.append(pending)
+                continue
+            seen_ids.add(item.journal_id)
+            if key is not None:
+                seen_keys.add(key)
+            keep.append(pending)
+        batch.posts = keep
+        return deferred
+
+    async def _answer_existing(
+        self,
+        conn: asyncpg.Connection,
+        posts: list[_Pending],
+        answers: list[list[Any]],
+        *,
+        must_exist: bool = True,
+    ) -> None:
+        """Answer postings that collide with stored journals: replay, or IDEMPOTENCY_CONFLICT."""
+        if not posts:
+            return
+        keyed = [p.item for p in posts if p.item.idem_key is not None]
+        existing = await repository.find_existing(
+            conn,
+            [p.item.journal_id for p in posts],
+            [i.principal for i in keyed],
+            [i.idem_key for i in keyed if i.idem_key is not None],
+        )
+        by_id = {e.journal_id: e for e in existing}
+        by_key = {(e.principal, e.idem_key): e for e in existing if e.idem_key is not None}
+        for p in posts:
+            item = p.item
+            found = by_key.get((item.principal, item.idem_key)) if item.idem_key is not None else None
+            found = found or by_id.get(item.journal_id)
+            if found is None:
+                if must_exist:
+                    answers[p.work][p.index] = unavailable(
+                        item.journal_id, "conflicting journal not found; retry"
+                    )
+            elif found.request_hash == item.request_hash and found.principal == item.principal:
+                answers[p.work][p.index] = Result(found.journal_id, True, rfc3339(found.posted_at))
+            else:
+                answers[p.work][p.index] = Result(
+                    item.journal_id,
+                    False,
+                    code=ErrorCode.IDEMPOTENCY_CONFLICT,
+                    message="journal_id or Idempotency-Key already used with a different payload",
+                    details={"journal_id": found.journal_id},
+                )
+
+    def _stamp(self) -> datetime:
+        now = max(self.clock(), self.last_posted_at + timedelta(microseconds=1))
+        return now
+
+    async def _write(self, conn: asyncpg.Connection, batch: _Batch, answers: list[list[Any]]) -> None:
+        """Stage, write and apply one batch; rejected journals are answered, the rest committed."""
+        staging = Staging()
+        rows = BatchRows(self.shard_id)
+        posted_at = self._stamp()
+        stamp = rfc3339(posted_at)
+        seq, head = self.seq, self.head_hash
+        accepted: list[tuple[_Pending, str]] = []
+        for pending in batch.posts:
+            item = pending.item
+            rejection = self.book.stage(item.journal.lines, staging)
+            if rejection is not None:
+                answers[pending.work][pending.index] = Result(
+                    item.journal_id,
+                    False,
+                    code=rejection.code,
+                    message=rejection.message,
+                    details=rejection.details,
+                )
+                continue
+            seq += 1
+            body = canonical(posted_journal(item.journal, item.journal_id, item.principal, stamp))
+            hashed = digest(body)
+            self._add_journal(rows, item, seq, posted_at, body, hashed, head)
+            head = hashed
+            accepted.append((pending, stamp))
+        for part, _w, _i in batch.parts:
+            self.book.stage_reserved(part.txid, part.lines, staging)
+            seq += 1
+            part_time = parse_rfc3339(part.posted_at)
+            check(part_time is not None, "decision carries a malformed posted_at")
+            assert part_time is not None
+            rows.l_seq.append(seq)
+            rows.l_journal_id.append(part.txid)
+            rows.l_hash.append(part.hash)
+            rows.l_prev_hash.append(head)
+            head = part.hash
+            for line in part.lines:
+                rows.lines.append(
+                    (part.txid, line.line_no, self.shard_id, line.account_id, line.currency,
+                     "D" if line.is_debit else "C", line.amount, part_time, True)
+                )  # fmt: skip
+        self._add_deltas(rows, staging)
+        if not rows.is_empty():
+            started = time.perf_counter()
+            await commit_batch(conn, rows)
+            log.debug("shard %s committed %s rows in %.1f ms", self.shard_id, len(rows.j_id),
+                      (time.perf_counter() - started) * 1000)  # fmt: skip
+        self.book.apply(staging)
+        self.seq, self.head_hash, self.last_posted_at = seq, head, posted_at
+        self.committed_journals += len(accepted) + len(batch.parts)
+        self.batches += 1
+        for pending, stamp_text in accepted:
+            answers[pending.work][pending.index] = Result(pending.item.journal_id, True, stamp_text)
+        for _part, w, i in batch.parts:
+            answers[w][i] = True
+
+    def _add_journal(
+        self, rows: BatchRows, item: PostItem, seq: int, posted_at: datetime, body: bytes, hashed: bytes,
+        prev: bytes | None,
+    ) -> None:  # fmt: skip
+        journal = item.journal
+        rows.j_id.append(item.journal_id)
+        rows.j_seq.append(seq)
+        rows.j_posted_at.append(posted_at)
+        rows.j_effective_at.append(parse_rfc3339(journal.effective_at) if journal.effective_at else None)
+        rows.j_principal.append(item.principal)
+        rows.j_idem_key.append(item.idem_key)
+        rows.j_request_hash.append(item.request_hash)
+        rows.j_reverses.append(journal.reverses)
+        rows.j_hash.append(hashed)
+        rows.j_prev_hash.append(prev)
+        rows.j_body.append(body)
+        for line in journal.lines:
+            rows.lines.append(
+                (item.journal_id, line.line_no, self.shard_id, line.account_id, line.currency,
+                 "D" if line.is_debit else "C", line.amount, posted_at, False)
+            )  # fmt: skip
+
+    @staticmethod
+    def _add_deltas(rows: BatchRows, staging: Staging) -> None:
+        for account_id, account_type in staging.new_accounts.items():
+            rows.accounts.append((account_id, str(account_type), slot_of(account_id)))
+        for (account_id, currency), (debits, credits) in staging.deltas.items():
+            rows.deltas.append((account_id, currency, slot_of(account_id), debits, credits))

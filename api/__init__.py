@@ -1,0 +1,1 @@
+"""HTTP front end (aiohttp): routes, auth, the response envelope, and batching toward actors."""

@@ -1,0 +1,110 @@
+"""The aiohttp application: middlewares (envelope, auth) and the route table."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from api import ledger_routes
+from api.auth import PUBLIC, Role, require
+from api.envelope import Handler, error_middleware, ok
+from api.requests import BATCH_BODY_MAX
+from api.services import SERVICES, Services
+from ledger.errors import ErrorCode, LedgerError
+
+ROLES: Final = web.AppKey("roles", dict[Any, frozenset[Role]])
+READY_TIMEOUT_S: Final = 3.0
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """401 without a known token, 403 for a role the route does not allow; public routes pass."""
+    route_handler = getattr(request.match_info, "handler", None)
+    allowed = request.app[ROLES].get(route_handler)
+    if allowed is None or allowed == PUBLIC:
+        return await handler(request)
+    principal = request.app[SERVICES].auth.principal(request.headers.get("Authorization"))
+    require(principal, allowed)
+    request["principal"] = principal
+    return await handler(request)
+
+
+async def health(request: web.Request) -> web.Response:
+    """GET /health: liveness plus how signing and transport are configured."""
+    svc = request.app[SERVICES]
+    return ok(signingConfigured=svc.signing_configured, mTLS=svc.mtls, signer="none")
+
+
+async def _shard_statuses(svc: Services) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    async def one(port: Any) -> dict[str, Any] | None:
+        try:
+            return await asyncio.wait_for(port.status(), READY_TIMEOUT_S)  # type: ignore[no-any-return]
+        except Exception:
+            return None
+
+    shard_ids = sorted(svc.shards)
+    answers = await asyncio.gather(*(one(svc.shards[s]) for s in shard_ids), one(svc.coordinator))
+    shards = [
+        {"shard_id": s, "ok": a is not None, **(a or {})} for s, a in zip(shard_ids, answers, strict=False)
+    ]
+    return shards, answers[-1]
+
+
+async def ready(request: web.Request) -> web.Response:
+    """GET /ready: the database and every actor answer."""
+    svc = request.app[SERVICES]
+    try:
+        async with svc.pool.acquire(timeout=READY_TIMEOUT_S) as conn:
+            database = await conn.fetchval("SELECT 1") == 1
+    except Exception:
+        database = False
+    shards, coordinator = await _shard_statuses(svc)
+    everything = database and coordinator is not None and all(s["ok"] for s in shards)
+    details = {"database": database, "shards": shards, "coordinator": coordinator is not None}
+    if not everything:
+        raise LedgerError(ErrorCode.SERVICE_UNAVAILABLE, "not ready", details)
+    return ok(**details)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text format."""
+    svc = request.app[SERVICES]
+    for name, depth in svc.poster.queue_depths().items():
+        svc.metrics.shard_queue_depth.labels(name, "front_end").set(depth)
+    for shard_id, batcher in svc.poster.shards.items():
+        if batcher.calls:
+            svc.metrics.call_batch_size.labels(str(shard_id)).set(batcher.items_sent / batcher.calls)
+    shards, coordinator = await _shard_statuses(svc)
+    for shard in shards:
+        if shard["ok"]:
+            svc.metrics.shard_queue_depth.labels(str(shard["shard_id"]), "actor").set(shard["queue_depth"])
+    for outcome, count in (coordinator or {}).items():
+        if outcome not in {"queue_depth", "in_flight"}:
+            svc.metrics.twophase_outcomes.labels(outcome).set(count)
+    body = generate_latest(svc.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+SYSTEM_ROUTES: Final[
+    list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]], frozenset[Role]]]
+] = [
+    ("GET", "/health", health, PUBLIC),
+    ("GET", "/ready", ready, PUBLIC),
+    ("GET", "/metrics", metrics, PUBLIC),
+]
+
+
+def create_app(svc: Services) -> web.Application:
+    """The application with every route, the envelope and auth."""
+    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=BATCH_BODY_MAX + 1)
+    app[SERVICES] = svc
+    roles: dict[Any, frozenset[Role]] = {}
+    for method, path, handler, allowed in [*SYSTEM_ROUTES, *ledger_routes.ROUTES]:
+        app.router.add_route(method, path, handler)
+        roles[handler] = frozenset(allowed)
+    app[ROLES] = roles
+    return app

@@ -1,0 +1,81 @@
+"""The response envelope: `{ok: true, ...}` or `{ok: false, error: {code, message, details}}`.
+
+Every response of the node, including 404, 405, 413 and unexpected failures, goes through
+`error_middleware`, so a client never sees a bare status page or a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import msgspec
+from aiohttp import web
+
+from ledger.errors import ErrorCode, LedgerError
+
+log = logging.getLogger(__name__)
+_encoder: Final = msgspec.json.Encoder()
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def ok(status: int = 200, **body: Any) -> web.Response:
+    """A success response."""
+    return web.Response(
+        body=_encoder.encode({"ok": True, **body}), status=status, content_type="application/json"
+    )
+
+
+def error_response(error: LedgerError, headers: dict[str, str] | None = None) -> web.Response:
+    """An error response with the error's HTTP status."""
+    return web.Response(
+        body=_encoder.encode({"ok": False, "error": error.as_dict()}),
+        status=error.http_status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+_HTTP_CODES: Final = {
+    401: ErrorCode.NOT_AUTHORIZED,
+    403: ErrorCode.NOT_AUTHORIZED,
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_ALLOWED,
+    413: ErrorCode.PAYLOAD_TOO_LARGE,
+    415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+    429: ErrorCode.RATE_LIMITED,
+}
+
+
+def _from_http(exc: web.HTTPException) -> LedgerError:
+    code = _HTTP_CODES.get(exc.status)
+    if code is ErrorCode.NOT_FOUND:
+        return LedgerError(code, "no such endpoint", {"resource": "endpoint"})
+    if code is ErrorCode.METHOD_NOT_ALLOWED:
+        allowed = sorted(getattr(exc, "allowed_methods", ()) or ())
+        return LedgerError(code, "method not allowed", {"allowed": allowed})
+    if code is ErrorCode.PAYLOAD_TOO_LARGE:
+        return LedgerError(code, "request body too large", {})
+    if code is not None:
+        return LedgerError(code, exc.reason or code.value, {})
+    if exc.status >= 500:
+        return LedgerError(ErrorCode.INTERNAL_ERROR, "internal error", {})
+    return LedgerError(ErrorCode.VALIDATION_ERROR, exc.reason or "bad request", {})
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every failure into the envelope with a precise code."""
+    try:
+        return await handler(request)
+    except LedgerError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(_from_http(exc))
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(LedgerError(ErrorCode.INTERNAL_ERROR, "internal error", {}))

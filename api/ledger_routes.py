@@ -1,0 +1,321 @@
+"""Ledger endpoints: post, batch post, read a journal, balances, accounts, the journal stream."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import heapq
+import time
+from collections.abc import Iterator
+from typing import Any, Final
+
+import msgspec
+from aiohttp import web
+
+from actors.messages import RESULTS, Result
+from api.auth import ADMINS, READERS, WRITERS, Principal
+from api.envelope import error_response, ok
+from api.posting import Submission
+from api.requests import BATCH_BODY_MAX, idempotency_key, json_body, query_int, query_time
+from api.services import SERVICES, Services
+from ledger.accounts import AccountPolicy, account_type_of, normal_balance
+from ledger.errors import ErrorCode, LedgerError, Rejection, validation_error
+from ledger.journal import JournalIn, decode_journal, rejection_from_msgspec, validate_journal
+from signer.canonical import HASH_ALG
+from store import repository
+
+BATCH_JOURNALS_MAX: Final = 8190
+STREAM_LIMIT_MAX: Final = 1000
+
+
+class BatchIn(msgspec.Struct, forbid_unknown_fields=True):
+    """`POST /ledger/post_batch` body; journals stay raw so each one fails alone."""
+
+    journals: list[msgspec.Raw]
+
+
+class AccountIn(msgspec.Struct, forbid_unknown_fields=True):
+    """`POST /accounts` body."""
+
+    account_id: str
+    policy: AccountPolicy = AccountPolicy()
+
+
+_batch_decoder: Final = msgspec.json.Decoder(BatchIn)
+_journal_decoder: Final = msgspec.json.Decoder(JournalIn)
+_account_decoder: Final = msgspec.json.Decoder(AccountIn)
+_cursor_decoder: Final = msgspec.json.Decoder(dict[str, int])
+
+
+def services(request: web.Request) -> Services:
+    """The node's services."""
+    return request.app[SERVICES]
+
+
+def principal(request: web.Request) -> Principal:
+    """The authenticated caller (set by the auth middleware)."""
+    found: Principal = request["principal"]
+    return found
+
+
+def _result_error(result: Result) -> LedgerError:
+    code = ErrorCode(result.code or ErrorCode.INTERNAL_ERROR)
+    return LedgerError(code, result.message or code.value, dict(result.details or {}))
+
+
+async def _check_reverses(svc: Services, submissions: list[Submission | Rejection]) -> None:
+    """Replace submissions whose `reverses` names no stored journal with a VALIDATION_ERROR."""
+    async with svc.pool.acquire() as conn:
+        for index, sub in enumerate(submissions):
+            target = sub.journal.reverses if isinstance(sub, Submission) else None
+            if target is not None and not await repository.journal_exists(conn, target):
+                submissions[index] = validation_error(
+                    f"reverses names no posted journal ({target})", "$.reverses"
+                )
+
+
+async def post_journal(request: web.Request) -> web.Response:
+    """POST /ledger/post: one journal; 200 {ok, journal_id, posted_at}."""
+    svc = services(request)
+    started = time.perf_counter()
+    body = await json_body(request)
+    key = idempotency_key(request)
+    journal = validate_journal(decode_journal(body))
+    subs: list[Submission | Rejection] = [Submission(journal, principal(request).name, key)]
+    await _check_reverses(svc, subs)
+    sub = subs[0]
+    if isinstance(sub, Rejection):
+        raise sub
+    (result,) = await svc.poster.post([sub])
+    svc.metrics.post_latency.labels("post").observe(time.perf_counter() - started)
+    svc.metrics.request_journals.observe(1)
+    svc.metrics.journal_results.labels(result.code or "OK").inc()
+    if not result.ok:
+        return error_response(_result_error(result))
+    return ok(journal_id=result.journal_id, posted_at=result.posted_at)
+
+
+def _decode_batch_item(index: int, raw: msgspec.Raw, who: str, key: str | None) -> Submission | Rejection:
+    try:
+        journal_in = _journal_decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        return rejection_from_msgspec(exc, prefix=f"$.journals[{index}]")
+    try:
+        journal = validate_journal(journal_in)
+    except Rejection as rejection:
+        field = rejection.details.get("field")
+        if isinstance(field, str) and field.startswith("$"):
+            rejection.details["field"] = f"$.journals[{index}]" + field[1:]
+        return rejection
+    return Submission(journal, who, f"{key}#{index}" if key is not None else None)
+
+
+async def post_batch(request: web.Request) -> web.Response:
+    """POST /ledger/post_batch: up to 8,190 journals, one result each, in order."""
+    svc = services(request)
+    started = time.perf_counter()
+    body = await json_body(request, BATCH_BODY_MAX)
+    key = idempotency_key(request)
+    try:
+        batch = _batch_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise rejection_from_msgspec(exc) from None
+    except msgspec.DecodeError as exc:
+        raise validation_error(f"malformed JSON: {exc}", "$") from None
+    if len(batch.journals) > BATCH_JOURNALS_MAX:
+        raise LedgerError(
+            ErrorCode.BATCH_TOO_LARGE,
+            f"a batch holds at most {BATCH_JOURNALS_MAX} journals, got {len(batch.journals)}",
+            {"limit": BATCH_JOURNALS_MAX, "count": len(batch.journals)},
+        )
+    if not batch.journals:
+        raise validation_error("journals must not be empty", "$.journals")
+    who = principal(request).name
+    subs = [_decode_batch_item(i, raw, who, key) for i, raw in enumerate(batch.journals)]
+    await _check_reverses(svc, subs)
+    valid = [s for s in subs if isinstance(s, Submission)]
+    posted = iter(await svc.poster.post(valid)) if valid else iter(())
+    results: list[dict[str, Any]] = []
+    for sub in subs:
+        if isinstance(sub, Rejection):
+            results.append({"ok": False, "journal_id": None, "error": sub.as_dict()})
+            svc.metrics.journal_results.labels(str(sub.code)).inc()
+            continue
+        result = next(posted)
+        svc.metrics.journal_results.labels(result.code or "OK").inc()
+        if result.ok:
+            results.append({"ok": True, "journal_id": result.journal_id, "posted_at": result.posted_at})
+        else:
+            results.append(
+                {"ok": False, "journal_id": result.journal_id, "error": _result_error(result).as_dict()}
+            )
+    svc.metrics.post_latency.labels("post_batch").observe(time.perf_counter() - started)
+    svc.metrics.request_journals.observe(len(subs))
+    return ok(results=results)
+
+
+async def get_journal(request: web.Request) -> web.Response:
+    """GET /ledger/{journal_id}: the journal as posted plus its audit metadata."""
+    svc = services(request)
+    journal_id = request.match_info["journal_id"]
+    async with svc.pool.acquire() as conn:
+        row = await repository.journal_row(conn, journal_id)
+    if row is None:
+        raise LedgerError(
+            ErrorCode.NOT_FOUND, f"no journal {journal_id}", {"resource": "journal", "id": journal_id}
+        )
+    links = [
+        {"shard": int(s), "seq": int(q), "prev_hash": _hex(p)}
+        for (s, q), p in zip(row["links"], row["link_prev"], strict=True)
+    ]
+    if row["stream_id"] >= 0:
+        links = [{"shard": row["stream_id"], "seq": row["stream_seq"], "prev_hash": _hex(row["prev_hash"])}]
+    first = links[0] if links else {"shard": None, "seq": None, "prev_hash": None}
+    audit = {
+        "hash": _hex(row["hash"]),
+        "hash_alg": HASH_ALG,
+        "shard": first["shard"],
+        "seq": first["seq"],
+        "prev_hash": first["prev_hash"],
+        "chain": links,
+        "cross_shard": row["stream_id"] < 0,
+    }
+    return ok(journal=msgspec.Raw(bytes(row["body"])), audit=audit)
+
+
+def _hex(value: bytes | None) -> str | None:
+    return None if value is None else bytes(value).hex()
+
+
+async def get_balances(request: web.Request) -> web.Response:
+    """GET /accounts/{account_id}/balances[?as_of=]: balances per currency."""
+    svc = services(request)
+    account_id = request.match_info["account_id"]
+    account_type = account_type_of(account_id)
+    if account_type is None:
+        raise validation_error("malformed account_id", "account_id")
+    as_of = query_time(request, "as_of")
+    async with svc.pool.acquire() as conn:
+        account = await repository.account_row(conn, account_id)
+        if account is None:
+            raise LedgerError(
+                ErrorCode.NOT_FOUND, f"no account {account_id}", {"resource": "account", "id": account_id}
+            )
+        if as_of is None:
+            rows = await repository.balances_now(conn, account_id)
+        else:
+            rows = await repository.balances_as_of(conn, account_id, as_of)
+    balances = [
+        {
+            "currency": r["currency"],
+            "debits_posted": r["debits_posted"],
+            "credits_posted": r["credits_posted"],
+            "debits_pending": r["debits_pending"],
+            "credits_pending": r["credits_pending"],
+            "balance": normal_balance(account_type, r["debits_posted"], r["credits_posted"]),
+        }
+        for r in rows
+    ]
+    return ok(
+        account_id=account_id,
+        account_type=str(account_type),
+        policy={"no_negative": account["no_negative"]},
+        as_of=request.query.get("as_of"),
+        balances=balances,
+    )
+
+
+async def create_account(request: web.Request) -> web.Response:
+    """POST /accounts: create an account with its policy (admin)."""
+    svc = services(request)
+    body = await json_body(request)
+    try:
+        account = _account_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise rejection_from_msgspec(exc) from None
+    except msgspec.DecodeError as exc:
+        raise validation_error(f"malformed JSON: {exc}", "$") from None
+    if account_type_of(account.account_id) is None:
+        raise validation_error(
+            "account_id must be `type:rest` (asset|liability|equity|revenue|expense) of [A-Za-z0-9:._-]",
+            "$.account_id",
+        )
+    shard = svc.slot_map.shard_of(account.account_id)
+    raw = await svc.shards[shard].create_account(account.account_id, account.policy.no_negative)
+    (result,) = RESULTS.decode(raw)
+    if not result.ok:
+        return error_response(_result_error(result))
+    created = bool((result.details or {}).get("created"))
+    return ok(
+        201 if created else 200,
+        account_id=account.account_id,
+        policy={"no_negative": account.policy.no_negative},
+        created=created,
+    )
+
+
+# -- the journal stream ---------------------------------------------------------------------
+def _decode_cursor(text: str | None, streams: list[int]) -> dict[int, int]:
+    positions = dict.fromkeys(streams, 0)
+    if not text:
+        return positions
+    try:
+        padded = text + "=" * (-len(text) % 4)
+        stored = _cursor_decoder.decode(base64.urlsafe_b64decode(padded))
+        for stream, seq in stored.items():
+            if int(stream) in positions and seq >= 0:
+                positions[int(stream)] = seq
+    except (binascii.Error, msgspec.DecodeError, ValueError):
+        raise validation_error("malformed cursor", "cursor") from None
+    return positions
+
+
+def _encode_cursor(positions: dict[int, int]) -> str:
+    raw = msgspec.json.encode({str(k): v for k, v in sorted(positions.items())})
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _merge(rows: list[Any], limit: int) -> Iterator[Any]:
+    """K-way merge of per-stream prefixes by commit time, keeping each stream's order."""
+    per_stream: dict[int, list[Any]] = {}
+    for row in rows:
+        per_stream.setdefault(row["stream_id"], []).append(row)
+    heap = [(r[0]["posted_at"], stream, 0) for stream, r in per_stream.items()]
+    heapq.heapify(heap)
+    taken = 0
+    while heap and taken < limit:
+        _, stream, index = heapq.heappop(heap)
+        yield per_stream[stream][index]
+        taken += 1
+        if index + 1 < len(per_stream[stream]):
+            heapq.heappush(heap, (per_stream[stream][index + 1]["posted_at"], stream, index + 1))
+
+
+async def journal_stream(request: web.Request) -> web.Response:
+    """GET /finance/ledger/journal: journals in commit order, with an opaque cursor."""
+    svc = services(request)
+    limit = query_int(request, "limit", 100, 1, STREAM_LIMIT_MAX)
+    from_ts = query_time(request, "from_ts")
+    to_ts = query_time(request, "to_ts")
+    account_id = request.query.get("account_id") or None
+    if account_id is not None and account_type_of(account_id) is None:
+        raise validation_error("malformed account_id", "account_id")
+    streams = [*svc.slot_map.shards, repository.COORDINATOR_STREAM]
+    positions = _decode_cursor(request.query.get("cursor"), streams)
+    async with svc.pool.acquire() as conn:
+        rows = await repository.stream_heads(conn, positions, limit, from_ts, to_ts, account_id)
+    journals = []
+    for row in _merge(rows, limit):
+        positions[row["stream_id"]] = row["stream_seq"]
+        journals.append(msgspec.Raw(bytes(row["body"])))
+    return ok(journals=journals, next_cursor=_encode_cursor(positions))
+
+
+ROUTES: Final = [
+    ("POST", "/ledger/post", post_journal, WRITERS),
+    ("POST", "/ledger/post_batch", post_batch, WRITERS),
+    ("GET", "/ledger/{journal_id}", get_journal, READERS),
+    ("GET", "/accounts/{account_id}/balances", get_balances, READERS),
+    ("POST", "/accounts", create_account, ADMINS),
+    ("GET", "/finance/ledger/journal", journal_stream, READERS),
+]

@@ -1,0 +1,44 @@
+"""Prometheus metrics of the front end (a registry per app, so tests can run several nodes)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    """The node's metrics; `/metrics` renders `registry`."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.post_latency = Histogram(
+            "ledger_post_latency_seconds",
+            "Time from request decoded to answer, per posting endpoint",
+            ["endpoint"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=self.registry,
+        )
+        self.request_journals = Histogram(
+            "ledger_request_journals",
+            "Journals per posting request",
+            buckets=(1, 10, 100, 1000, 4096, 8190),
+            registry=self.registry,
+        )
+        self.journal_results = Counter(
+            "ledger_journal_results_total", "Journal outcomes by code", ["code"], registry=self.registry
+        )
+        self.shard_queue_depth = Gauge(
+            "ledger_shard_queue_depth",
+            "Journals waiting, per destination (front-end batcher and actor queue)",
+            ["destination", "where"],
+            registry=self.registry,
+        )
+        self.call_batch_size = Gauge(
+            "ledger_actor_call_journals_avg",
+            "Average journals per Ray call",
+            ["destination"],
+            registry=self.registry,
+        )
+        self.twophase_outcomes = Gauge(
+            "ledger_twophase_outcomes", "Cross-shard outcomes since the coordinator started", ["outcome"],
+            registry=self.registry,
+        )  # fmt: skip

@@ -1,0 +1,1 @@
+"""Marketplace finance flows built on the ledger (invoices, payments, payouts, ...)."""

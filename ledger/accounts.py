@@ -1,0 +1,45 @@
+"""Accounts: typed ids (`type:rest`), their normal side, and the overdraft policy."""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Final
+
+import msgspec
+
+ACCOUNT_ID_PATTERN: Final = re.compile(r"^(asset|liability|equity|revenue|expense):[A-Za-z0-9:._-]+$")
+ACCOUNT_ID_LENGTH_MAX: Final = 200
+
+
+class AccountType(enum.StrEnum):
+    """The five account types; the prefix of every account id."""
+
+    ASSET = "asset"
+    LIABILITY = "liability"
+    EQUITY = "equity"
+    REVENUE = "revenue"
+    EXPENSE = "expense"
+
+    @property
+    def debit_normal(self) -> bool:
+        """Asset and expense balances grow with debits; the others grow with credits."""
+        return self in (AccountType.ASSET, AccountType.EXPENSE)
+
+
+class AccountPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Per-account policy. `no_negative`: the normal-side balance may not go below zero."""
+
+    no_negative: bool = False
+
+
+def account_type_of(account_id: str) -> AccountType | None:
+    """The type named by the id's prefix, or None when the id is malformed."""
+    if len(account_id) > ACCOUNT_ID_LENGTH_MAX or not ACCOUNT_ID_PATTERN.match(account_id):
+        return None
+    return AccountType(account_id.split(":", 1)[0])
+
+
+def normal_balance(account_type: AccountType, debits: int, credits: int) -> int:
+    """Balance on the account's normal side (debits - credits for asset/expense)."""
+    return debits - credits if account_type.debit_normal else credits - debits

@@ -1,0 +1,1 @@
+"""Composition root: configuration, the `ledger-node` CLI, start-up and shutdown."""

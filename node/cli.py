@@ -1,0 +1,139 @@
+"""The `ledger-node` command line.
+
+    ledger-node serve  [--host H] [--port P] [--shards N] [--data-dir DIR] [--ray-address ADDR]
+    ledger-node check  [--data-dir DIR]          recompute balances, verify chains; exit 1 on any difference
+    ledger-node migrate [--data-dir DIR]         apply pending schema migrations and exit
+
+With `DATABASE_URL` set the node uses that PostgreSQL; otherwise it runs an embedded
+PostgreSQL inside the data directory and stops it on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import asyncpg
+
+from node.config import DEFAULT_DATA_DIR, TOKEN_FILE, NodeConfig
+from node.runtime import Node, StartupError
+from store.check import run_check
+from store.embedded import EmbeddedPostgres, EmbeddedPostgresError
+from store.migrations import MigrationError, apply_migrations
+
+log = logging.getLogger("ledger-node")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ledger-node", description="Ledger Node: a sharded double-entry ledger"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the node (HTTP API, shard actors, coordinator)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--shards", type=int, default=4, help="shards for a new ledger (default 4)")
+    serve.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    serve.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
+    serve.add_argument("--ray-num-cpus", type=int, default=None)
+    for name, text in (("check", "verify balances and chains"), ("migrate", "apply schema migrations")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    return parser
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    if not 1 <= args.shards <= 1024:
+        print("ledger-node: --shards must be between 1 and 1024", file=sys.stderr)
+        return 2
+    config = NodeConfig.from_env(
+        host=args.host,
+        port=args.port,
+        shards=args.shards,
+        data_dir=args.data_dir,
+        ray_address=args.ray_address,
+        ray_num_cpus=args.ray_num_cpus,
+    )
+    node = Node(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await node.start()
+    except (StartupError, EmbeddedPostgresError, MigrationError, OSError) as exc:
+        print(f"ledger-node: cannot start: {exc}", file=sys.stderr)
+        await node.stop()
+        return 1
+    if node.token_generated:
+        print(
+            f"Generated a service token (stored in {config.data_dir / TOKEN_FILE}, mode 0600):\n"
+            f"  {node.token_generated}\n",
+            flush=True,
+        )
+    print(f"ledger-node serving on {node.url}", flush=True)
+    await stop.wait()
+    print("ledger-node stopping", flush=True)
+    await node.stop()
+    return 0
+
+
+@contextlib.asynccontextmanager
+async def _database(data_dir: Path) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to DATABASE_URL, or to the embedded PostgreSQL of the data dir."""
+    config = NodeConfig.from_env(data_dir=data_dir)
+    embedded: EmbeddedPostgres | None = None
+    dsn = config.database_url
+    if dsn is None:
+        embedded = EmbeddedPostgres(data_dir.resolve())
+        dsn = embedded.start()
+    try:
+        conn = await asyncpg.connect(dsn)
+        try:
+            yield conn
+        finally:
+            await conn.close()
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+async def _check(args: argparse.Namespace) -> int:
+    async with _database(args.data_dir) as conn:
+        problems = await run_check(conn)
+        journals = await conn.fetchval("SELECT count(*) FROM journals")
+        accounts = await conn.fetchval("SELECT count(*) FROM accounts")
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"check FAILED: {len(problems)} problem(s) in {journals} journals, {accounts} accounts")
+        return 1
+    print(f"check passed: {journals} journals, {accounts} accounts, balances and chains consistent")
+    return 0
+
+
+async def _migrate(args: argparse.Namespace) -> int:
+    async with _database(args.data_dir) as conn:
+        applied = await apply_migrations(conn)
+    print(f"applied migrations: {applied or 'none pending'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `ledger-node` script."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvloop
+
+    handlers = {"serve": _serve, "check": _check, "migrate": _migrate}
+    return int(uvloop.run(handlers[args.command](args)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

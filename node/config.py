@@ -1,0 +1,57 @@
+"""Node configuration: command-line flags over environment variables over defaults."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_DATA_DIR = Path(".ledger-data")
+TOKEN_FILE = "api-tokens"
+
+
+@dataclass(slots=True)
+class NodeConfig:
+    """Everything `ledger-node serve` needs to start."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    shards: int = 4
+    data_dir: Path = DEFAULT_DATA_DIR
+    database_url: str | None = None
+    api_tokens: str | None = None
+    ray_address: str | None = None
+    ray_num_cpus: int | None = None
+    batch_max: int = 8192
+    actor_prefix: str = "ledger"
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> NodeConfig:
+        """Defaults, then `DATABASE_URL`, `LEDGER_API_TOKENS`, `LEDGER_RAY_ADDRESS`, then overrides."""
+        config = cls(
+            database_url=os.environ.get("DATABASE_URL") or None,
+            api_tokens=os.environ.get("LEDGER_API_TOKENS") or None,
+            ray_address=os.environ.get("LEDGER_RAY_ADDRESS") or None,
+        )
+        for name, value in overrides.items():
+            if value is not None:
+                setattr(config, name, value)
+        return config
+
+
+def ensure_token_file(data_dir: Path) -> tuple[str, bool]:
+    """The development token spec from the data dir, generating a service token on first use.
+
+    Returns (spec, generated). The file holds `token=service` and has mode 0600.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / TOKEN_FILE
+    if path.exists():
+        return path.read_text(encoding="utf-8").strip(), False
+    spec = f"{secrets.token_urlsafe(32)}=service"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(spec + "\n")
+    return spec, True

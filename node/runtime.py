@@ -1,0 +1,126 @@
+"""Start-up and shutdown of a node: database, migrations, slot map, Ray actors, HTTP.
+
+Order at start: PostgreSQL (given or embedded) -> migrations -> slot map -> Ray and the
+actors (each rebuilds its state from PostgreSQL) -> the HTTP front end. Shutdown runs
+the other way round.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+
+from actors import runtime as actor_runtime
+from api.app import create_app
+from api.auth import Authenticator, parse_tokens
+from api.posting import Poster
+from api.services import Services
+from node.config import NodeConfig, ensure_token_file
+from sharding.slots import SlotMap, even_slot_map
+from store import repository
+from store.embedded import EmbeddedPostgres
+from store.migrations import apply_migrations
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """The node cannot start; the message says why and what to do."""
+
+
+@dataclass(slots=True)
+class Node:
+    """A running node (HTTP front end plus its actors)."""
+
+    config: NodeConfig
+    dsn: str = ""
+    embedded: EmbeddedPostgres | None = None
+    pool: asyncpg.Pool | None = None
+    services: Services | None = None
+    runner: web.AppRunner | None = None
+    ports: list[Any] = field(default_factory=list)
+    token_generated: str | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL of the HTTP API."""
+        return f"http://{self.config.host}:{self.config.port}"
+
+    async def start(self) -> None:
+        """Bring the whole node up; raise StartupError with a clear message on failure."""
+        config = self.config
+        tokens_spec = config.api_tokens
+        if tokens_spec is None:
+            tokens_spec, generated = ensure_token_file(config.data_dir)
+            if generated:
+                self.token_generated = tokens_spec.split("=", 1)[0]
+        auth = Authenticator(parse_tokens(tokens_spec))
+        self.dsn = config.database_url or self._start_embedded()
+        self.pool = await asyncpg.create_pool(self.dsn, min_size=2, max_size=8)
+        async with self.pool.acquire() as conn:
+            applied = await apply_migrations(conn)
+            if applied:
+                log.info("applied migrations %s", applied)
+            slot_map = await self._slot_map(conn)
+        actor_runtime.start_ray(config.ray_address, config.ray_num_cpus)
+        prefix = f"{config.actor_prefix}-{uuid.uuid4().hex[:8]}"
+        slots_of = {shard: slot_map.slots_of(shard) for shard in slot_map.shards}
+        shards = actor_runtime.spawn_shards(prefix, self.dsn, slots_of, config.batch_max)
+        coordinator = actor_runtime.spawn_coordinator(prefix, self.dsn, shards, config.batch_max)
+        self.ports = [*shards.values(), coordinator]
+        await actor_runtime.wait_ready(self.ports)
+        poster = Poster(slot_map, dict(shards), coordinator)
+        self.services = Services(self.pool, slot_map, dict(shards), coordinator, auth, poster)
+        self.runner = web.AppRunner(create_app(self.services), access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, config.host, config.port, backlog=1024, reuse_address=True)
+        await site.start()
+        if config.port == 0:
+            server = site._server
+            assert server is not None
+            sockets = getattr(server, "sockets", None) or []
+            self.config.port = sockets[0].getsockname()[1]
+        log.info("ledger node serving on %s with %s shards", self.url, len(slot_map.shards))
+
+    def _start_embedded(self) -> str:
+        self.embedded = EmbeddedPostgres(self.config.data_dir.resolve())
+        log.info("starting embedded PostgreSQL in %s", self.config.data_dir)
+        return self.embedded.start()
+
+    async def _slot_map(self, conn: asyncpg.Connection) -> SlotMap:
+        stored = await repository.load_slot_map(conn)
+        if not stored:
+            fresh = SlotMap(even_slot_map(self.config.shards))
+            await repository.store_slot_map(conn, fresh.as_rows())
+            return fresh
+        slot_map = SlotMap.from_rows(stored)
+        if len(slot_map.shards) != self.config.shards:
+            log.warning(
+                "--shards %s ignored: the stored slot map has %s shards (resharding is an operator command)",
+                self.config.shards,
+                len(slot_map.shards),
+            )
+        return slot_map
+
+    async def stop(self) -> None:
+        """Shut everything down (HTTP, actors, pool, embedded PostgreSQL)."""
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+        for port in self.ports:
+            try:
+                actor_runtime.kill(port, restart=False)
+            except Exception:
+                log.debug("actor already gone", exc_info=True)
+        self.ports = []
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
+        if self.embedded is not None:
+            self.embedded.stop()
+            self.embedded = None

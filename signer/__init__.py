@@ -1,0 +1,1 @@
+"""Canonical encoding and hashing of ledger objects (signing backends arrive with proofs)."""

@@ -1,0 +1,78 @@
+"""Canonical encoding and hashing of journals.
+
+The canonical byte form of an object is its JSON encoding by msgspec with every object's
+keys sorted (recursively), no insignificant whitespace, UTF-8, integers as JSON integers.
+A posted journal's hash is SHA-256 over the canonical encoding of `PostedJournal` (which
+includes `posted_at` and the principal); the algorithm name travels with every hash
+(`hash_alg`) so blake3 can be configured later without ambiguity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Final
+
+import msgspec
+
+from ledger.journal import Journal
+
+HASH_ALG: Final = "sha256"
+
+_encoder: Final = msgspec.json.Encoder(order="sorted")
+
+
+class PostedLine(msgspec.Struct, frozen=True):
+    """A line as stored and returned: the client's fields, nothing derived."""
+
+    account_id: str
+    side: str
+    amount_cents: int
+    currency: str
+    meta: dict[str, Any]
+
+
+class PostedJournal(msgspec.Struct, frozen=True):
+    """A journal as posted: what `GET /ledger/{id}` returns and what the hash covers."""
+
+    journal_id: str
+    entries: list[PostedLine]
+    context: dict[str, Any]
+    ts: str | None
+    reverses: str | None
+    memo: str | None
+    source_ref: str | None
+    posted_by: str
+    posted_at: str
+
+
+def canonical(value: Any) -> bytes:
+    """The canonical JSON bytes of a value (sorted keys, compact)."""
+    return _encoder.encode(value)
+
+
+def digest(data: bytes) -> bytes:
+    """SHA-256 of `data`."""
+    return hashlib.sha256(data).digest()
+
+
+def posted_journal(journal: Journal, journal_id: str, principal: str, posted_at: str) -> PostedJournal:
+    """The stored form of a validated journal."""
+    return PostedJournal(
+        journal_id=journal_id,
+        entries=[
+            PostedLine(line.account_id, line.side, line.amount, line.currency, line.meta)
+            for line in journal.lines
+        ],
+        context=journal.context,
+        ts=journal.effective_at,
+        reverses=journal.reverses,
+        memo=journal.memo,
+        source_ref=journal.source_ref,
+        posted_by=principal,
+        posted_at=posted_at,
+    )
+
+
+def request_hash(journal: Journal) -> bytes:
+    """Hash of the decoded request, for idempotency comparisons (the client's id included)."""
+    return digest(canonical(journal))

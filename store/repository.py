@@ -1,0 +1,243 @@
+"""Reads and small writes of the ledger tables (everything except the group commit)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from ledger.invariants import check
+
+COORDINATOR_STREAM = -1
+
+
+# -- slot map ------------------------------------------------------------------------------
+async def load_slot_map(conn: asyncpg.Connection) -> dict[int, int]:
+    """slot -> shard as stored (empty on a fresh database)."""
+    return {r["slot"]: r["shard_id"] for r in await conn.fetch("SELECT slot, shard_id FROM slot_map")}
+
+
+async def store_slot_map(conn: asyncpg.Connection, rows: Sequence[tuple[int, int]]) -> None:
+    """Write a fresh slot map (the first start of a node)."""
+    shards = sorted({shard for _, shard in rows})
+    async with conn.transaction():
+        await conn.executemany(
+            "INSERT INTO shards (shard_id) VALUES ($1) ON CONFLICT DO NOTHING", [(s,) for s in shards]
+        )
+        await conn.execute(
+            "INSERT INTO slot_map (slot, shard_id) SELECT * FROM unnest($1::integer[], $2::integer[])",
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+        )
+
+
+# -- shard start-up ------------------------------------------------------------------------
+@dataclass(slots=True)
+class ChainHead:
+    """The last position of a shard's hash chain."""
+
+    seq: int
+    hash: bytes | None
+
+
+async def load_accounts(conn: asyncpg.Connection, slots: list[int]) -> list[asyncpg.Record]:
+    """Accounts (id, type, no_negative) in the given slots."""
+    return await conn.fetch(
+        "SELECT account_id, account_type, no_negative FROM accounts WHERE slot = ANY($1::integer[])", slots
+    )
+
+
+async def load_balances(conn: asyncpg.Connection, slots: list[int]) -> list[asyncpg.Record]:
+    """Stored balances in the given slots."""
+    return await conn.fetch(
+        "SELECT account_id, currency, debits_posted, credits_posted, debits_pending, credits_pending "
+        "FROM balances WHERE slot = ANY($1::integer[])",
+        slots,
+    )
+
+
+async def load_chain_head(conn: asyncpg.Connection, shard_id: int) -> ChainHead:
+    """Highest seq and its hash over the shard's journals and cross-shard links."""
+    row = await conn.fetchrow(
+        """
+        SELECT seq, hash FROM (
+            SELECT stream_seq AS seq, hash FROM journals WHERE stream_id = $1
+            UNION ALL
+            SELECT seq, hash FROM shard_links WHERE shard_id = $1
+        ) chain ORDER BY seq DESC LIMIT 1
+        """,
+        shard_id,
+    )
+    return ChainHead(0, None) if row is None else ChainHead(row["seq"], row["hash"])
+
+
+async def load_in_doubt(conn: asyncpg.Connection, shard_id: int) -> list[asyncpg.Record]:
+    """Cross-shard transactions naming this shard that it has not applied and that may commit."""
+    return await conn.fetch(
+        """
+        SELECT x.txid, x.state, x.request FROM xtx x
+         WHERE x.state IN ('preparing', 'commit') AND $1 = ANY(x.participants)
+           AND NOT EXISTS (SELECT 1 FROM shard_links l WHERE l.journal_id = x.txid AND l.shard_id = $1)
+         ORDER BY x.created_at
+        """,
+        shard_id,
+    )
+
+
+# -- duplicates ----------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Existing:
+    """A stored journal that a new request collides with (by id or idempotency key)."""
+
+    journal_id: str
+    principal: str
+    idem_key: str | None
+    request_hash: bytes
+    posted_at: datetime
+
+
+async def find_existing(
+    conn: asyncpg.Connection, journal_ids: list[str], principals: list[str], idem_keys: list[str]
+) -> list[Existing]:
+    """Stored journals whose id is in `journal_ids` or whose (principal, key) pair is given."""
+    rows = await conn.fetch(
+        """
+        SELECT journal_id, principal, idem_key, request_hash, posted_at FROM journals
+         WHERE journal_id = ANY($1::text[])
+        UNION
+        SELECT j.journal_id, j.principal, j.idem_key, j.request_hash, j.posted_at
+          FROM unnest($2::text[], $3::text[]) AS k(principal, idem_key)
+          JOIN journals j ON j.principal = k.principal AND j.idem_key = k.idem_key
+        """,
+        journal_ids,
+        principals,
+        idem_keys,
+    )
+    return [Existing(r[0], r[1], r[2], bytes(r[3]), r[4]) for r in rows]
+
+
+async def journal_exists(conn: asyncpg.Connection, journal_id: str) -> bool:
+    """True if a journal with this id was posted."""
+    return bool(
+        await conn.fetchval("SELECT EXISTS (SELECT 1 FROM journals WHERE journal_id = $1)", journal_id)
+    )
+
+
+# -- accounts ------------------------------------------------------------------------------
+async def create_account(
+    conn: asyncpg.Connection, account_id: str, account_type: str, slot: int, no_negative: bool
+) -> tuple[bool, bool]:
+    """Insert an account; returns (created, stored no_negative)."""
+    row = await conn.fetchrow(
+        """
+        WITH ins AS (
+            INSERT INTO accounts (account_id, account_type, slot, no_negative) VALUES ($1, $2, $3, $4)
+            ON CONFLICT (account_id) DO NOTHING RETURNING no_negative
+        )
+        SELECT true AS created, no_negative FROM ins
+        UNION ALL
+        SELECT false, no_negative FROM accounts WHERE account_id = $1 AND NOT EXISTS (SELECT 1 FROM ins)
+        """,
+        account_id,
+        account_type,
+        slot,
+        no_negative,
+    )
+    check(row is not None, f"account {account_id} neither inserted nor found")
+    assert row is not None
+    return bool(row["created"]), bool(row["no_negative"])
+
+
+async def account_row(conn: asyncpg.Connection, account_id: str) -> asyncpg.Record | None:
+    """The account row, or None."""
+    return await conn.fetchrow(
+        "SELECT account_id, account_type, no_negative, created_at FROM accounts WHERE account_id = $1",
+        account_id,
+    )
+
+
+async def balances_now(conn: asyncpg.Connection, account_id: str) -> list[asyncpg.Record]:
+    """Current stored balances of an account, per currency."""
+    return await conn.fetch(
+        "SELECT currency, debits_posted, credits_posted, debits_pending, credits_pending "
+        "FROM balances WHERE account_id = $1 ORDER BY currency",
+        account_id,
+    )
+
+
+async def balances_as_of(conn: asyncpg.Connection, account_id: str, as_of: datetime) -> list[asyncpg.Record]:
+    """Posted balances of an account as of a past commit time, from the journal lines."""
+    return await conn.fetch(
+        """
+        SELECT currency,
+               COALESCE(sum(amount) FILTER (WHERE side = 'D'), 0)::bigint AS debits_posted,
+               COALESCE(sum(amount) FILTER (WHERE side = 'C'), 0)::bigint AS credits_posted,
+               0::bigint AS debits_pending, 0::bigint AS credits_pending
+          FROM journal_lines WHERE account_id = $1 AND posted_at <= $2
+         GROUP BY currency ORDER BY currency
+        """,
+        account_id,
+        as_of,
+    )
+
+
+# -- journals ------------------------------------------------------------------------------
+async def journal_row(conn: asyncpg.Connection, journal_id: str) -> asyncpg.Record | None:
+    """A stored journal with its chain position(s)."""
+    return await conn.fetchrow(
+        """
+        SELECT j.journal_id, j.stream_id, j.stream_seq, j.posted_at, j.hash, j.prev_hash, j.body,
+               COALESCE((SELECT array_agg(ARRAY[l.shard_id::bigint, l.seq] ORDER BY l.shard_id)
+                           FROM shard_links l WHERE l.journal_id = j.journal_id), '{}') AS links,
+               COALESCE((SELECT array_agg(l.prev_hash ORDER BY l.shard_id)
+                           FROM shard_links l WHERE l.journal_id = j.journal_id), '{}') AS link_prev
+          FROM journals j WHERE j.journal_id = $1
+        """,
+        journal_id,
+    )
+
+
+async def stream_heads(
+    conn: asyncpg.Connection,
+    positions: dict[int, int],
+    limit: int,
+    from_ts: datetime | None,
+    to_ts: datetime | None,
+    account_id: str | None,
+) -> list[asyncpg.Record]:
+    """For every stream, up to `limit` journals after its cursor position, in seq order.
+
+    The caller merges the per-stream prefixes by commit time (`merge_streams`): taking
+    prefixes per stream is what makes a cursor see every committed journal exactly once.
+    """
+    streams = sorted(positions)
+    return await conn.fetch(
+        """
+        SELECT j.stream_id, j.stream_seq, j.posted_at, j.body
+          FROM unnest($1::integer[], $2::bigint[]) AS c(stream_id, after_seq)
+          CROSS JOIN LATERAL (
+              SELECT stream_id, stream_seq, posted_at, body FROM journals j
+               WHERE j.stream_id = c.stream_id AND j.stream_seq > c.after_seq
+                 AND ($3::timestamptz IS NULL OR j.posted_at >= $3)
+                 AND ($4::timestamptz IS NULL OR j.posted_at <= $4)
+                 AND ($5::text IS NULL OR EXISTS (SELECT 1 FROM journal_lines l
+                                                   WHERE l.journal_id = j.journal_id AND l.account_id = $5))
+               ORDER BY j.stream_seq LIMIT $6
+          ) j
+         ORDER BY j.stream_id, j.stream_seq
+        """,
+        streams,
+        [positions[s] for s in streams],
+        from_ts,
+        to_ts,
+        account_id,
+        limit,
+    )
+
+
+def row_dict(record: asyncpg.Record) -> dict[str, Any]:
+    """A record as a plain dict."""
+    return dict(record.items())

@@ -1,0 +1,163 @@
+"""The group-commit writer: one PostgreSQL transaction per shard batch.
+
+A batch holds the new single-shard journals of one shard, the chain links and lines of
+the cross-shard parts it applies, the accounts created on first use, and one summed
+balance delta per (account, currency). Everything is written with array parameters
+(`unnest`) or COPY, in a fixed order, so a batch costs a handful of round trips however
+many journals it holds. Balances are updated once per account per batch, sorted by key,
+so concurrent batches never deadlock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import asyncpg
+
+from ledger.invariants import check
+
+
+class DuplicateJournals(Exception):
+    """Some journals of the batch already exist (id or idempotency key): the batch rolled back."""
+
+    def __init__(self, journal_ids: set[str]) -> None:
+        super().__init__(f"{len(journal_ids)} journal(s) already exist")
+        self.journal_ids = journal_ids
+
+
+class PartsAlreadyApplied(Exception):
+    """Some cross-shard parts were applied before (a resent COMMIT): the batch rolled back."""
+
+    def __init__(self, journal_ids: set[str]) -> None:
+        super().__init__(f"{len(journal_ids)} part(s) already applied")
+        self.journal_ids = journal_ids
+
+
+@dataclass(slots=True)
+class BatchRows:
+    """Rows of one group commit, as column lists ready for `unnest`."""
+
+    shard_id: int
+    # journals (single-shard, stream = this shard)
+    j_id: list[str] = field(default_factory=list)
+    j_seq: list[int] = field(default_factory=list)
+    j_posted_at: list[datetime] = field(default_factory=list)
+    j_effective_at: list[datetime | None] = field(default_factory=list)
+    j_principal: list[str] = field(default_factory=list)
+    j_idem_key: list[str | None] = field(default_factory=list)
+    j_request_hash: list[bytes] = field(default_factory=list)
+    j_reverses: list[str | None] = field(default_factory=list)
+    j_hash: list[bytes] = field(default_factory=list)
+    j_prev_hash: list[bytes | None] = field(default_factory=list)
+    j_body: list[bytes] = field(default_factory=list)
+    # chain links of cross-shard parts
+    l_seq: list[int] = field(default_factory=list)
+    l_journal_id: list[str] = field(default_factory=list)
+    l_hash: list[bytes] = field(default_factory=list)
+    l_prev_hash: list[bytes | None] = field(default_factory=list)
+    # lines: (journal_id, line_no, shard_id, account_id, currency, side, amount, posted_at, cross)
+    lines: list[tuple[str, int, int, str, str, str, int, datetime, bool]] = field(default_factory=list)
+    # accounts created on first use: (account_id, type, slot)
+    accounts: list[tuple[str, str, int]] = field(default_factory=list)
+    # summed deltas: (account_id, currency, slot, debits, credits), sorted before writing
+    deltas: list[tuple[str, str, int, int, int]] = field(default_factory=list)
+
+    def is_empty(self) -> bool:
+        """True when there is nothing to write."""
+        return not (self.j_id or self.l_journal_id or self.accounts)
+
+
+_INSERT_JOURNALS = """
+INSERT INTO journals (journal_id, stream_id, stream_seq, posted_at, effective_at, principal, idem_key,
+                      request_hash, reverses, hash, prev_hash, body)
+SELECT j.id, $1, j.seq, j.posted_at, j.effective_at, j.principal, j.idem_key, j.request_hash,
+       j.reverses, j.hash, j.prev_hash, j.body
+  FROM unnest($2::text[], $3::bigint[], $4::timestamptz[], $5::timestamptz[], $6::text[], $7::text[],
+              $8::bytea[], $9::text[], $10::bytea[], $11::bytea[], $12::bytea[])
+       AS j(id, seq, posted_at, effective_at, principal, idem_key, request_hash, reverses, hash,
+            prev_hash, body)
+ON CONFLICT DO NOTHING
+RETURNING journal_id
+"""
+
+_INSERT_LINKS = """
+INSERT INTO shard_links (shard_id, seq, journal_id, hash, prev_hash)
+SELECT $1, l.seq, l.journal_id, l.hash, l.prev_hash
+  FROM unnest($2::bigint[], $3::text[], $4::bytea[], $5::bytea[]) AS l(seq, journal_id, hash, prev_hash)
+ON CONFLICT (journal_id, shard_id) DO NOTHING
+RETURNING journal_id
+"""
+
+_INSERT_ACCOUNTS = """
+INSERT INTO accounts (account_id, account_type, slot)
+SELECT * FROM unnest($1::text[], $2::text[], $3::integer[])
+ON CONFLICT (account_id) DO NOTHING
+"""
+
+_UPSERT_BALANCES = """
+INSERT INTO balances AS b (account_id, currency, slot, debits_posted, credits_posted)
+SELECT * FROM unnest($1::text[], $2::text[], $3::integer[], $4::bigint[], $5::bigint[])
+ON CONFLICT (account_id, currency) DO UPDATE
+   SET debits_posted = b.debits_posted + EXCLUDED.debits_posted,
+       credits_posted = b.credits_posted + EXCLUDED.credits_posted
+"""
+
+_LINE_COLUMNS = (
+    "journal_id",
+    "line_no",
+    "shard_id",
+    "account_id",
+    "currency",
+    "side",
+    "amount",
+    "posted_at",
+    "cross_shard",
+)
+
+
+async def commit_batch(conn: asyncpg.Connection, rows: BatchRows) -> None:
+    """Write one batch in one transaction; raise DuplicateJournals / PartsAlreadyApplied on conflict."""
+    async with conn.transaction():
+        if rows.accounts:
+            accounts = sorted(rows.accounts)
+            await conn.execute(
+                _INSERT_ACCOUNTS, [a[0] for a in accounts], [a[1] for a in accounts], [a[2] for a in accounts]
+            )
+        if rows.j_id:
+            inserted = await conn.fetch(
+                _INSERT_JOURNALS,
+                rows.shard_id,
+                rows.j_id,
+                rows.j_seq,
+                rows.j_posted_at,
+                rows.j_effective_at,
+                rows.j_principal,
+                rows.j_idem_key,
+                rows.j_request_hash,
+                rows.j_reverses,
+                rows.j_hash,
+                rows.j_prev_hash,
+                rows.j_body,
+            )
+            if len(inserted) != len(rows.j_id):
+                raise DuplicateJournals(set(rows.j_id) - {r[0] for r in inserted})
+        if rows.l_journal_id:
+            applied = await conn.fetch(
+                _INSERT_LINKS, rows.shard_id, rows.l_seq, rows.l_journal_id, rows.l_hash, rows.l_prev_hash
+            )
+            if len(applied) != len(rows.l_journal_id):
+                raise PartsAlreadyApplied(set(rows.l_journal_id) - {r[0] for r in applied})
+        if rows.lines:
+            await conn.copy_records_to_table("journal_lines", records=rows.lines, columns=_LINE_COLUMNS)
+        if rows.deltas:
+            deltas = sorted(rows.deltas)
+            check(len({(d[0], d[1]) for d in deltas}) == len(deltas), "one delta per (account, currency)")
+            await conn.execute(
+                _UPSERT_BALANCES,
+                [d[0] for d in deltas],
+                [d[1] for d in deltas],
+                [d[2] for d in deltas],
+                [d[3] for d in deltas],
+                [d[4] for d in deltas],
+            )
