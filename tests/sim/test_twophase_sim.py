@@ -20,8 +20,6 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Literal
 
-import pytest
-
 from sharding.twophase import (
     CoordinatorTx,
     Decision,
@@ -501,5 +499,5 @@ def test_many_seeds() -> None:
 
 
 def test_replay_seed() -> None:
-    """Replay the seed given in LEDGER_SIM_SEED (seed 0 when unset, so the replay path itself is exercised)."""
+    """Replay the seed in LEDGER_SIM_SEED (seed 0 when unset, so the replay path is exercised)."""
     run_seed(int(os.environ.get("LEDGER_SIM_SEED", "0")))
