@@ -38,7 +38,7 @@ from ledger.invariants import check
 from ledger.timestamps import parse_rfc3339, rfc3339
 from sharding.twophase import CoordinatorTx, Decision, Phase, recovery_decision
 from signer.canonical import canonical, digest, posted_journal
-from store.repository import COORDINATOR_STREAM, find_existing
+from store.repository import COORDINATOR_STREAM, find_existing, hold_writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +106,13 @@ class CoordinatorEngine:
         self.queue: asyncio.Queue[tuple[list[CrossItem], asyncio.Future[list[Result]]]] = asyncio.Queue()
         self.in_flight: set[str] = set()
         self.pool: asyncpg.Pool | None = None
+        self.lock_conn: asyncpg.Connection | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.outcomes = {"commit": 0, "abort": 0, "recovered_commit": 0, "recovered_abort": 0}
 
     async def start(self) -> None:
         """Connect, load the stream position, start the round loop and the recovery loop."""
+        self.lock_conn = await hold_writer_lock(self.dsn, COORDINATOR_STREAM)
         self.pool = await asyncpg.create_pool(self.dsn, min_size=2, max_size=4)
         async with self.pool.acquire() as conn:
             self.seq = await conn.fetchval(
@@ -129,6 +131,8 @@ class CoordinatorEngine:
                 await task
         if self.pool is not None:
             await self.pool.close()
+        if self.lock_conn is not None:
+            await self.lock_conn.close()
 
     async def submit(self, payload: bytes) -> bytes:
         """Post a batch of cross-shard journals; msgpack list of `Result` in order."""

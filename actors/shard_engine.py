@@ -100,6 +100,7 @@ class ShardEngine:
         self.last_posted_at = datetime.min.replace(tzinfo=UTC)
         self.queue: asyncio.Queue[_Work] = asyncio.Queue()
         self.pool: asyncpg.Pool | None = None
+        self.lock_conn: asyncpg.Connection | None = None
         self.loop_task: asyncio.Task[None] | None = None
         self.sweep_task: asyncio.Task[None] | None = None
         self.sweep_every_s = 30.0
@@ -109,6 +110,7 @@ class ShardEngine:
     # -- life cycle ------------------------------------------------------------------------
     async def start(self) -> None:
         """Connect, rebuild the book from PostgreSQL, re-reserve in-doubt parts, start the loop."""
+        self.lock_conn = await repository.hold_writer_lock(self.dsn, self.shard_id)
         self.pool = await asyncpg.create_pool(self.dsn, min_size=2, max_size=3)
         async with self.pool.acquire() as conn:
             for row in await repository.load_accounts(conn, self.slots):
@@ -134,6 +136,8 @@ class ShardEngine:
                     await task
         if self.pool is not None:
             await self.pool.close()
+        if self.lock_conn is not None:
+            await self.lock_conn.close()
 
     # -- calls -----------------------------------------------------------------------------
     async def _submit(self, kind: str, items: list[Any]) -> Any:

@@ -10,7 +10,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api import ledger_routes
-from api.auth import PUBLIC, Role, require
+from api.auth import PRINCIPAL, PUBLIC, Role, require
 from api.envelope import Handler, error_middleware, ok
 from api.requests import BATCH_BODY_MAX
 from api.services import SERVICES, Services
@@ -29,7 +29,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     principal = request.app[SERVICES].auth.principal(request.headers.get("Authorization"))
     require(principal, allowed)
-    request["principal"] = principal
+    request[PRINCIPAL] = principal
     return await handler(request)
 
 

@@ -102,4 +102,4 @@ def require(principal: Principal, allowed: Iterable[Role]) -> None:
         )
 
 
-PRINCIPAL_KEY: Final = web.AppKey("principal", Principal)
+PRINCIPAL: Final = web.RequestKey("principal", Principal)

@@ -13,7 +13,7 @@ import msgspec
 from aiohttp import web
 
 from actors.messages import RESULTS, Result
-from api.auth import ADMINS, READERS, WRITERS, Principal
+from api.auth import ADMINS, PRINCIPAL, READERS, WRITERS, Principal
 from api.envelope import error_response, ok
 from api.posting import Submission
 from api.requests import BATCH_BODY_MAX, idempotency_key, json_body, query_int, query_time
@@ -54,8 +54,7 @@ def services(request: web.Request) -> Services:
 
 def principal(request: web.Request) -> Principal:
     """The authenticated caller (set by the auth middleware)."""
-    found: Principal = request["principal"]
-    return found
+    return request[PRINCIPAL]
 
 
 def _result_error(result: Result) -> LedgerError:

@@ -12,6 +12,25 @@ import asyncpg
 from ledger.invariants import check
 
 COORDINATOR_STREAM = -1
+WRITER_LOCK_NAMESPACE = 0x4C4E  # "LN": first key of the per-writer advisory locks
+
+
+async def hold_writer_lock(dsn: str, writer_id: int) -> asyncpg.Connection:
+    """Open a connection holding the session advisory lock of one writer (a shard, or -1 for the coordinator).
+
+    A restarted actor blocks here until the previous incarnation's session is gone, so two
+    incarnations of the same single writer never overlap. The caller keeps the connection
+    open for its whole life; closing it (or the process dying) releases the lock.
+    """
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "SELECT pg_advisory_lock($1::integer, $2::integer)", WRITER_LOCK_NAMESPACE, writer_id
+        )
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
 
 
 # -- slot map ------------------------------------------------------------------------------
