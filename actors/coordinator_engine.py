@@ -49,7 +49,7 @@ SELECT t.txid, 'preparing', string_to_array(t.participants, ',')::integer[], t.r
 ON CONFLICT (txid) DO UPDATE
    SET state = 'preparing', participants = EXCLUDED.participants, request = EXCLUDED.request,
        created_at = now(), decided_at = NULL
- WHERE xtx.state = 'abort'
+ WHERE xtx.state = 'done' AND NOT EXISTS (SELECT 1 FROM journals j WHERE j.journal_id = xtx.txid)
 RETURNING txid
 """
 
@@ -170,10 +170,10 @@ class CoordinatorEngine:
     async def _round(self, items: list[CrossItem]) -> list[Result]:
         assert self.pool is not None
         entries = [_Round(item, CoordinatorTx(item.journal_id, frozenset(item.parts))) for item in items]
-        self._dedupe(entries)
+        later = {id(e) for e in self._dedupe(entries)}
         async with self.pool.acquire() as conn:
-            await self._answer_existing(conn, entries)
-            live = [e for e in entries if e.result is None]
+            await self._answer_existing(conn, [e for e in entries if id(e) not in later])
+            live = [e for e in entries if e.result is None and id(e) not in later]
             live = await self._log_intents(conn, live)
             await self._prepare(live)
             await self._decide(conn, live)
@@ -182,16 +182,25 @@ class CoordinatorEngine:
             done = [e.item.journal_id for e in live if not e.tx.unacked()]
             await conn.execute("UPDATE xtx SET state = 'done' WHERE txid = ANY($1::text[])", done)
             await self._answer_existing(conn, [e for e in entries if e.result is None])
-        return [e.result or unavailable(e.item.journal_id, "unresolved") for e in entries]
+        return [e.result or unavailable(e.item.journal_id, "not posted; retry") for e in entries]
 
-    def _dedupe(self, entries: list[_Round]) -> None:
+    def _dedupe(self, entries: list[_Round]) -> list[_Round]:
+        """Keep the first of entries sharing an id or key; the others are answered after the round."""
         seen: set[str] = set()
+        seen_keys: set[tuple[str, str]] = set()
+        later: list[_Round] = []
         for e in entries:
             key = e.item.journal_id
-            if key in seen or key in self.in_flight:
-                e.result = unavailable(key, "the same journal is being posted; retry")
+            idem = (e.item.principal, e.item.idem_key) if e.item.idem_key is not None else None
+            if key in self.in_flight:
+                e.result = unavailable(key, "the same journal is being recovered; retry")
+            elif key in seen or (idem is not None and idem in seen_keys):
+                later.append(e)
             seen.add(key)
+            if idem is not None:
+                seen_keys.add(idem)
         self.in_flight.update(seen)
+        return later
 
     async def _answer_existing(self, conn: asyncpg.Connection, entries: list[_Round]) -> None:
         pending = [e for e in entries if e.result is None]

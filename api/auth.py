@@ -55,13 +55,13 @@ class TokenError(ValueError):
 def parse_tokens(spec: str) -> dict[str, Role]:
     """Parse `token=role,token=role`; raise TokenError naming the bad entry."""
     tokens: dict[str, Role] = {}
-    for raw in spec.split(","):
+    for number, raw in enumerate(spec.split(","), start=1):
         entry = raw.strip()
         if not entry:
             continue
         token, sep, role = entry.rpartition("=")
         if not sep or not token:
-            raise TokenError(f"entry {entry[:4]}... is not token=role")
+            raise TokenError(f"entry {number} is not token=role")
         try:
             tokens[token] = Role(role.strip())
         except ValueError:
@@ -99,6 +99,7 @@ def require(principal: Principal, allowed: Iterable[Role]) -> None:
             ErrorCode.NOT_AUTHORIZED,
             f"role {principal.role} may not call this endpoint",
             {"role": str(principal.role), "allowed": sorted(str(r) for r in allowed_set)},
+            status=403,
         )
 
 

@@ -73,14 +73,41 @@ async def _check_reverses(svc: Services, submissions: list[Submission | Rejectio
                 )
 
 
+async def _conflict_first(
+    svc: Services, rejection: Rejection, journal_id: str | None, who: str, key: str | None
+) -> Rejection:
+    """D6 precedence: an id or key already used answers IDEMPOTENCY_CONFLICT before LEDGER_IMBALANCE.
+
+    An unbalanced request can never equal a stored (balanced) journal, so any hit is a conflict.
+    """
+    if rejection.code is not ErrorCode.LEDGER_IMBALANCE or (journal_id is None and key is None):
+        return rejection
+    async with svc.pool.acquire() as conn:
+        found = await repository.find_existing(
+            conn, [journal_id] if journal_id else [], [who] if key else [], [key] if key else []
+        )
+    if not found:
+        return rejection
+    return Rejection(
+        ErrorCode.IDEMPOTENCY_CONFLICT,
+        "journal_id or Idempotency-Key already used with a different payload",
+        {"journal_id": found[0].journal_id},
+    )
+
+
 async def post_journal(request: web.Request) -> web.Response:
     """POST /ledger/post: one journal; 200 {ok, journal_id, posted_at}."""
     svc = services(request)
     started = time.perf_counter()
     body = await json_body(request)
     key = idempotency_key(request)
-    journal = validate_journal(decode_journal(body))
-    subs: list[Submission | Rejection] = [Submission(journal, principal(request).name, key)]
+    raw = decode_journal(body)
+    who = principal(request).name
+    try:
+        journal = validate_journal(raw)
+    except Rejection as rejection:
+        raise await _conflict_first(svc, rejection, raw.journal_id, who, key) from None
+    subs: list[Submission | Rejection] = [Submission(journal, who, key)]
     await _check_reverses(svc, subs)
     sub = subs[0]
     if isinstance(sub, Rejection):
@@ -131,6 +158,10 @@ async def post_batch(request: web.Request) -> web.Response:
         raise validation_error("journals must not be empty", "$.journals")
     who = principal(request).name
     subs = [_decode_batch_item(i, raw, who, key) for i, raw in enumerate(batch.journals)]
+    for index, (sub, raw_item) in enumerate(zip(subs, batch.journals, strict=True)):
+        if isinstance(sub, Rejection) and sub.code is ErrorCode.LEDGER_IMBALANCE:
+            journal_id = _journal_decoder.decode(raw_item).journal_id
+            subs[index] = await _conflict_first(svc, sub, journal_id, who, f"{key}#{index}" if key else None)
     await _check_reverses(svc, subs)
     valid = [s for s in subs if isinstance(s, Submission)]
     posted = iter(await svc.poster.post(valid)) if valid else iter(())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -43,7 +44,7 @@ class Batcher:
         self.send = send
         self.items_max = items_max
         self.in_flight_max = in_flight_max
-        self.waiting: list[_Waiting] = []
+        self.waiting: deque[_Waiting] = deque()
         self.waiting_items = 0
         self.in_flight = 0
         self.calls = 0
@@ -67,7 +68,7 @@ class Batcher:
             take: list[_Waiting] = []
             count = 0
             while self.waiting and (not take or count + len(self.waiting[0].items) <= self.items_max):
-                entry = self.waiting.pop(0)
+                entry = self.waiting.popleft()
                 take.append(entry)
                 count += len(entry.items)
             self.waiting_items -= count

@@ -41,7 +41,7 @@ def idempotency_key(request: web.Request) -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
-    if not IDEMPOTENCY_KEY_PATTERN.match(key):
+    if not IDEMPOTENCY_KEY_PATTERN.fullmatch(key):
         raise validation_error("Idempotency-Key must be 1-200 printable ASCII characters", "Idempotency-Key")
     return key
 

@@ -35,7 +35,7 @@ class AccountPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 def account_type_of(account_id: str) -> AccountType | None:
     """The type named by the id's prefix, or None when the id is malformed."""
-    if len(account_id) > ACCOUNT_ID_LENGTH_MAX or not ACCOUNT_ID_PATTERN.match(account_id):
+    if len(account_id) > ACCOUNT_ID_LENGTH_MAX or not ACCOUNT_ID_PATTERN.fullmatch(account_id):
         return None
     return AccountType(account_id.split(":", 1)[0])
 

@@ -72,16 +72,19 @@ PRECEDENCE: tuple[ErrorCode, ...] = (
 class LedgerError(Exception):
     """Base of every client-facing error: a code, a human message and structured details."""
 
-    def __init__(self, code: ErrorCode, message: str, details: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, code: ErrorCode, message: str, details: dict[str, Any] | None = None, status: int | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.details: dict[str, Any] = details or {}
+        self.status = status
 
     @property
     def http_status(self) -> int:
-        """The HTTP status this error is answered with."""
-        return HTTP_STATUS[self.code]
+        """The HTTP status this error is answered with (NOT_AUTHORIZED is 401 or 403)."""
+        return self.status or HTTP_STATUS[self.code]
 
     def as_dict(self) -> dict[str, Any]:
         """The `error` member of the response envelope."""

@@ -9,7 +9,6 @@ is balanced by construction.
 from __future__ import annotations
 
 import re
-from datetime import datetime
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
@@ -18,6 +17,7 @@ from ledger.accounts import AccountType, account_type_of
 from ledger.errors import ErrorCode, Rejection, validation_error
 from ledger.invariants import check
 from ledger.money import INT64_MAX, fits_int64, is_currency
+from ledger.timestamps import parse_rfc3339
 
 LINES_MIN: Final = 2
 LINES_MAX: Final = 256
@@ -103,12 +103,8 @@ def _validate_line(index: int, line: LineIn) -> Line:
 def _validate_timestamp(value: str | None, field: str) -> str | None:
     if value is None:
         return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise validation_error("timestamp must be RFC 3339", field) from None
-    if parsed.tzinfo is None:
-        raise validation_error("timestamp must carry a UTC offset (RFC 3339)", field)
+    if parse_rfc3339(value) is None:
+        raise validation_error("timestamp must be RFC 3339 with an offset, e.g. 2026-11-17T12:00:00Z", field)
     return value
 
 
@@ -133,9 +129,9 @@ def _check_balance(lines: tuple[Line, ...]) -> None:
 
 def validate_journal(raw: JournalIn) -> Journal:
     """Validate a decoded journal; raise `Rejection` (VALIDATION_ERROR before LEDGER_IMBALANCE)."""
-    if raw.journal_id is not None and not JOURNAL_ID_PATTERN.match(raw.journal_id):
+    if raw.journal_id is not None and not JOURNAL_ID_PATTERN.fullmatch(raw.journal_id):
         raise validation_error("journal_id must be 1-200 characters of [A-Za-z0-9:._-]", "$.journal_id")
-    if raw.reverses is not None and not JOURNAL_ID_PATTERN.match(raw.reverses):
+    if raw.reverses is not None and not JOURNAL_ID_PATTERN.fullmatch(raw.reverses):
         raise validation_error("reverses must be a journal id", "$.reverses")
     if not LINES_MIN <= len(raw.entries) <= LINES_MAX:
         raise validation_error(
@@ -173,14 +169,21 @@ def decode_journal(body: bytes) -> JournalIn:
 
 
 _AT_PATH: Final = re.compile(r" - at `(\$[^`]*)`$")
+_MEMBER: Final = re.compile(r"^Object (?:missing required field|contains unknown field) `([^`]+)`")
 
 
 def rejection_from_msgspec(exc: msgspec.ValidationError, prefix: str = "") -> Rejection:
-    """Turn msgspec's message (`... - at `$.entries[0].side``) into a VALIDATION_ERROR with `field`."""
+    """Turn msgspec's message (`... - at `$.entries[0].side``) into a VALIDATION_ERROR with `field`.
+
+    For a missing or unknown member the field is the member itself (`$.entries[0].amount_cents`).
+    """
     text = str(exc)
     match = _AT_PATH.search(text)
     field = match.group(1) if match else "$"
     message = _AT_PATH.sub("", text)
+    member = _MEMBER.match(message)
+    if member is not None:
+        field = f"{field}.{member.group(1)}"
     if prefix and field.startswith("$"):
         field = prefix + field[1:]
     return validation_error(message, field)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
+from typing import Final
+
+_RFC3339: Final = re.compile(
+    r"^(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
+)
 
 
 def rfc3339(moment: datetime) -> str:
@@ -11,9 +17,18 @@ def rfc3339(moment: datetime) -> str:
 
 
 def parse_rfc3339(text: str) -> datetime | None:
-    """An aware datetime from RFC 3339 text, or None if malformed or naive."""
+    """An aware datetime from RFC 3339 text (`2026-11-17T12:00:00.5Z`), or None if it is anything else.
+
+    Only the RFC 3339 profile is accepted (not ISO week dates, basic format or naive times);
+    fractions beyond microseconds are truncated.
+    """
+    match = _RFC3339.fullmatch(text)
+    if match is None:
+        return None
+    date, clock, fraction, offset = match.groups()
+    fraction = (fraction or "")[:7]
+    offset = "+00:00" if offset in ("Z", "z") else offset
     try:
-        moment = datetime.fromisoformat(text)
+        return datetime.fromisoformat(f"{date}T{clock}{fraction}{offset}")
     except ValueError:
         return None
-    return moment if moment.tzinfo is not None else None

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import asyncpg
 
+from actors.runtime import stop_ray
+from api.auth import TokenError
 from node.config import DEFAULT_DATA_DIR, TOKEN_FILE, NodeConfig
 from node.runtime import Node, StartupError
 from store.check import run_check
@@ -63,13 +65,19 @@ async def _serve(args: argparse.Namespace) -> int:
     node = Node(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
         await node.start()
-    except (StartupError, EmbeddedPostgresError, MigrationError, OSError) as exc:
+    except (
+        StartupError,
+        EmbeddedPostgresError,
+        MigrationError,
+        TokenError,
+        OSError,
+        asyncpg.PostgresError,
+    ) as exc:
         print(f"ledger-node: cannot start: {exc}", file=sys.stderr)
         await node.stop()
+        stop_ray()
         return 1
     if node.token_generated:
         print(
@@ -77,10 +85,15 @@ async def _serve(args: argparse.Namespace) -> int:
             f"  {node.token_generated}\n",
             flush=True,
         )
+    # After start: ray.init() installs its own SIGTERM handler (sys.exit), which would skip
+    # the orderly shutdown below and leave the embedded PostgreSQL running.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     print(f"ledger-node serving on {node.url}", flush=True)
     await stop.wait()
     print("ledger-node stopping", flush=True)
     await node.stop()
+    stop_ray()
     return 0
 
 

@@ -17,10 +17,10 @@ from aiohttp import web
 
 from actors import runtime as actor_runtime
 from api.app import create_app
-from api.auth import Authenticator, parse_tokens
+from api.auth import Authenticator, TokenError, parse_tokens
 from api.posting import Poster
 from api.services import Services
-from node.config import NodeConfig, ensure_token_file
+from node.config import TOKEN_FILE, NodeConfig, ensure_token_file
 from sharding.slots import SlotMap, even_slot_map
 from store import repository
 from store.embedded import EmbeddedPostgres
@@ -55,11 +55,16 @@ class Node:
         """Bring the whole node up; raise StartupError with a clear message on failure."""
         config = self.config
         tokens_spec = config.api_tokens
+        source = "LEDGER_API_TOKENS"
         if tokens_spec is None:
             tokens_spec, generated = ensure_token_file(config.data_dir)
+            source = str(config.data_dir / TOKEN_FILE)
             if generated:
                 self.token_generated = tokens_spec.split("=", 1)[0]
-        auth = Authenticator(parse_tokens(tokens_spec))
+        try:
+            auth = Authenticator(parse_tokens(tokens_spec))
+        except TokenError as exc:
+            raise StartupError(f"{source} is malformed: {exc} (expected token=role,token=role)") from None
         self.dsn = config.database_url or self._start_embedded()
         self.pool = await asyncpg.create_pool(self.dsn, min_size=2, max_size=8)
         async with self.pool.acquire() as conn:
