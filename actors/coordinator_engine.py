@@ -180,7 +180,10 @@ class CoordinatorEngine:
         await self._send_decisions(live)
         async with self.pool.acquire() as conn:
             done = [e.item.journal_id for e in live if not e.tx.unacked()]
-            await conn.execute("UPDATE xtx SET state = 'done' WHERE txid = ANY($1::text[])", done)
+            await conn.execute(
+                "UPDATE xtx SET state = 'done' WHERE txid = ANY($1::text[]) AND state IN ('commit', 'abort')",
+                done,
+            )
             await self._answer_existing(conn, [e for e in entries if e.result is None])
         return [e.result or unavailable(e.item.journal_id, "not posted; retry") for e in entries]
 
@@ -386,7 +389,10 @@ class CoordinatorEngine:
                 finished.append(item.journal_id)
                 self.outcomes[f"recovered_{decision}"] += 1
         async with self.pool.acquire() as conn:
-            await conn.execute("UPDATE xtx SET state = 'done' WHERE txid = ANY($1::text[])", finished)
+            await conn.execute(
+                "UPDATE xtx SET state = 'done' WHERE txid = ANY($1::text[]) AND state IN ('commit', 'abort')",
+                finished,
+            )
         return len(finished)
 
     async def _resend(self, item: CrossItem, decision: Decision, hashed: bytes | None, posted: Any) -> bool:

@@ -229,8 +229,10 @@ async def stream_heads(
 ) -> list[asyncpg.Record]:
     """For every stream, up to `limit` journals after its cursor position, in seq order.
 
-    The caller merges the per-stream prefixes by commit time (`merge_streams`): taking
-    prefixes per stream is what makes a cursor see every committed journal exactly once.
+    The caller merges the per-stream prefixes by commit time: taking prefixes per stream is
+    what makes a cursor see every committed journal exactly once. The coordinator's stream
+    stops before its first cross-shard journal whose parts are not all applied yet (its
+    transaction is not `done`), so a reader never passes a journal whose lines are missing.
     """
     streams = sorted(positions)
     return await conn.fetch(
@@ -240,6 +242,9 @@ async def stream_heads(
           CROSS JOIN LATERAL (
               SELECT stream_id, stream_seq, posted_at, body FROM journals j
                WHERE j.stream_id = c.stream_id AND j.stream_seq > c.after_seq
+                 AND (c.stream_id >= 0 OR j.stream_seq < COALESCE(
+                        (SELECT min(o.stream_seq) FROM xtx x JOIN journals o ON o.journal_id = x.txid
+                          WHERE x.state <> 'done' AND o.stream_id = -1), 9223372036854775807))
                  AND ($3::timestamptz IS NULL OR j.posted_at >= $3)
                  AND ($4::timestamptz IS NULL OR j.posted_at <= $4)
                  AND ($5::text IS NULL OR EXISTS (SELECT 1 FROM journal_lines l
