@@ -38,6 +38,7 @@ from ledger.invariants import check
 from ledger.timestamps import parse_rfc3339, rfc3339
 from sharding.twophase import CoordinatorTx, Decision, Phase, recovery_decision
 from signer.canonical import canonical, digest, posted_journal
+from store import repository
 from store.repository import COORDINATOR_STREAM, find_existing, hold_writer_lock
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ class CoordinatorEngine:
     async def start(self) -> None:
         """Connect, load the stream position, start the round loop and the recovery loop."""
         self.lock_conn = await hold_writer_lock(self.dsn, COORDINATOR_STREAM)
-        self.pool = await asyncpg.create_pool(self.dsn, min_size=2, max_size=4)
+        self.pool = await repository.create_pool(self.dsn, 2, 4)
         async with self.pool.acquire() as conn:
             self.seq = await conn.fetchval(
                 "SELECT COALESCE(max(stream_seq), 0) FROM journals WHERE stream_id = $1", COORDINATOR_STREAM

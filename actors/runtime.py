@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 
 import ray
@@ -35,6 +36,11 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, **options)
         return
+    # Ray runs workers at nice 15 by default (it expects them to be batch jobs). Our shard
+    # actors are latency-critical single writers: at nice 15 every other process on a 2-core
+    # machine preempts them in the middle of a group commit, holding PostgreSQL transactions
+    # open. Run them at normal priority.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(
         address="local",
         num_cpus=num_cpus,

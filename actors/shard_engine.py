@@ -111,7 +111,7 @@ class ShardEngine:
     async def start(self) -> None:
         """Connect, rebuild the book from PostgreSQL, re-reserve in-doubt parts, start the loop."""
         self.lock_conn = await repository.hold_writer_lock(self.dsn, self.shard_id)
-        self.pool = await asyncpg.create_pool(self.dsn, min_size=2, max_size=3)
+        self.pool = await repository.create_pool(self.dsn, 2, 3)
         async with self.pool.acquire() as conn:
             for row in await repository.load_accounts(conn, self.slots):
                 self.book.load_account(row[0], AccountType(row[1]), row[2])

@@ -64,6 +64,8 @@ def _result_error(result: Result) -> LedgerError:
 
 async def _check_reverses(svc: Services, submissions: list[Submission | Rejection]) -> None:
     """Replace submissions whose `reverses` names no stored journal with a VALIDATION_ERROR."""
+    if not any(isinstance(sub, Submission) and sub.journal.reverses is not None for sub in submissions):
+        return
     async with svc.pool.acquire() as conn:
         for index, sub in enumerate(submissions):
             target = sub.journal.reverses if isinstance(sub, Submission) else None

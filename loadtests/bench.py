@@ -11,8 +11,11 @@ Steps (every step bounded in time):
 2. A fresh ``bench_node_*`` database is created and ``ledger-node serve`` is started as a subprocess
    with ``DATABASE_URL`` and ``LEDGER_API_TOKENS=benchtoken=service``; ``GET /ready`` must answer 200.
 3. ``batch``: ``--batch-clients`` aiohttp clients POST ``/ledger/post_batch`` with ``--batch-size``
-   journals per request for S seconds; journals whose result has ``ok: true`` are counted.
-4. ``single``: ``wrk`` with ``loadtests/single.lua`` POSTs one journal per request to ``/ledger/post``.
+   single-shard journals (both accounts on one shard) for S seconds; journals acknowledged
+   ``ok: true`` are counted. ``batch-cross`` does the same with every journal spanning two
+   shards (two-phase commit through the coordinator).
+4. ``single``: ``wrk`` with ``loadtests/single.lua`` POSTs one single-shard journal per request to
+   ``/ledger/post`` (account pairs from a file the bench writes).
 5. The node gets SIGTERM (SIGKILL after 20 s), the database is dropped, and one table is printed.
 
 The load generators run on the same machine as the node and PostgreSQL, so they take CPU from them;
@@ -53,11 +56,13 @@ from loadtests.baseline import (
     new_database_name,
     run_baseline,
 )
+from sharding.slots import SlotMap, even_slot_map
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_NODE_BIN = REPO_ROOT / ".venv" / "bin" / "ledger-node"
 DEFAULT_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 LUA_SCRIPT = Path(__file__).resolve().parent / "single.lua"
+Pair = tuple[str, str]
 HOST = "127.0.0.1"
 TOKEN = "benchtoken"
 TOKEN_SPEC = f"{TOKEN}=service"
@@ -86,34 +91,52 @@ class BenchError(RuntimeError):
 # --------------------------------------------------------------------------------------------------
 
 
-def make_journal(journal_id: str, debit: int, credit: int, amount: int) -> dict[str, Any]:
+def make_journal(journal_id: str, debit: str, credit: str, amount: int) -> dict[str, Any]:
     """Build one two-line journal (integer minor units) in the node's request shape."""
     return {
         "journal_id": journal_id,
         "entries": [
-            {"account_id": f"asset:acct-{debit}", "side": "debit", "amount_cents": amount, "currency": "USD"},
-            {
-                "account_id": f"liability:acct-{credit}",
-                "side": "credit",
-                "amount_cents": amount,
-                "currency": "USD",
-            },
+            {"account_id": debit, "side": "debit", "amount_cents": amount, "currency": "USD"},
+            {"account_id": credit, "side": "credit", "amount_cents": amount, "currency": "USD"},
         ],
         "context": {"source": "bench"},
     }
 
 
-def random_journal(rng: random.Random, journal_id: str, accounts: int) -> dict[str, Any]:
-    """Build a journal between two uniformly chosen accounts among ``accounts`` ids."""
-    return make_journal(
-        journal_id, rng.randint(1, accounts), rng.randint(1, accounts), rng.randint(1, 10_000)
-    )
+def account_pairs(
+    rng: random.Random, accounts: int, shards: int, cross: bool, count: int = 4096
+) -> list[Pair]:
+    """(debit, credit) account pairs over `asset:acct-N` / `liability:acct-N`, N in 1..accounts.
+
+    With `cross` False both accounts of a pair live on the same shard (a single-shard journal,
+    committed by one shard's group commit); with `cross` True they live on two different shards
+    (a cross-shard journal, through the coordinator's two-phase commit). The slot map is the
+    node's initial even map for `shards` shards.
+    """
+    slot_map = SlotMap(even_slot_map(shards))
+    by_shard: dict[int, list[str]] = {shard: [] for shard in range(shards)}
+    for n in range(1, accounts + 1):
+        for kind in ("asset", "liability"):
+            account = f"{kind}:acct-{n}"
+            by_shard[slot_map.shard_of(account)].append(account)
+    pairs: list[Pair] = []
+    for _ in range(count):
+        shard = rng.randrange(shards)
+        other = (shard + 1 + rng.randrange(shards - 1)) % shards if cross and shards > 1 else shard
+        pairs.append((rng.choice(by_shard[shard]), rng.choice(by_shard[other])))
+    return pairs
 
 
-def batch_template(rng: random.Random, run_id: str, accounts: int, size: int) -> bytes:
+def random_journal(rng: random.Random, journal_id: str, pairs: list[Pair]) -> dict[str, Any]:
+    """Build a journal over a randomly chosen account pair."""
+    debit, credit = rng.choice(pairs)
+    return make_journal(journal_id, debit, credit, rng.randint(1, 10_000))
+
+
+def batch_template(rng: random.Random, run_id: str, pairs: list[Pair], size: int) -> bytes:
     """Encode a ``post_batch`` body whose journal ids contain :data:`ID_TOKEN` as a placeholder."""
     token = ID_TOKEN.decode()
-    journals = [random_journal(rng, f"b-{run_id}-{token}-{i}", accounts) for i in range(size)]
+    journals = [random_journal(rng, f"b-{run_id}-{token}-{i}", pairs) for i in range(size)]
     body = msgspec.json.encode({"journals": journals})
     if body.count(ID_TOKEN) != size:
         raise BenchError("journal id placeholder collided with body content")
@@ -129,12 +152,12 @@ class BatchBodies:
     """
 
     def __init__(
-        self, run_id: str, accounts: int, size: int, budget_bytes: int = BATCH_BODY_BUDGET_BYTES
+        self, run_id: str, pairs: list[Pair], size: int, budget_bytes: int = BATCH_BODY_BUDGET_BYTES
     ) -> None:
         """Pre-generate templates and as many finished bodies as ``budget_bytes`` allows."""
         rng = random.Random(0xB47C)
         self.size = size
-        self._templates = [batch_template(rng, run_id, accounts, size) for _ in range(BATCH_TEMPLATES)]
+        self._templates = [batch_template(rng, run_id, pairs, size) for _ in range(BATCH_TEMPLATES)]
         self._counter = itertools.count()
         pool_len = max(1, budget_bytes // len(self._templates[0]))
         self._pool: deque[bytes] = deque(self._render(next(self._counter)) for _ in range(pool_len))
@@ -306,9 +329,9 @@ async def post_json(
         return resp.status, await resp.read()
 
 
-async def smoke_single(base_url: str, run_id: str, accounts: int) -> None:
+async def smoke_single(base_url: str, run_id: str, pairs: list[Pair]) -> None:
     """Post one journal untimed (also a warm-up); raise with the response if it is not ok."""
-    single = msgspec.json.encode(random_journal(random.Random(7), f"w-{run_id}-0", accounts))
+    single = msgspec.json.encode(random_journal(random.Random(7), f"w-{run_id}-0", pairs))
     async with aiohttp.ClientSession() as session:
         status, body = await post_json(session, f"{base_url}/ledger/post", single, 30)
     if status != 200 or not re.search(rb'"ok"\s*:\s*true', body):
@@ -384,7 +407,9 @@ async def batch_client(
         consecutive_failures = 0 if ok else consecutive_failures + 1
 
 
-async def run_batch(base_url: str, seconds: float, clients: int, bodies: BatchBodies) -> BenchResult:
+async def run_batch(
+    base_url: str, seconds: float, clients: int, bodies: BatchBodies, name: str = "batch"
+) -> BenchResult:
     """Run the ``batch`` scenario; journals/s counts only journals acknowledged with ``ok: true``."""
     stats = BatchStats()
     url = f"{base_url}/ledger/post_batch"
@@ -396,7 +421,7 @@ async def run_batch(base_url: str, seconds: float, clients: int, bodies: BatchBo
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=seconds + 330)
         elapsed = time.perf_counter() - started
     return make_result(
-        "batch",
+        name,
         ops=stats.ok_journals,
         seconds=elapsed,
         latencies_s=stats.latencies,
@@ -471,14 +496,14 @@ def lua_summary(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def wrk_command(
-    url: str, seconds: float, *, connections: int, threads: int, accounts: int, run_id: str
+    url: str, seconds: float, *, connections: int, threads: int, accounts: int, run_id: str, pairs_file: Path
 ) -> list[str]:
     """Build the wrk command line for the ``single`` scenario."""
     wrk = shutil.which("wrk") or "/usr/bin/wrk"
     duration = f"{max(1, round(seconds))}s"
     return [
         wrk, f"-t{threads}", f"-c{connections}", f"-d{duration}", "--latency", "--timeout", "10s",
-        "-s", str(LUA_SCRIPT), url, "--", str(accounts), run_id, TOKEN,
+        "-s", str(LUA_SCRIPT), url, "--", str(accounts), run_id, TOKEN, str(pairs_file),
     ]  # fmt: skip
 
 
@@ -499,7 +524,14 @@ async def run_wrk(cmd: list[str], limit_s: float) -> str:
 
 
 async def run_single(
-    base_url: str, seconds: float, *, accounts: int, run_id: str, connections: int = 256, threads: int = 2
+    base_url: str,
+    seconds: float,
+    *,
+    accounts: int,
+    run_id: str,
+    pairs_file: Path,
+    connections: int = 256,
+    threads: int = 2,
 ) -> BenchResult:
     """Run the ``single`` scenario with wrk and turn its report into a :class:`BenchResult`."""
     cmd = wrk_command(
@@ -509,6 +541,7 @@ async def run_single(
         threads=threads,
         accounts=accounts,
         run_id=run_id,
+        pairs_file=pairs_file,
     )
     text = await run_wrk(cmd, limit_s=seconds + WRK_EXTRA_SECONDS)
     print(text.rstrip(), flush=True)
@@ -592,7 +625,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--admin-dsn", default=os.environ.get("BENCH_ADMIN_DSN", DEFAULT_ADMIN_DSN))
     p.add_argument("--node-bin", type=Path, default=DEFAULT_NODE_BIN)
     p.add_argument("--port", type=int, default=0, help="node port (default: a free one)")
-    p.add_argument("--only", action="append", choices=("baseline", "batch", "single"), help="repeatable")
+    p.add_argument(
+        "--only", action="append", choices=("baseline", "batch", "batch-cross", "single"), help="repeatable"
+    )
     p.add_argument("--hot-baseline", action="store_true", help="also run the hot-account baseline")
     p.add_argument("--batch-size", type=int, default=8190)
     p.add_argument("--batch-clients", type=int, default=4)
@@ -606,7 +641,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
     return Options(
         seconds=seconds, shards=a.shards, accounts=a.accounts, json_out=a.json_out,
         admin_dsn=a.admin_dsn, node_bin=a.node_bin, port=a.port or free_port(),
-        only=set(a.only or ("baseline", "batch", "single")), hot_baseline=a.hot_baseline,
+        only=set(a.only or ("baseline", "batch", "batch-cross", "single")), hot_baseline=a.hot_baseline,
         batch_size=a.batch_size, batch_clients=a.batch_clients, wrk_connections=a.wrk_connections,
         wrk_threads=a.wrk_threads, ready_timeout=a.ready_timeout,
     )  # fmt: skip
@@ -623,16 +658,26 @@ async def run_baselines(opts: Options) -> list[BenchResult]:
 
 
 async def run_node_scenarios(opts: Options, run_id: str, log_dir: Path) -> list[BenchResult]:
-    """Create the node database, start the node, run batch/single, then stop it and drop the database."""
-    bodies = BatchBodies(run_id, opts.accounts, opts.batch_size) if "batch" in opts.only else None
-    if bodies:
-        print(f"pre-generated {bodies.prebuilt} batch bodies of {bodies.body_bytes / 1e6:.1f} MB", flush=True)
+    """Create the node database, start the node, run the scenarios, then stop it and drop the database."""
+    rng = random.Random(0x5EED)
+    same = account_pairs(rng, opts.accounts, opts.shards, cross=False)
+    cross = account_pairs(rng, opts.accounts, opts.shards, cross=True)
+    pairs_file = log_dir / "pairs-single-shard.txt"
+    pairs_file.write_text("".join(f"{d} {c}\n" for d, c in same))
+    budget = BATCH_BODY_BUDGET_BYTES // 2
+    bodies = {
+        name: BatchBodies(f"{run_id}{suffix}", pairs, opts.batch_size, budget)
+        for name, suffix, pairs in (("batch", "", same), ("batch-cross", "x", cross))
+        if name in opts.only
+    }
+    for name, batch in bodies.items():
+        print(f"{name}: pre-generated {batch.prebuilt} bodies of {batch.body_bytes / 1e6:.1f} MB", flush=True)
     db_name = new_database_name("bench_node")
     dsn = await create_database(opts.admin_dsn, db_name)
     try:
         node = start_node(opts.node_bin, opts.port, opts.shards, dsn, log_dir)
         try:
-            return await drive_node(opts, node, run_id, bodies)
+            return await drive_node(opts, node, run_id, bodies, same, pairs_file)
         except BaseException as exc:
             print_node_tail(node, f"scenario failed: {exc!r}")
             raise
@@ -644,17 +689,22 @@ async def run_node_scenarios(opts: Options, run_id: str, log_dir: Path) -> list[
 
 
 async def drive_node(
-    opts: Options, node: NodeProcess, run_id: str, bodies: BatchBodies | None
+    opts: Options,
+    node: NodeProcess,
+    run_id: str,
+    bodies: dict[str, BatchBodies],
+    pairs: list[Pair],
+    pairs_file: Path,
 ) -> list[BenchResult]:
     """Wait for readiness, smoke-check, then run the node scenarios in order."""
     waited = await wait_ready(node, opts.ready_timeout)
     print(f"node ready after {waited:.1f}s at {node.base_url}", flush=True)
     results = []
-    await smoke_single(node.base_url, run_id, opts.accounts)
-    if bodies:
-        await smoke_batch(node.base_url, bodies)
-        print(f"running batch ({opts.batch_clients} clients x {opts.batch_size} journals) ...", flush=True)
-        results.append(await run_batch(node.base_url, opts.seconds, opts.batch_clients, bodies))
+    await smoke_single(node.base_url, run_id, pairs)
+    for name, batch in bodies.items():
+        await smoke_batch(node.base_url, batch)
+        print(f"running {name} ({opts.batch_clients} clients x {opts.batch_size} journals) ...", flush=True)
+        results.append(await run_batch(node.base_url, opts.seconds, opts.batch_clients, batch, name))
     if "single" in opts.only:
         print(f"running single (wrk -t{opts.wrk_threads} -c{opts.wrk_connections}) ...", flush=True)
         results.append(
@@ -663,6 +713,7 @@ async def drive_node(
                 opts.seconds,
                 accounts=opts.accounts,
                 run_id=run_id,
+                pairs_file=pairs_file,
                 connections=opts.wrk_connections,
                 threads=opts.wrk_threads,
             )

@@ -1,7 +1,10 @@
 -- wrk script for the `single` scenario of loadtests/bench.py: one journal per POST /ledger/post.
 --
 -- usage: wrk -t2 -c256 -d30s --latency -s loadtests/single.lua http://127.0.0.1:PORT/ledger/post \
---            -- ACCOUNTS RUN_ID TOKEN
+--            -- ACCOUNTS RUN_ID TOKEN [PAIRS_FILE]
+--
+-- PAIRS_FILE (optional) lists "debit_account credit_account" per line; bench.py writes it so a
+-- scenario controls whether journals stay on one shard or span two.
 --
 -- Each request carries a unique journal_id "s-<run>-<thread>-<counter>". Bodies are assembled from a
 -- per-thread pool of pre-formatted entry suffixes built in init(), so request() only concatenates.
@@ -28,14 +31,33 @@ non2xx = 0
 notok = 0
 responses = 0
 
+local pairs_list = {}
+
+local function load_pairs(path)
+   -- one "debit_account credit_account" pair per line, written by bench.py
+   local file = io.open(path, "r")
+   if file == nil then return end
+   for line in file:lines() do
+      local debit, credit = line:match("^(%S+)%s+(%S+)$")
+      if debit then table.insert(pairs_list, {debit, credit}) end
+   end
+   file:close()
+end
+
 local function entry_suffix(accounts)
-   local debit = math.random(1, accounts)
-   local credit = math.random(1, accounts)
+   local debit, credit
+   if #pairs_list > 0 then
+      local pair = pairs_list[math.random(1, #pairs_list)]
+      debit, credit = pair[1], pair[2]
+   else
+      debit = "asset:acct-" .. math.random(1, accounts)
+      credit = "liability:acct-" .. math.random(1, accounts)
+   end
    local amount = math.random(1, 10000)
    return string.format(
       '","entries":[' ..
-      '{"account_id":"asset:acct-%d","side":"debit","amount_cents":%d,"currency":"USD"},' ..
-      '{"account_id":"liability:acct-%d","side":"credit","amount_cents":%d,"currency":"USD"}],' ..
+      '{"account_id":"%s","side":"debit","amount_cents":%d,"currency":"USD"},' ..
+      '{"account_id":"%s","side":"credit","amount_cents":%d,"currency":"USD"}],' ..
       '"context":{"source":"bench"}}',
       debit, amount, credit, amount)
 end
@@ -44,6 +66,7 @@ function init(args)
    local accounts = tonumber(args[1]) or 10000
    local run_id = args[2] or "run"
    local token = args[3] or "benchtoken"
+   if args[4] then load_pairs(args[4]) end
    req_headers = {
       ["Authorization"] = "Bearer " .. token,
       ["Content-Type"] = "application/json",

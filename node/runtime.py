@@ -66,7 +66,7 @@ class Node:
         except TokenError as exc:
             raise StartupError(f"{source} is malformed: {exc} (expected token=role,token=role)") from None
         self.dsn = config.database_url or self._start_embedded()
-        self.pool = await asyncpg.create_pool(self.dsn, min_size=2, max_size=8)
+        self.pool = await repository.create_pool(self.dsn, 2, 8)
         async with self.pool.acquire() as conn:
             applied = await apply_migrations(conn)
             if applied:
