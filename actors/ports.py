@@ -24,3 +24,9 @@ class CoordinatorPort(Protocol):
 
     async def submit(self, payload: bytes) -> bytes: ...
     async def status(self) -> dict[str, Any]: ...
+
+
+class SignerPort(Protocol):
+    """What a shard calls on the signer: sign batch statements (the signer fills in its key id)."""
+
+    async def sign_statements(self, statements: list[dict[str, Any]]) -> list[tuple[bytes, str, bytes]]: ...

@@ -15,7 +15,7 @@ from typing import Any
 import ray
 
 from actors.ports import CoordinatorPort, ShardPort
-from actors.shard import CoordinatorActor, ShardActor
+from actors.shard import CoordinatorActor, ShardActor, SignerActor
 
 log = logging.getLogger(__name__)
 
@@ -91,15 +91,67 @@ class RayCoordinator:
 
 
 def spawn_shards(
-    prefix: str, dsn: str, slots_of: dict[int, list[int]], batch_max: int
+    prefix: str, dsn: str, slots_of: dict[int, list[int]], batch_max: int, signing: bool = True
 ) -> dict[int, RayShard]:
-    """One restartable actor per shard, named `{prefix}-shard-{id}`."""
+    """One restartable actor per shard, named `{prefix}-shard-{id}` (the signer must exist first)."""
     return {
         shard_id: RayShard(
-            ShardActor.options(name=f"{prefix}-shard-{shard_id}").remote(shard_id, dsn, slots, batch_max)  # type: ignore[attr-defined]
+            ShardActor.options(name=f"{prefix}-shard-{shard_id}").remote(  # type: ignore[attr-defined]
+                shard_id, dsn, slots, batch_max, prefix, signing
+            )
         )
         for shard_id, slots in sorted(slots_of.items())
     }
+
+
+class RaySigner:
+    """`SignerPort` (and admin calls) over the signer actor handle."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    async def sign_statements(self, statements: list[dict[str, Any]]) -> list[tuple[bytes, str, bytes]]:
+        return await self.handle.sign_statements.remote(statements)  # type: ignore[no-any-return]
+
+    async def checkpoint(self) -> int:
+        return await self.handle.checkpoint.remote()  # type: ignore[no-any-return]
+
+    async def log_proof(self, index: int, tree_size: int) -> list[bytes]:
+        return await self.handle.log_proof.remote(index, tree_size)  # type: ignore[no-any-return]
+
+    async def consistency(self, old_size: int, new_size: int) -> list[bytes]:
+        return await self.handle.consistency.remote(old_size, new_size)  # type: ignore[no-any-return]
+
+    async def rotate(self) -> str:
+        return await self.handle.rotate.remote()  # type: ignore[no-any-return]
+
+    async def set_failing(self, failing: bool) -> None:
+        await self.handle.set_failing.remote(failing)
+
+    async def status(self) -> dict[str, Any]:
+        return await self.handle.status.remote()  # type: ignore[no-any-return]
+
+
+SIGNER_ENV_KEYS = (
+    "LEDGER_PKCS11_MODULE",
+    "LEDGER_PKCS11_TOKEN",
+    "LEDGER_PKCS11_PIN",
+    "LEDGER_PKCS11_PIN_FILE",
+    "LEDGER_SIGNER_KEY_LABEL",
+    "SOFTHSM2_CONF",
+)
+
+
+def spawn_signer(
+    prefix: str, dsn: str, env: dict[str, str], data_dir: str | None, checkpoint_every_s: float
+) -> RaySigner:
+    """The restartable signer actor, named `{prefix}-signer`; it gets only the signer's settings."""
+    settings = {key: env[key] for key in SIGNER_ENV_KEYS if key in env}
+    return RaySigner(
+        SignerActor.options(name=f"{prefix}-signer").remote(  # type: ignore[attr-defined]
+            dsn, settings, data_dir, checkpoint_every_s
+        )
+    )
 
 
 def spawn_coordinator(prefix: str, dsn: str, shards: dict[int, RayShard], batch_max: int) -> RayCoordinator:
@@ -114,6 +166,6 @@ async def wait_ready(ports: list[ShardPort | CoordinatorPort], timeout_s: float 
     await asyncio.wait_for(asyncio.gather(*(port.status() for port in ports)), timeout_s)
 
 
-def kill(port: RayShard | RayCoordinator, restart: bool = True) -> None:
+def kill(port: RayShard | RayCoordinator | RaySigner, restart: bool = True) -> None:
     """Kill an actor (Ray restarts it unless `restart` is False). Used by fault tests and shutdown."""
     ray.kill(port.handle, no_restart=not restart)

@@ -16,6 +16,7 @@ import ray
 
 from actors.coordinator_engine import CoordinatorEngine
 from actors.shard_engine import ShardEngine
+from actors.signer_engine import SignerEngine
 
 ACTOR_OPTIONS: dict[str, Any] = {
     "max_restarts": -1,
@@ -41,9 +42,14 @@ class _Lazy:
 class ShardActor:
     """One shard: the single writer of the accounts in its slots."""
 
-    def __init__(self, shard_id: int, dsn: str, slots: list[int], batch_max: int) -> None:
+    def __init__(
+        self, shard_id: int, dsn: str, slots: list[int], batch_max: int, prefix: str, signing: bool
+    ) -> None:
+        from actors.runtime import RaySigner
+
         logging.basicConfig(level=logging.INFO)
-        self.engine = ShardEngine(shard_id, dsn, slots, batch_max=batch_max)
+        signer = RaySigner(ray.get_actor(f"{prefix}-signer")) if signing else None
+        self.engine = ShardEngine(shard_id, dsn, slots, batch_max=batch_max, signer=signer)
         self.lazy = _Lazy()
 
     async def post(self, payload: bytes) -> bytes:
@@ -82,6 +88,57 @@ class CoordinatorActor:
     async def submit(self, payload: bytes) -> bytes:
         await self.lazy.ready(self.engine.start)
         return await self.engine.submit(payload)
+
+    async def status(self) -> dict[str, Any]:
+        await self.lazy.ready(self.engine.start)
+        return self.engine.status()
+
+
+@ray.remote(**ACTOR_OPTIONS)
+class SignerActor:
+    """The signer: one key backend (HSM or software), the global log and its checkpoints."""
+
+    def __init__(
+        self, dsn: str, env: dict[str, str], data_dir: str | None, checkpoint_every_s: float
+    ) -> None:
+        import os
+        from pathlib import Path
+
+        from signer.keys import backend_from_env
+
+        logging.basicConfig(level=logging.INFO)
+        if "SOFTHSM2_CONF" in env:  # SoftHSM reads its configuration from the process environment
+            os.environ["SOFTHSM2_CONF"] = env["SOFTHSM2_CONF"]
+        directory = Path(data_dir) if data_dir else None
+        self.engine = SignerEngine(
+            dsn, lambda: backend_from_env(env, directory), checkpoint_every_s=checkpoint_every_s
+        )
+        self.lazy = _Lazy()
+
+    async def sign_statements(self, statements: list[dict[str, Any]]) -> list[tuple[bytes, str, bytes]]:
+        await self.lazy.ready(self.engine.start)
+        return self.engine.sign_statements(statements)
+
+    async def checkpoint(self) -> int:
+        await self.lazy.ready(self.engine.start)
+        return await self.engine.checkpoint()
+
+    async def log_proof(self, index: int, tree_size: int) -> list[bytes]:
+        await self.lazy.ready(self.engine.start)
+        return self.engine.log_proof(index, tree_size)
+
+    async def consistency(self, old_size: int, new_size: int) -> list[bytes]:
+        await self.lazy.ready(self.engine.start)
+        return self.engine.consistency(old_size, new_size)
+
+    async def rotate(self) -> str:
+        await self.lazy.ready(self.engine.start)
+        return await self.engine.rotate()
+
+    async def set_failing(self, failing: bool) -> None:
+        """Fault injection for tests and drills: make every signature fail until reset."""
+        await self.lazy.ready(self.engine.start)
+        self.engine.failing = failing
 
     async def status(self) -> dict[str, Any]:
         await self.lazy.ready(self.engine.start)

@@ -33,6 +33,7 @@ from actors.messages import (
     PrepareItem,
     Result,
 )
+from actors.ports import SignerPort
 from ledger.accounts import AccountType, account_type_of
 from ledger.book import Book, Staging
 from ledger.errors import ErrorCode
@@ -41,10 +42,17 @@ from ledger.timestamps import parse_rfc3339, rfc3339
 from sharding.slots import slot_of
 from sharding.twophase import Phase, stale_reservations
 from signer.canonical import canonical, digest, posted_journal
+from signer.merkle import root as merkle_root
+from signer.statements import batch_statement
 from store import repository
 from store.writer import BatchRows, DuplicateJournals, PartsAlreadyApplied, commit_batch
 
 log = logging.getLogger(__name__)
+
+
+class SigningUnavailable(Exception):
+    """The signer could not sign a batch; the batch was not written."""
+
 
 Clock = Callable[[], datetime]
 
@@ -87,13 +95,24 @@ class ShardEngine:
     """Owns the book of one shard and commits its postings in batches."""
 
     def __init__(
-        self, shard_id: int, dsn: str, slots: list[int], *, batch_max: int = 8192, clock: Clock = utc_now
+        self,
+        shard_id: int,
+        dsn: str,
+        slots: list[int],
+        *,
+        batch_max: int = 8192,
+        clock: Clock = utc_now,
+        signer: SignerPort | None = None,
+        hash_alg: str = "sha256",
     ) -> None:
         self.shard_id = shard_id
         self.dsn = dsn
         self.slots = slots
         self.batch_max = batch_max
         self.clock = clock
+        self.signer = signer
+        self.hash_alg = hash_alg
+        self.batch_seq = 0
         self.book = Book()
         self.seq = 0
         self.head_hash: bytes | None = None
@@ -119,6 +138,9 @@ class ShardEngine:
                 self.book.load_balance((row[0], row[1]), row[2:6])
             head = await repository.load_chain_head(conn, self.shard_id)
             self.seq, self.head_hash = head.seq, head.hash
+            self.batch_seq = await conn.fetchval(
+                "SELECT COALESCE(max(batch_seq), 0) FROM batches WHERE shard_id = $1", self.shard_id
+            )
             for row in await repository.load_in_doubt(conn, self.shard_id):
                 (item,) = CROSS_ITEMS.decode(row["request"])
                 lines = item.parts.get(self.shard_id, ())
@@ -213,7 +235,12 @@ class ShardEngine:
         if batch.posts or batch.parts:
             await self._group_commit(batch, answers)
         for entry, answer in zip(work, answers, strict=True):
-            if not entry.future.done():
+            if entry.future.done():
+                continue
+            failure = next((a for a in answer if isinstance(a, BaseException)), None)
+            if failure is not None:
+                entry.future.set_exception(failure)
+            else:
                 entry.future.set_result(answer)
 
     async def _sweep_loop(self) -> None:
@@ -281,6 +308,9 @@ class ShardEngine:
                 try:
                     await self._write(conn, batch, answers)
                     break
+                except SigningUnavailable as exc:
+                    self._answer_signing_failure(batch, answers, exc)
+                    break
                 except DuplicateJournals as exc:
                     dupes = [p for p in batch.posts if p.item.journal_id in exc.journal_ids]
                     batch.posts = [p for p in batch.posts if p.item.journal_id not in exc.journal_ids]
@@ -296,6 +326,17 @@ class ShardEngine:
             else:
                 check(False, "group commit kept colliding with duplicates")
             await self._answer_existing(conn, deferred, answers)
+
+    @staticmethod
+    def _answer_signing_failure(batch: _Batch, answers: list[list[Any]], exc: SigningUnavailable) -> None:
+        """Nothing was written: postings get 500 SIGNING_FAILURE; the coordinator retries committed parts."""
+        for p in batch.posts:
+            if answers[p.work][p.index] is None:
+                answers[p.work][p.index] = Result(
+                    p.item.journal_id, False, code=ErrorCode.SIGNING_FAILURE, message=str(exc), details={}
+                )
+        for _part, w, i in batch.parts:
+            answers[w][i] = exc
 
     def _dedupe(self, batch: _Batch) -> list[_Pending]:
         """Keep the first of journals sharing an id or idempotency key; the rest wait for it."""
@@ -367,6 +408,8 @@ class ShardEngine:
         posted_at = self._stamp()
         stamp = rfc3339(posted_at)
         seq, head = self.seq, self.head_hash
+        first_seq = seq + 1
+        leaves: list[bytes] = []
         accepted: list[tuple[_Pending, str]] = []
         for pending in batch.posts:
             item = pending.item
@@ -384,6 +427,7 @@ class ShardEngine:
             body = canonical(posted_journal(item.journal, item.journal_id, item.principal, stamp))
             hashed = digest(body)
             self._add_journal(rows, item, seq, posted_at, body, hashed, head)
+            leaves.append(hashed)
             head = hashed
             accepted.append((pending, stamp))
         for part, _w, _i in batch.parts:
@@ -396,6 +440,7 @@ class ShardEngine:
             rows.l_journal_id.append(part.txid)
             rows.l_hash.append(part.hash)
             rows.l_prev_hash.append(head)
+            leaves.append(part.hash)
             head = part.hash
             for line in part.lines:
                 rows.lines.append(
@@ -403,6 +448,8 @@ class ShardEngine:
                      "D" if line.is_debit else "C", line.amount, part_time, True)
                 )  # fmt: skip
         self._add_deltas(rows, staging)
+        if leaves and self.signer is not None:
+            rows.batch = await self._sign_batch(first_seq, seq, leaves, posted_at)
         if not rows.is_empty():
             started = time.perf_counter()
             await commit_batch(conn, rows)
@@ -410,12 +457,33 @@ class ShardEngine:
                       (time.perf_counter() - started) * 1000)  # fmt: skip
         self.book.apply(staging)
         self.seq, self.head_hash, self.last_posted_at = seq, head, posted_at
+        if rows.batch is not None:
+            self.batch_seq = rows.batch[0]
         self.committed_journals += len(accepted) + len(batch.parts)
         self.batches += 1
         for pending, stamp_text in accepted:
             answers[pending.work][pending.index] = Result(pending.item.journal_id, True, stamp_text)
         for _part, w, i in batch.parts:
             answers[w][i] = True
+
+    async def _sign_batch(
+        self, first_seq: int, last_seq: int, leaves: list[bytes], signed_at: datetime
+    ) -> tuple[int, int, int, bytes, bytes, bytes, str, datetime]:
+        """Merkle root of the batch's entries, signed by the signer before anything is written."""
+        assert self.signer is not None
+        root = merkle_root(leaves, self.hash_alg)
+        batch_seq = self.batch_seq + 1
+        statement = batch_statement(
+            shard=self.shard_id, batch_seq=batch_seq, first_seq=first_seq, last_seq=last_seq,
+            hash_alg=self.hash_alg, root=root, signed_at=rfc3339(signed_at), signer_kid="", signer="",
+        )  # fmt: skip
+        try:
+            ((body, kid, signature),) = await self.signer.sign_statements([statement])
+        except Exception as exc:
+            raise SigningUnavailable(
+                f"signing failed, nothing was written: {type(exc).__name__}: {exc}"
+            ) from exc
+        return (batch_seq, first_seq, last_seq, body, root, signature, kid, signed_at)
 
     def _add_journal(
         self, rows: BatchRows, item: PostItem, seq: int, posted_at: datetime, body: bytes, hashed: bytes,

@@ -9,7 +9,7 @@ from typing import Any, Final
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from api import ledger_routes
+from api import admin_routes, audit_log, ledger_routes, proof_routes
 from api.auth import PRINCIPAL, PUBLIC, Role, require
 from api.envelope import Handler, error_middleware, ok
 from api.requests import BATCH_BODY_MAX
@@ -36,7 +36,14 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 async def health(request: web.Request) -> web.Response:
     """GET /health: liveness plus how signing and transport are configured."""
     svc = request.app[SERVICES]
-    return ok(signingConfigured=svc.signing_configured, mTLS=svc.mtls, signer="none")
+    body: dict[str, Any] = {
+        "signingConfigured": svc.signing_configured,
+        "mTLS": svc.mtls,
+        "signer": svc.signer_kind,
+    }
+    if svc.signer_kind == "software":
+        body["warning"] = "signing with a software development key, not an HSM (set LEDGER_PKCS11_MODULE)"
+    return ok(**body)
 
 
 async def _shard_statuses(svc: Services) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
@@ -103,8 +110,16 @@ def create_app(svc: Services) -> web.Application:
     app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=BATCH_BODY_MAX + 1)
     app[SERVICES] = svc
     roles: dict[Any, frozenset[Role]] = {}
-    for method, path, handler, allowed in [*SYSTEM_ROUTES, *ledger_routes.ROUTES]:
+    routes = [
+        *SYSTEM_ROUTES,
+        *ledger_routes.ROUTES,
+        *proof_routes.ROUTES,
+        *audit_log.ROUTES,
+        *admin_routes.ROUTES,
+    ]
+    for method, path, handler, allowed in routes:
         app.router.add_route(method, path, handler)
         roles[handler] = frozenset(allowed)
     app[ROLES] = roles
+    app.on_cleanup.append(proof_routes.shutdown)
     return app

@@ -13,6 +13,8 @@ import msgspec
 from aiohttp import web
 
 from actors.messages import RESULTS, Result
+from api.audit_log import audit_account_create, audit_post, audit_post_batch
+from api.audit_view import audit_block
 from api.auth import ADMINS, PRINCIPAL, READERS, WRITERS, Principal
 from api.envelope import error_response, ok
 from api.posting import Submission
@@ -21,7 +23,7 @@ from api.services import SERVICES, Services
 from ledger.accounts import AccountPolicy, account_type_of, normal_balance
 from ledger.errors import ErrorCode, LedgerError, Rejection, validation_error
 from ledger.journal import JournalIn, decode_journal, rejection_from_msgspec, validate_journal
-from signer.canonical import HASH_ALG
+from ledger.timestamps import rfc3339
 from store import repository
 
 BATCH_JOURNALS_MAX: Final = 8190
@@ -118,6 +120,7 @@ async def post_journal(request: web.Request) -> web.Response:
     svc.metrics.post_latency.labels("post").observe(time.perf_counter() - started)
     svc.metrics.request_journals.observe(1)
     svc.metrics.journal_results.labels(result.code or "OK").inc()
+    await audit_post(request, result)
     if not result.ok:
         return error_response(_result_error(result))
     return ok(journal_id=result.journal_id, posted_at=result.posted_at)
@@ -183,40 +186,41 @@ async def post_batch(request: web.Request) -> web.Response:
             )
     svc.metrics.post_latency.labels("post_batch").observe(time.perf_counter() - started)
     svc.metrics.request_journals.observe(len(subs))
+    await audit_post_batch(request, results)
     return ok(results=results)
 
 
 async def get_journal(request: web.Request) -> web.Response:
-    """GET /ledger/{journal_id}: the journal as posted plus its audit metadata."""
+    """GET /ledger/{journal_id}: the journal as posted plus its audit metadata (chain, signature, proofs)."""
     svc = services(request)
     journal_id = request.match_info["journal_id"]
     async with svc.pool.acquire() as conn:
         row = await repository.journal_row(conn, journal_id)
-    if row is None:
-        raise LedgerError(
-            ErrorCode.NOT_FOUND, f"no journal {journal_id}", {"resource": "journal", "id": journal_id}
-        )
-    links = [
-        {"shard": int(s), "seq": int(q), "prev_hash": _hex(p)}
-        for (s, q), p in zip(row["links"], row["link_prev"], strict=True)
-    ]
-    if row["stream_id"] >= 0:
-        links = [{"shard": row["stream_id"], "seq": row["stream_seq"], "prev_hash": _hex(row["prev_hash"])}]
-    first = links[0] if links else {"shard": None, "seq": None, "prev_hash": None}
-    audit = {
-        "hash": _hex(row["hash"]),
-        "hash_alg": HASH_ALG,
-        "shard": first["shard"],
-        "seq": first["seq"],
-        "prev_hash": first["prev_hash"],
-        "chain": links,
-        "cross_shard": row["stream_id"] < 0,
-    }
+        if row is None:
+            raise LedgerError(
+                ErrorCode.NOT_FOUND, f"no journal {journal_id}", {"resource": "journal", "id": journal_id}
+            )
+        audit = await audit_block(conn, row, svc.signer)
     return ok(journal=msgspec.Raw(bytes(row["body"])), audit=audit)
 
 
-def _hex(value: bytes | None) -> str | None:
-    return None if value is None else bytes(value).hex()
+async def get_keys(request: web.Request) -> web.Response:
+    """GET /keys: every signer public key, rotated ones included."""
+    svc = services(request)
+    async with svc.pool.acquire() as conn:
+        rows = await repository.signer_keys(conn)
+    keys = [
+        {
+            "kid": r["kid"],
+            "algorithm": r["algorithm"],
+            "kind": r["kind"],
+            "pem": r["pem"],
+            "created_at": rfc3339(r["created_at"]),
+            "retired_at": rfc3339(r["retired_at"]) if r["retired_at"] else None,
+        }
+        for r in rows
+    ]
+    return ok(keys=keys)
 
 
 async def get_balances(request: web.Request) -> web.Response:
@@ -278,6 +282,7 @@ async def create_account(request: web.Request) -> web.Response:
     if not result.ok:
         return error_response(_result_error(result))
     created = bool((result.details or {}).get("created"))
+    await audit_account_create(request, account.account_id, account.policy.no_negative, created)
     return ok(
         201 if created else 200,
         account_id=account.account_id,
@@ -350,4 +355,5 @@ ROUTES: Final = [
     ("GET", "/accounts/{account_id}/balances", get_balances, READERS),
     ("POST", "/accounts", create_account, ADMINS),
     ("GET", "/finance/ledger/journal", journal_stream, READERS),
+    ("GET", "/keys", get_keys, READERS),
 ]

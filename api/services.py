@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
 from aiohttp import web
@@ -26,8 +26,14 @@ class Services:
     auth: Authenticator
     poster: Poster
     metrics: Metrics = field(default_factory=Metrics)
-    signing_configured: bool = False
+    signer: Any = None
+    signer_kind: str = "none"
     mtls: bool = False
+
+    @property
+    def signing_configured(self) -> bool:
+        """True when journals are signed (by an HSM or the labelled software key)."""
+        return self.signer is not None
 
 
 SERVICES: Final = web.AppKey("services", Services)

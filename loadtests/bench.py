@@ -16,6 +16,8 @@ Steps (every step bounded in time):
    shards (two-phase commit through the coordinator).
 4. ``single``: ``wrk`` with ``loadtests/single.lua`` POSTs one single-shard journal per request to
    ``/ledger/post`` (account pairs from a file the bench writes).
+4b. ``batch-unsigned``: a second node with ``LEDGER_SIGNING=off`` runs ``batch`` again, so the
+   cost of signing is a ratio measured in the same invocation.
 5. The node gets SIGTERM (SIGKILL after 20 s), the database is dropped, and one table is printed.
 
 The load generators run on the same machine as the node and PostgreSQL, so they take CPU from them;
@@ -246,12 +248,16 @@ def tail(path: Path, lines: int = 40) -> str:
         return ""
 
 
-def start_node(node_bin: Path, port: int, shards: int, dsn: str, log_dir: Path) -> NodeProcess:
+def start_node(
+    node_bin: Path, port: int, shards: int, dsn: str, log_dir: Path, extra_env: dict[str, str] | None = None
+) -> NodeProcess:
     """Start ``ledger-node serve`` in its own process group with output going to ``log_dir``."""
     if not node_bin.exists():
         raise BenchError(f"node executable not found: {node_bin}")
-    env = dict(os.environ, DATABASE_URL=dsn, LEDGER_API_TOKENS=TOKEN_SPEC)
+    env = dict(os.environ, DATABASE_URL=dsn, LEDGER_API_TOKENS=TOKEN_SPEC, **(extra_env or {}))
+    data_dir = log_dir / "data"
     cmd = [str(node_bin), "serve", "--host", HOST, "--port", str(port), "--shards", str(shards)]
+    cmd += ["--data-dir", str(data_dir)]
     print(f"starting node: {' '.join(cmd)}  (logs in {log_dir})", flush=True)
     with (log_dir / "node.stdout").open("wb") as out, (log_dir / "node.stderr").open("wb") as err:
         proc = subprocess.Popen(
@@ -626,7 +632,10 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--node-bin", type=Path, default=DEFAULT_NODE_BIN)
     p.add_argument("--port", type=int, default=0, help="node port (default: a free one)")
     p.add_argument(
-        "--only", action="append", choices=("baseline", "batch", "batch-cross", "single"), help="repeatable"
+        "--only",
+        action="append",
+        choices=("baseline", "batch", "batch-cross", "single", "batch-unsigned"),
+        help="repeatable",
     )
     p.add_argument("--hot-baseline", action="store_true", help="also run the hot-account baseline")
     p.add_argument("--batch-size", type=int, default=8190)
@@ -641,7 +650,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
     return Options(
         seconds=seconds, shards=a.shards, accounts=a.accounts, json_out=a.json_out,
         admin_dsn=a.admin_dsn, node_bin=a.node_bin, port=a.port or free_port(),
-        only=set(a.only or ("baseline", "batch", "batch-cross", "single")), hot_baseline=a.hot_baseline,
+        only=set(a.only or ("baseline", "batch", "batch-cross", "single", "batch-unsigned")),
+        hot_baseline=a.hot_baseline,
         batch_size=a.batch_size, batch_clients=a.batch_clients, wrk_connections=a.wrk_connections,
         wrk_threads=a.wrk_threads, ready_timeout=a.ready_timeout,
     )  # fmt: skip
@@ -672,10 +682,37 @@ async def run_node_scenarios(opts: Options, run_id: str, log_dir: Path) -> list[
     }
     for name, batch in bodies.items():
         print(f"{name}: pre-generated {batch.prebuilt} bodies of {batch.body_bytes / 1e6:.1f} MB", flush=True)
+    results = await _one_node(opts, run_id, log_dir, bodies, same, pairs_file)
+    if "batch-unsigned" in opts.only:
+        unsigned = {"batch-unsigned": BatchBodies(f"{run_id}u", same, opts.batch_size, budget)}
+        unsigned_dir = log_dir / "unsigned"
+        unsigned_dir.mkdir()
+        print("starting a second node with LEDGER_SIGNING=off for the signing-cost comparison", flush=True)
+        only = opts.only
+        opts.only = {"batch-unsigned"}
+        try:
+            results += await _one_node(
+                opts, f"{run_id}u", unsigned_dir, unsigned, same, pairs_file, {"LEDGER_SIGNING": "off"}
+            )
+        finally:
+            opts.only = only
+    return results
+
+
+async def _one_node(
+    opts: Options,
+    run_id: str,
+    log_dir: Path,
+    bodies: dict[str, BatchBodies],
+    same: list[Pair],
+    pairs_file: Path,
+    extra_env: dict[str, str] | None = None,
+) -> list[BenchResult]:
+    """Start one node on a fresh database, run the scenarios, stop it, drop the database."""
     db_name = new_database_name("bench_node")
     dsn = await create_database(opts.admin_dsn, db_name)
     try:
-        node = start_node(opts.node_bin, opts.port, opts.shards, dsn, log_dir)
+        node = start_node(opts.node_bin, opts.port, opts.shards, dsn, log_dir, extra_env)
         try:
             return await drive_node(opts, node, run_id, bodies, same, pairs_file)
         except BaseException as exc:

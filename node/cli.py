@@ -1,8 +1,10 @@
 """The `ledger-node` command line.
 
-    ledger-node serve  [--host H] [--port P] [--shards N] [--data-dir DIR] [--ray-address ADDR]
-    ledger-node check  [--data-dir DIR]          recompute balances, verify chains; exit 1 on any difference
+    ledger-node serve  [--host H] [--port P] [--shards N] [--data-dir DIR] [--ray-address A]
+    ledger-node check  [--data-dir DIR]          recompute balances, verify chains and signatures
     ledger-node migrate [--data-dir DIR]         apply pending schema migrations and exit
+    ledger-node verify PROOF --public-key PEM    verify a proof package offline (no server needed)
+    ledger-node keys rotate [--url URL]          switch the signer to a new key
 
 With `DATABASE_URL` set the node uses that PostgreSQL; otherwise it runs an embedded
 PostgreSQL inside the data directory and stops it on exit.
@@ -23,9 +25,13 @@ import asyncpg
 
 from actors.runtime import stop_ray
 from api.auth import TokenError
+from node import keys_cli, verify_cli
 from node.config import DEFAULT_DATA_DIR, TOKEN_FILE, NodeConfig
 from node.runtime import Node, StartupError
-from store.check import run_check
+from signer.keys import verify_signature
+from store.audit import verify_audit_chain
+from store.check import Problem, run_check
+from store.check_signatures import check_signatures
 from store.embedded import EmbeddedPostgres, EmbeddedPostgresError
 from store.migrations import MigrationError, apply_migrations
 
@@ -44,9 +50,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     serve.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
     serve.add_argument("--ray-num-cpus", type=int, default=None)
-    for name, text in (("check", "verify balances and chains"), ("migrate", "apply schema migrations")):
+    for name, text in (
+        ("check", "verify balances, chains and signatures"),
+        ("migrate", "apply schema migrations"),
+    ):
         command = commands.add_parser(name, help=text)
         command.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    verify_cli.add_parser(commands)
+    keys_cli.add_parser(commands)
     return parser
 
 
@@ -120,6 +131,11 @@ async def _database(data_dir: Path) -> AsyncIterator[asyncpg.Connection]:
 async def _check(args: argparse.Namespace) -> int:
     async with _database(args.data_dir) as conn:
         problems = await run_check(conn)
+        problems += await check_signatures(conn)
+        problems += [
+            Problem("audit_chain", "audit events", text)
+            for text in await verify_audit_chain(conn, check_signature=verify_signature)
+        ]
         journals = await conn.fetchval("SELECT count(*) FROM journals")
         accounts = await conn.fetchval("SELECT count(*) FROM accounts")
     for problem in problems:
@@ -127,7 +143,9 @@ async def _check(args: argparse.Namespace) -> int:
     if problems:
         print(f"check FAILED: {len(problems)} problem(s) in {journals} journals, {accounts} accounts")
         return 1
-    print(f"check passed: {journals} journals, {accounts} accounts, balances and chains consistent")
+    print(
+        f"check passed: {journals} journals, {accounts} accounts, balances, chains and signatures consistent"
+    )
     return 0
 
 
@@ -142,6 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ledger-node` script."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "verify":
+        return verify_cli.run(args)
+    if args.command == "keys":
+        return keys_cli.run(args)
     import uvloop
 
     handlers = {"serve": _serve, "check": _check, "migrate": _migrate}

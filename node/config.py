@@ -26,6 +26,9 @@ class NodeConfig:
     ray_num_cpus: int | None = None
     batch_max: int = 8192
     actor_prefix: str = "ledger"
+    signing: bool = True
+    checkpoint_every_s: float = 0.25
+    signer_env: dict[str, str] | None = None
 
     @classmethod
     def from_env(cls, **overrides: object) -> NodeConfig:
@@ -34,6 +37,8 @@ class NodeConfig:
             database_url=os.environ.get("DATABASE_URL") or None,
             api_tokens=os.environ.get("LEDGER_API_TOKENS") or None,
             ray_address=os.environ.get("LEDGER_RAY_ADDRESS") or None,
+            signing=os.environ.get("LEDGER_SIGNING", "on") != "off",
+            signer_env=dict(os.environ),
         )
         for name, value in overrides.items():
             if value is not None:

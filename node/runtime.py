@@ -7,6 +7,7 @@ the other way round.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -17,12 +18,14 @@ from aiohttp import web
 
 from actors import runtime as actor_runtime
 from api.app import create_app
+from api.audit_log import AUDIT_WRITER
 from api.auth import Authenticator, TokenError, parse_tokens
 from api.posting import Poster
 from api.services import Services
 from node.config import TOKEN_FILE, NodeConfig, ensure_token_file
 from sharding.slots import SlotMap, even_slot_map
 from store import repository
+from store.audit import AuditWriter
 from store.embedded import EmbeddedPostgres
 from store.migrations import apply_migrations
 
@@ -45,6 +48,7 @@ class Node:
     runner: web.AppRunner | None = None
     ports: list[Any] = field(default_factory=list)
     token_generated: str | None = None
+    audit: AuditWriter | None = None
 
     @property
     def url(self) -> str:
@@ -54,17 +58,7 @@ class Node:
     async def start(self) -> None:
         """Bring the whole node up; raise StartupError with a clear message on failure."""
         config = self.config
-        tokens_spec = config.api_tokens
-        source = "LEDGER_API_TOKENS"
-        if tokens_spec is None:
-            tokens_spec, generated = ensure_token_file(config.data_dir)
-            source = str(config.data_dir / TOKEN_FILE)
-            if generated:
-                self.token_generated = tokens_spec.split("=", 1)[0]
-        try:
-            auth = Authenticator(parse_tokens(tokens_spec))
-        except TokenError as exc:
-            raise StartupError(f"{source} is malformed: {exc} (expected token=role,token=role)") from None
+        auth = self._authenticator()
         self.dsn = config.database_url or self._start_embedded()
         self.pool = await repository.create_pool(self.dsn, 2, 8)
         async with self.pool.acquire() as conn:
@@ -75,22 +69,73 @@ class Node:
         actor_runtime.start_ray(config.ray_address, config.ray_num_cpus)
         prefix = f"{config.actor_prefix}-{uuid.uuid4().hex[:8]}"
         slots_of = {shard: slot_map.slots_of(shard) for shard in slot_map.shards}
-        shards = actor_runtime.spawn_shards(prefix, self.dsn, slots_of, config.batch_max)
+        signer, signer_kind = await self._start_signer(prefix)
+        shards = actor_runtime.spawn_shards(prefix, self.dsn, slots_of, config.batch_max, signer is not None)
         coordinator = actor_runtime.spawn_coordinator(prefix, self.dsn, shards, config.batch_max)
-        self.ports = [*shards.values(), coordinator]
+        self.ports.extend([*shards.values(), coordinator])
         await actor_runtime.wait_ready(self.ports)
         poster = Poster(slot_map, dict(shards), coordinator)
-        self.services = Services(self.pool, slot_map, dict(shards), coordinator, auth, poster)
-        self.runner = web.AppRunner(create_app(self.services), access_log=None)
+        self.services = Services(
+            self.pool,
+            slot_map,
+            dict(shards),
+            coordinator,
+            auth,
+            poster,
+            signer=signer,
+            signer_kind=signer_kind,
+        )
+        self.audit = AuditWriter(self.dsn, signer)
+        await self.audit.start()
+        await self._serve_http()
+        log.info("ledger node serving on %s with %s shards", self.url, len(slot_map.shards))
+
+    def _authenticator(self) -> Authenticator:
+        """Tokens from LEDGER_API_TOKENS, or the development token file (generated on first start)."""
+        config = self.config
+        tokens_spec = config.api_tokens
+        source = "LEDGER_API_TOKENS"
+        if tokens_spec is None:
+            tokens_spec, generated = ensure_token_file(config.data_dir)
+            source = str(config.data_dir / TOKEN_FILE)
+            if generated:
+                self.token_generated = tokens_spec.split("=", 1)[0]
+        try:
+            return Authenticator(parse_tokens(tokens_spec))
+        except TokenError as exc:
+            raise StartupError(f"{source} is malformed: {exc} (expected token=role,token=role)") from None
+
+    async def _start_signer(self, prefix: str) -> tuple[actor_runtime.RaySigner | None, str]:
+        """The signer actor (before the shards, which find it by name); its kind, loudly if software."""
+        config = self.config
+        if not config.signing:
+            log.warning("SIGNING IS OFF (LEDGER_SIGNING=off): journals are hashed and chained but not signed")
+            return None, "none"
+        key_dir = str((config.data_dir / "signer").resolve())
+        signer = actor_runtime.spawn_signer(
+            prefix, self.dsn, config.signer_env or {}, key_dir, config.checkpoint_every_s
+        )
+        self.ports.append(signer)
+        signer_kind = str((await asyncio.wait_for(signer.status(), 120))["signer"])
+        if signer_kind == "software":
+            log.warning(
+                "SIGNING WITH A SOFTWARE KEY (development default, not an HSM): set LEDGER_PKCS11_MODULE"
+            )
+        return signer, signer_kind
+
+    async def _serve_http(self) -> None:
+        assert self.services is not None and self.audit is not None
+        app = create_app(self.services)
+        app[AUDIT_WRITER] = self.audit
+        self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, config.host, config.port, backlog=1024, reuse_address=True)
+        site = web.TCPSite(self.runner, self.config.host, self.config.port, backlog=1024, reuse_address=True)
         await site.start()
-        if config.port == 0:
+        if self.config.port == 0:
             server = site._server
             assert server is not None
             sockets = getattr(server, "sockets", None) or []
             self.config.port = sockets[0].getsockname()[1]
-        log.info("ledger node serving on %s with %s shards", self.url, len(slot_map.shards))
 
     def _start_embedded(self) -> str:
         self.embedded = EmbeddedPostgres(self.config.data_dir.resolve())
@@ -117,6 +162,9 @@ class Node:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+        if self.audit is not None:
+            await self.audit.close()
+            self.audit = None
         for port in self.ports:
             try:
                 actor_runtime.kill(port, restart=False)

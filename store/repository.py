@@ -280,3 +280,56 @@ async def stream_heads(
 def row_dict(record: asyncpg.Record) -> dict[str, Any]:
     """A record as a plain dict."""
     return dict(record.items())
+
+
+# -- signatures --------------------------------------------------------------------------
+async def batch_of(conn: asyncpg.Connection, shard_id: int, seq: int) -> asyncpg.Record | None:
+    """The signed batch holding a shard's chain position `seq`."""
+    return await conn.fetchrow(
+        "SELECT shard_id, batch_seq, first_seq, last_seq, statement, root, signature, signer_kid, log_index "
+        "FROM batches WHERE shard_id = $1 AND last_seq >= $2 AND first_seq <= $2",
+        shard_id,
+        seq,
+    )
+
+
+async def chain_hashes(conn: asyncpg.Connection, shard_id: int, first_seq: int, last_seq: int) -> list[bytes]:
+    """Journal hashes of a shard's chain positions first_seq..last_seq, in order."""
+    rows = await conn.fetch(
+        """
+        SELECT seq, hash FROM (
+            SELECT stream_seq AS seq, hash FROM journals
+             WHERE stream_id = $1 AND stream_seq BETWEEN $2 AND $3
+            UNION ALL
+            SELECT seq, hash FROM shard_links WHERE shard_id = $1 AND seq BETWEEN $2 AND $3
+        ) chain ORDER BY seq
+        """,
+        shard_id,
+        first_seq,
+        last_seq,
+    )
+    return [bytes(r["hash"]) for r in rows]
+
+
+async def latest_checkpoint(conn: asyncpg.Connection) -> asyncpg.Record | None:
+    """The newest signed checkpoint."""
+    return await conn.fetchrow(
+        "SELECT tree_size, root, statement, signature, signer_kid, signed_at FROM checkpoints "
+        "ORDER BY tree_size DESC LIMIT 1"
+    )
+
+
+async def checkpoint_at(conn: asyncpg.Connection, tree_size: int) -> asyncpg.Record | None:
+    """The checkpoint of a given tree size."""
+    return await conn.fetchrow(
+        "SELECT tree_size, root, statement, signature, signer_kid, signed_at FROM checkpoints "
+        "WHERE tree_size = $1",
+        tree_size,
+    )
+
+
+async def signer_keys(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    """Every published signer key, oldest first."""
+    return await conn.fetch(
+        "SELECT kid, algorithm, kind, pem, created_at, retired_at FROM signer_keys ORDER BY created_at, kid"
+    )

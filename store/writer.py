@@ -62,6 +62,8 @@ class BatchRows:
     accounts: list[tuple[str, str, int]] = field(default_factory=list)
     # summed deltas: (account_id, currency, slot, debits, credits), sorted before writing
     deltas: list[tuple[str, str, int, int, int]] = field(default_factory=list)
+    # the signed batch: (batch_seq, first_seq, last_seq, statement, root, signature, kid, signed_at)
+    batch: tuple[int, int, int, bytes, bytes, bytes, str, datetime] | None = None
 
     def is_empty(self) -> bool:
         """True when there is nothing to write."""
@@ -101,6 +103,12 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::integer[], $4::bigint[], $5::bi
 ON CONFLICT (account_id, currency) DO UPDATE
    SET debits_posted = b.debits_posted + EXCLUDED.debits_posted,
        credits_posted = b.credits_posted + EXCLUDED.credits_posted
+"""
+
+_INSERT_BATCH = """
+INSERT INTO batches (shard_id, batch_seq, first_seq, last_seq, statement, root, signature, signer_kid,
+                     signed_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
 """
 
 _LINE_COLUMNS = (
@@ -150,6 +158,8 @@ async def commit_batch(conn: asyncpg.Connection, rows: BatchRows) -> None:
                 raise PartsAlreadyApplied(set(rows.l_journal_id) - {r[0] for r in applied})
         if rows.lines:
             await conn.copy_records_to_table("journal_lines", records=rows.lines, columns=_LINE_COLUMNS)
+        if rows.batch is not None:
+            await conn.execute(_INSERT_BATCH, rows.shard_id, *rows.batch)
         if rows.deltas:
             deltas = sorted(rows.deltas)
             check(len({(d[0], d[1]) for d in deltas}) == len(deltas), "one delta per (account, currency)")

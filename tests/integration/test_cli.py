@@ -80,6 +80,11 @@ def _digest(text: str) -> bytes:
     return hashlib.sha256(text.encode()).digest()
 
 
+def _body(journal_id: str) -> str:
+    """A stored body; its SHA-256 is the stored hash, as the shard writes it (check recomputes it)."""
+    return f'{{"journal_id":"{journal_id}","note":"written by hand"}}'
+
+
 def post_by_hand(dsn: str, journal_id: str, seq: int, prev_hash: bytes | None, amount: int = 700) -> None:
     """Store a coherent single-shard journal on stream 0 (what shard 0 would write), balances included."""
     debit, credit = "asset:cli-cash", "revenue:cli-sales"
@@ -90,9 +95,9 @@ def post_by_hand(dsn: str, journal_id: str, seq: int, prev_hash: bytes | None, a
         journal_id,
         seq,
         _digest("request " + journal_id),
-        _digest(journal_id),
+        _digest(_body(journal_id)),
         prev_hash,
-        b'{"note": "any bytes"}',
+        _body(journal_id).encode(),
     )
     sql(
         dsn,

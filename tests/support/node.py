@@ -8,8 +8,11 @@ client. Ray itself is one local cluster per test session (see tests/conftest.py)
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 import threading
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 from node.config import NodeConfig
@@ -23,9 +26,18 @@ TOKEN_SPEC = ",".join(f"{token}={role}" for role, token in TOKENS.items())
 class NodeHarness:
     """Starts a node on a free port against a fresh database; `url`, `dsn`, `stop()`."""
 
-    def __init__(self, shards: int = 4, batch_max: int = 8192) -> None:
+    def __init__(
+        self,
+        shards: int = 4,
+        batch_max: int = 8192,
+        signing: bool = True,
+        signer_env: dict[str, str] | None = None,
+    ) -> None:
         self.shards = shards
         self.batch_max = batch_max
+        self.signing = signing
+        self.signer_env = signer_env or {}
+        self.data_dir = Path()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="ledger-node", daemon=True)
         self.node: Node | None = None
@@ -39,8 +51,17 @@ class NodeHarness:
         """Create the database, start the node, return self."""
         self.thread.start()
         self.dsn = self.run(create_database("ledger_node"))
+        self.data_dir = Path(tempfile.mkdtemp(prefix="ledger-node-test-"))
         config = NodeConfig(
-            port=0, shards=self.shards, database_url=self.dsn, api_tokens=TOKEN_SPEC, batch_max=self.batch_max
+            port=0,
+            shards=self.shards,
+            database_url=self.dsn,
+            api_tokens=TOKEN_SPEC,
+            batch_max=self.batch_max,
+            data_dir=self.data_dir,
+            signing=self.signing,
+            signer_env=self.signer_env,
+            checkpoint_every_s=0.1,
         )
         self.node = Node(config)
         self.run(self.node.start())
@@ -58,6 +79,8 @@ class NodeHarness:
             self.run(self.node.stop())
         if self.dsn:
             self.run(drop_database(self.dsn))
+        if self.data_dir != Path():
+            shutil.rmtree(self.data_dir, ignore_errors=True)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
 
