@@ -226,7 +226,7 @@ class CoordinatorEngine:
             if found is None:
                 continue
             if found.request_hash == item.request_hash and found.principal == item.principal:
-                e.result = Result(found.journal_id, True, rfc3339(found.posted_at))
+                e.result = Result(found.journal_id, True, rfc3339(found.posted_at), hash=found.hash)
             else:
                 e.result = Result(
                     item.journal_id,
@@ -319,7 +319,7 @@ class CoordinatorEngine:
             e.tx.decided(decision)
             self.outcomes[str(decision)] += 1
             if decision is Decision.COMMIT:
-                e.result = Result(e.item.journal_id, True, stamp)
+                e.result = Result(e.item.journal_id, True, stamp, hash=e.hash)
 
     async def _send_decisions(self, live: list[_Round]) -> None:
         """Send COMMIT/ABORT to every participant, retrying each shard until it acknowledges."""

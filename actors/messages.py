@@ -59,6 +59,7 @@ class Result(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
     code: str | None = None
     message: str | None = None
     details: dict[str, Any] | None = None
+    hash: bytes | None = None  # the journal hash of an ok result (for audit events)
 
 
 ENCODER: Final = msgspec.msgpack.Encoder()

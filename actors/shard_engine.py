@@ -387,7 +387,9 @@ class ShardEngine:
                         item.journal_id, "conflicting journal not found; retry"
                     )
             elif found.request_hash == item.request_hash and found.principal == item.principal:
-                answers[p.work][p.index] = Result(found.journal_id, True, rfc3339(found.posted_at))
+                answers[p.work][p.index] = Result(
+                    found.journal_id, True, rfc3339(found.posted_at), hash=found.hash
+                )
             else:
                 answers[p.work][p.index] = Result(
                     item.journal_id,
@@ -410,7 +412,7 @@ class ShardEngine:
         seq, head = self.seq, self.head_hash
         first_seq = seq + 1
         leaves: list[bytes] = []
-        accepted: list[tuple[_Pending, str]] = []
+        accepted: list[tuple[_Pending, bytes]] = []
         for pending in batch.posts:
             item = pending.item
             rejection = self.book.stage(item.journal.lines, staging)
@@ -429,7 +431,7 @@ class ShardEngine:
             self._add_journal(rows, item, seq, posted_at, body, hashed, head)
             leaves.append(hashed)
             head = hashed
-            accepted.append((pending, stamp))
+            accepted.append((pending, hashed))
         for part, _w, _i in batch.parts:
             self.book.stage_reserved(part.txid, part.lines, staging)
             seq += 1
@@ -461,8 +463,8 @@ class ShardEngine:
             self.batch_seq = rows.batch[0]
         self.committed_journals += len(accepted) + len(batch.parts)
         self.batches += 1
-        for pending, stamp_text in accepted:
-            answers[pending.work][pending.index] = Result(pending.item.journal_id, True, stamp_text)
+        for pending, hashed in accepted:
+            answers[pending.work][pending.index] = Result(pending.item.journal_id, True, stamp, hash=hashed)
         for _part, w, i in batch.parts:
             answers[w][i] = True
 

@@ -184,21 +184,17 @@ async def audit_post(request: web.Request, result: Result) -> None:
     """`ledger.post` for an acknowledged journal: {journal_id, hash, posted_at}."""
     if not result.ok or request.app.get(AUDIT_WRITER) is None:
         return
-    try:
-        hashes = await _journal_hashes(request, [result.journal_id])
-    except Exception:
-        log.exception("audit event ledger.post not recorded (journal hash lookup)")
-        audit_failures(request.app[SERVICES].metrics).labels("ledger.post").inc()
-        return
     payload = {
         "journal_id": result.journal_id,
-        "hash": hashes.get(result.journal_id),
+        "hash": result.hash.hex() if result.hash is not None else None,
         "posted_at": result.posted_at,
     }
     await audit_event(request, "ledger.post", payload)
 
 
-async def audit_post_batch(request: web.Request, results: list[dict[str, Any]]) -> None:
+async def audit_post_batch(
+    request: web.Request, results: list[dict[str, Any]], known: dict[str, str] | None = None
+) -> None:
     """`ledger.post_batch`, one event per request with at least one acknowledged journal.
 
     `results` are the per-journal response items ({ok, journal_id, ...}); the payload is
@@ -208,7 +204,7 @@ async def audit_post_batch(request: web.Request, results: list[dict[str, Any]]) 
     if not posted or request.app.get(AUDIT_WRITER) is None:
         return
     try:
-        hashes = await _journal_hashes(request, posted)
+        hashes = known if known is not None else await _journal_hashes(request, posted)
     except Exception:
         log.exception("audit event ledger.post_batch not recorded (journal hash lookup)")
         audit_failures(request.app[SERVICES].metrics).labels("ledger.post_batch").inc()

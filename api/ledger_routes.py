@@ -171,6 +171,7 @@ async def post_batch(request: web.Request) -> web.Response:
     valid = [s for s in subs if isinstance(s, Submission)]
     posted = iter(await svc.poster.post(valid)) if valid else iter(())
     results: list[dict[str, Any]] = []
+    hashes: dict[str, str] = {}
     for sub in subs:
         if isinstance(sub, Rejection):
             results.append({"ok": False, "journal_id": None, "error": sub.as_dict()})
@@ -180,13 +181,15 @@ async def post_batch(request: web.Request) -> web.Response:
         svc.metrics.journal_results.labels(result.code or "OK").inc()
         if result.ok:
             results.append({"ok": True, "journal_id": result.journal_id, "posted_at": result.posted_at})
+            if result.hash is not None:
+                hashes[result.journal_id] = result.hash.hex()
         else:
             results.append(
                 {"ok": False, "journal_id": result.journal_id, "error": _result_error(result).as_dict()}
             )
     svc.metrics.post_latency.labels("post_batch").observe(time.perf_counter() - started)
     svc.metrics.request_journals.observe(len(subs))
-    await audit_post_batch(request, results)
+    await audit_post_batch(request, results, hashes)
     return ok(results=results)
 
 

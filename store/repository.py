@@ -131,6 +131,7 @@ class Existing:
     idem_key: str | None
     request_hash: bytes
     posted_at: datetime
+    hash: bytes
 
 
 async def find_existing(
@@ -139,10 +140,10 @@ async def find_existing(
     """Stored journals whose id is in `journal_ids` or whose (principal, key) pair is given."""
     rows = await conn.fetch(
         """
-        SELECT journal_id, principal, idem_key, request_hash, posted_at FROM journals
+        SELECT journal_id, principal, idem_key, request_hash, posted_at, hash FROM journals
          WHERE journal_id = ANY($1::text[])
         UNION
-        SELECT j.journal_id, j.principal, j.idem_key, j.request_hash, j.posted_at
+        SELECT j.journal_id, j.principal, j.idem_key, j.request_hash, j.posted_at, j.hash
           FROM unnest($2::text[], $3::text[]) AS k(principal, idem_key)
           JOIN journals j ON j.principal = k.principal AND j.idem_key = k.idem_key
         """,
@@ -150,7 +151,7 @@ async def find_existing(
         principals,
         idem_keys,
     )
-    return [Existing(r[0], r[1], r[2], bytes(r[3]), r[4]) for r in rows]
+    return [Existing(r[0], r[1], r[2], bytes(r[3]), r[4], bytes(r[5])) for r in rows]
 
 
 async def journal_exists(conn: asyncpg.Connection, journal_id: str) -> bool:

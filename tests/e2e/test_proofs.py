@@ -28,15 +28,13 @@ import msgspec
 import pytest
 
 from ledger.timestamps import rfc3339
-from sharding.slots import SlotMap, even_slot_map
 from signer.keys import verify_signature
 from signer.merkle import verify_consistency
 from signer.package import ProofPackage, decode_package, encode_package
 from signer.statements import statement_digest
 from signer.verify import VerifyReport, verify_package
-from tests.support.node import NodeHarness, auth, journal
+from tests.support.node import NodeHarness, accounts_on_shard, auth, journal
 
-SLOTS = SlotMap(even_slot_map(4))
 ROUNDS = 5
 CALLS_PER_ROUND = 2
 JOURNALS_PER_CALL = 20
@@ -53,18 +51,7 @@ def node(ray_cluster: None) -> Iterator[NodeHarness]:
     harness.stop()
 
 
-def _accounts(shard: int, count: int, prefix: str) -> list[str]:
-    found: list[str] = []
-    n = 0
-    while len(found) < count:
-        account = f"{prefix}:{n}"
-        if SLOTS.shard_of(account) == shard:
-            found.append(account)
-        n += 1
-    return found
-
-
-ACCOUNTS = {shard: _accounts(shard, 2, f"asset:prf{shard}") for shard in range(4)}
+ACCOUNTS = {shard: accounts_on_shard(shard, 2, f"asset:prf{shard}") for shard in range(4)}
 
 
 def _journal(n: int) -> dict[str, Any]:

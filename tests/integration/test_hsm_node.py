@@ -9,6 +9,7 @@ Then one byte of one stored journal is changed in PostgreSQL and `ledger-node ch
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -17,10 +18,12 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
+import msgspec
 import pytest
 
-from tests.integration.test_signing import _accounts, _check_audit
-from tests.support.node import NodeHarness, auth, journal
+from signer.package import ProofPackage, encode_package
+from tests.integration.test_signing import _check_audit
+from tests.support.node import NodeHarness, accounts_on_shard, auth, journal
 from tests.support.softhsm import create_token
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,8 +40,8 @@ def hsm_node(ray_cluster: None) -> Iterator[NodeHarness]:
 
 
 async def _post_and_audit(node: NodeHarness) -> list[str]:
-    debit, other = _accounts(0, 2, "asset:hsm0")
-    (credit,) = _accounts(3, 1, "liability:hsm3")
+    debit, other = accounts_on_shard(0, 2, "asset:hsm0")
+    (credit,) = accounts_on_shard(3, 1, "liability:hsm3")
     async with aiohttp.ClientSession() as http:
         health = await (await http.get(f"{node.url}/health")).json()
         assert health["signer"] == "pkcs11" and "warning" not in health
@@ -62,6 +65,45 @@ async def _post_and_audit(node: NodeHarness) -> list[str]:
     return [b["journal_id"] for b in bodies]
 
 
+async def _proof_file(node: NodeHarness, directory: Path, name: str) -> tuple[Path, Path]:
+    """Generate a proof of everything so far (auditor token), download it and the public key(s)."""
+    assert node.node is not None and node.node.services is not None
+    await node.node.services.signer.checkpoint()
+    body = {"range": {"from_ts": "2000-01-01T00:00:00Z", "to_ts": "2100-01-01T00:00:00Z"}}
+    async with aiohttp.ClientSession() as http:
+        started = await (
+            await http.post(f"{node.url}/proofs/generate", json=body, headers=auth("auditor"))
+        ).json()
+        assert started["ok"], started
+        proof_id = started["proof_id"]
+        for _ in range(300):
+            proof = (await (await http.get(f"{node.url}/proofs/{proof_id}", headers=auth("auditor"))).json())[
+                "proof"
+            ]
+            if proof["status"] != "generating":
+                break
+            await asyncio.sleep(0.1)
+        assert proof["status"] == "ready", proof
+        assert proof["signer"] == "pkcs11"
+        package = await (
+            await http.get(f"{node.url}/proofs/{proof_id}/package", headers=auth("auditor"))
+        ).read()
+        keys = (await (await http.get(f"{node.url}/keys", headers=auth("auditor"))).json())["keys"]
+    package_path = directory / f"{name}.json"
+    package_path.write_bytes(package)
+    key_path = directory / f"{name}.pem"
+    key_path.write_text("".join(k["pem"] for k in keys[:1]))
+    return package_path, key_path
+
+
+def _verify_cli(package: Path, key: Path) -> subprocess.CompletedProcess[str]:
+    """The auditor's command: nothing but the package and the public key (the node is not consulted)."""
+    return subprocess.run(
+        [str(REPO / ".venv/bin/ledger-node"), "verify", str(package), "--public-key", str(key)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
 def _check_cli(dsn: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DATABASE_URL": dsn}
     return subprocess.run(
@@ -74,12 +116,22 @@ def _check_cli(dsn: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_hsm_signed_journals_verify_and_tampering_is_named(hsm_node: NodeHarness) -> None:
-    """HSM signatures verify with the published key; a byte changed in PostgreSQL is named by `check`."""
+def test_hsm_signed_journals_verify_and_tampering_is_named(hsm_node: NodeHarness, tmp_path: Path) -> None:
+    """HSM signatures verify; a proof verifies offline; a byte changed in PostgreSQL is named by both
+    `ledger-node check` and the verification of a fresh proof; a journal deleted from a package fails."""
     journal_ids = hsm_node.run(_post_and_audit(hsm_node))
     clean = _check_cli(hsm_node.dsn)
     assert clean.returncode == 0, clean.stdout + clean.stderr
     assert "signatures consistent" in clean.stdout
+    package, key = hsm_node.run(_proof_file(hsm_node, tmp_path, "before"))
+    verified = _verify_cli(package, key)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    data = json.loads(package.read_bytes())
+    data["journals"] = [j for j in data["journals"] if j["journal_id"] != journal_ids[5]]
+    cut = tmp_path / "cut.json"
+    cut.write_bytes(encode_package(msgspec.convert(data, ProofPackage)))
+    incomplete = _verify_cli(cut, key)
+    assert incomplete.returncode == 1 and journal_ids[5] in incomplete.stdout, incomplete.stdout
 
     async def tamper() -> None:
         conn = await asyncpg.connect(hsm_node.dsn)
@@ -98,6 +150,9 @@ def test_hsm_signed_journals_verify_and_tampering_is_named(hsm_node: NodeHarness
     broken = _check_cli(hsm_node.dsn)
     assert broken.returncode == 1, broken.stdout
     assert f"hash_mismatch: {journal_ids[3]}" in broken.stdout
+    fresh, key = hsm_node.run(_proof_file(hsm_node, tmp_path, "after"))
+    refused = _verify_cli(fresh, key)
+    assert refused.returncode == 1 and journal_ids[3] in refused.stdout, refused.stdout
 
 
 def test_key_rotation_keeps_old_signatures_verifiable(hsm_node: NodeHarness) -> None:
@@ -116,7 +171,7 @@ def test_key_rotation_keeps_old_signatures_verifiable(hsm_node: NodeHarness) -> 
             env=env, cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
         assert rotated.returncode == 0, rotated.stderr
-        debit, other = _accounts(1, 2, "asset:rot1")
+        debit, other = accounts_on_shard(1, 2, "asset:rot1")
         async with aiohttp.ClientSession() as http:
             keys_body = await (await http.get(f"{hsm_node.url}/keys", headers=auth("auditor"))).json()
             keys = {k["kid"]: k for k in keys_body["keys"]}

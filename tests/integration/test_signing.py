@@ -15,24 +15,10 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from sharding.slots import SlotMap, even_slot_map
 from signer.keys import verify_signature
 from signer.merkle import leaf_hash, verify_inclusion
 from signer.statements import statement_digest
-from tests.support.node import NodeHarness, auth, journal
-
-SLOTS = SlotMap(even_slot_map(4))
-
-
-def _accounts(shard: int, count: int, prefix: str) -> list[str]:
-    found: list[str] = []
-    n = 0
-    while len(found) < count:
-        account = f"{prefix}:{n}"
-        if SLOTS.shard_of(account) == shard:
-            found.append(account)
-        n += 1
-    return found
+from tests.support.node import NodeHarness, accounts_on_shard, auth, journal
 
 
 def _check_audit(audit: dict[str, Any], keys: dict[str, dict[str, Any]]) -> None:
@@ -71,8 +57,8 @@ def _check_audit(audit: dict[str, Any], keys: dict[str, dict[str, Any]]) -> None
 
 
 async def _signed_reads(node: NodeHarness) -> None:
-    a0 = _accounts(0, 2, "asset:sig0")
-    a1 = _accounts(1, 1, "liability:sig1")
+    a0 = accounts_on_shard(0, 2, "asset:sig0")
+    a1 = accounts_on_shard(1, 1, "liability:sig1")
     async with aiohttp.ClientSession() as http:
         health = await (await http.get(f"{node.url}/health")).json()
         assert health["signingConfigured"] is True and health["signer"] == "software"
@@ -101,7 +87,7 @@ def test_every_acknowledged_journal_is_signed_and_provable(node: NodeHarness) ->
 async def _signing_failure(node: NodeHarness) -> None:
     assert node.node is not None and node.node.services is not None
     signer = node.node.services.signer
-    a0 = _accounts(2, 2, "asset:fail")
+    a0 = accounts_on_shard(2, 2, "asset:fail")
     body = journal("sig-fail-1", a0[0], a0[1], 500)
     async with aiohttp.ClientSession() as http:
         await signer.set_failing(True)

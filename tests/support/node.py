@@ -17,6 +17,7 @@ from typing import Any
 
 from node.config import NodeConfig
 from node.runtime import Node
+from sharding.slots import SlotMap, even_slot_map
 from tests.support.databases import create_database, drop_database
 
 TOKENS = {"service": "svc-token", "operator": "op-token", "auditor": "aud-token", "admin": "adm-token"}
@@ -104,3 +105,16 @@ def journal(
     if journal_id is not None:
         body["journal_id"] = journal_id
     return body
+
+
+def accounts_on_shard(shard: int, count: int, prefix: str, shards: int = 4) -> list[str]:
+    """`count` account ids `prefix:N` that the initial slot map of a `shards`-shard node puts on `shard`."""
+    slot_map = SlotMap(even_slot_map(shards))
+    found: list[str] = []
+    n = 0
+    while len(found) < count:
+        account = f"{prefix}:{n}"
+        if slot_map.shard_of(account) == shard:
+            found.append(account)
+        n += 1
+    return found
