@@ -37,7 +37,7 @@ from ledger.errors import ErrorCode
 from ledger.invariants import check
 from ledger.timestamps import parse_rfc3339, rfc3339
 from sharding.twophase import CoordinatorTx, Decision, Phase, recovery_decision
-from signer.canonical import canonical, digest, posted_journal
+from signer.canonical import canonical, journal_digest, posted_journal
 from store import repository
 from store.repository import COORDINATOR_STREAM, find_existing, hold_writer_lock
 
@@ -95,8 +95,10 @@ class CoordinatorEngine:
         batch_max: int = 8192,
         decide_timeout_s: float = 60.0,
         recovery_every_s: float = 5.0,
+        hash_alg: str = "sha256",
     ) -> None:
         self.dsn = dsn
+        self.hash_alg = hash_alg
         self.shards = dict(shards)
         self.clock = clock
         self.batch_max = batch_max
@@ -291,7 +293,7 @@ class CoordinatorEngine:
         bodies: list[bytes] = []
         for e in committing:
             body = canonical(posted_journal(e.item.journal, e.item.journal_id, e.item.principal, stamp))
-            e.hash, e.posted_at = digest(body), stamp
+            e.hash, e.posted_at = journal_digest(body, self.hash_alg), stamp
             bodies.append(body)
         seqs = list(range(seq + 1, seq + 1 + len(committing)))
         async with conn.transaction():

@@ -91,13 +91,18 @@ class RayCoordinator:
 
 
 def spawn_shards(
-    prefix: str, dsn: str, slots_of: dict[int, list[int]], batch_max: int, signing: bool = True
+    prefix: str,
+    dsn: str,
+    slots_of: dict[int, list[int]],
+    batch_max: int,
+    signing: bool = True,
+    hash_alg: str = "sha256",
 ) -> dict[int, RayShard]:
     """One restartable actor per shard, named `{prefix}-shard-{id}` (the signer must exist first)."""
     return {
         shard_id: RayShard(
             ShardActor.options(name=f"{prefix}-shard-{shard_id}").remote(  # type: ignore[attr-defined]
-                shard_id, dsn, slots, batch_max, prefix, signing
+                shard_id, dsn, slots, batch_max, prefix, signing, hash_alg
             )
         )
         for shard_id, slots in sorted(slots_of.items())
@@ -143,21 +148,30 @@ SIGNER_ENV_KEYS = (
 
 
 def spawn_signer(
-    prefix: str, dsn: str, env: dict[str, str], data_dir: str | None, checkpoint_every_s: float
+    prefix: str,
+    dsn: str,
+    env: dict[str, str],
+    data_dir: str | None,
+    checkpoint_every_s: float,
+    hash_alg: str = "sha256",
 ) -> RaySigner:
     """The restartable signer actor, named `{prefix}-signer`; it gets only the signer's settings."""
     settings = {key: env[key] for key in SIGNER_ENV_KEYS if key in env}
     return RaySigner(
         SignerActor.options(name=f"{prefix}-signer").remote(  # type: ignore[attr-defined]
-            dsn, settings, data_dir, checkpoint_every_s
+            dsn, settings, data_dir, checkpoint_every_s, hash_alg
         )
     )
 
 
-def spawn_coordinator(prefix: str, dsn: str, shards: dict[int, RayShard], batch_max: int) -> RayCoordinator:
+def spawn_coordinator(
+    prefix: str, dsn: str, shards: dict[int, RayShard], batch_max: int, hash_alg: str = "sha256"
+) -> RayCoordinator:
     """The restartable coordinator actor, named `{prefix}-coordinator`."""
     return RayCoordinator(
-        CoordinatorActor.options(name=f"{prefix}-coordinator").remote(dsn, prefix, sorted(shards), batch_max)  # type: ignore[attr-defined]
+        CoordinatorActor.options(name=f"{prefix}-coordinator").remote(  # type: ignore[attr-defined]
+            dsn, prefix, sorted(shards), batch_max, hash_alg
+        )
     )
 
 

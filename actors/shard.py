@@ -43,13 +43,20 @@ class ShardActor:
     """One shard: the single writer of the accounts in its slots."""
 
     def __init__(
-        self, shard_id: int, dsn: str, slots: list[int], batch_max: int, prefix: str, signing: bool
+        self,
+        shard_id: int,
+        dsn: str,
+        slots: list[int],
+        batch_max: int,
+        prefix: str,
+        signing: bool,
+        hash_alg: str = "sha256",
     ) -> None:
         from actors.runtime import RaySigner
 
         logging.basicConfig(level=logging.INFO)
         signer = RaySigner(ray.get_actor(f"{prefix}-signer")) if signing else None
-        self.engine = ShardEngine(shard_id, dsn, slots, batch_max=batch_max, signer=signer)
+        self.engine = ShardEngine(shard_id, dsn, slots, batch_max=batch_max, signer=signer, hash_alg=hash_alg)
         self.lazy = _Lazy()
 
     async def post(self, payload: bytes) -> bytes:
@@ -77,12 +84,14 @@ class ShardActor:
 class CoordinatorActor:
     """The cross-shard coordinator (two-phase commit with a durable decision log)."""
 
-    def __init__(self, dsn: str, prefix: str, shard_ids: list[int], batch_max: int) -> None:
+    def __init__(
+        self, dsn: str, prefix: str, shard_ids: list[int], batch_max: int, hash_alg: str = "sha256"
+    ) -> None:
         from actors.runtime import RayShard
 
         logging.basicConfig(level=logging.INFO)
         shards = {shard_id: RayShard(ray.get_actor(f"{prefix}-shard-{shard_id}")) for shard_id in shard_ids}
-        self.engine = CoordinatorEngine(dsn, shards, batch_max=batch_max)
+        self.engine = CoordinatorEngine(dsn, shards, batch_max=batch_max, hash_alg=hash_alg)
         self.lazy = _Lazy()
 
     async def submit(self, payload: bytes) -> bytes:
@@ -99,7 +108,12 @@ class SignerActor:
     """The signer: one key backend (HSM or software), the global log and its checkpoints."""
 
     def __init__(
-        self, dsn: str, env: dict[str, str], data_dir: str | None, checkpoint_every_s: float
+        self,
+        dsn: str,
+        env: dict[str, str],
+        data_dir: str | None,
+        checkpoint_every_s: float,
+        hash_alg: str = "sha256",
     ) -> None:
         import os
         from pathlib import Path
@@ -111,7 +125,10 @@ class SignerActor:
             os.environ["SOFTHSM2_CONF"] = env["SOFTHSM2_CONF"]
         directory = Path(data_dir) if data_dir else None
         self.engine = SignerEngine(
-            dsn, lambda: backend_from_env(env, directory), checkpoint_every_s=checkpoint_every_s
+            dsn,
+            lambda: backend_from_env(env, directory),
+            hash_alg=hash_alg,
+            checkpoint_every_s=checkpoint_every_s,
         )
         self.lazy = _Lazy()
 

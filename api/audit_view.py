@@ -29,8 +29,10 @@ def b64(value: bytes) -> str:
     return base64.b64encode(bytes(value)).decode()
 
 
-async def audit_block(conn: asyncpg.Connection, row: Any, signer: Any) -> dict[str, Any]:
-    """The audit metadata of a stored journal row (see repository.journal_row)."""
+async def audit_block(
+    conn: asyncpg.Connection, row: Any, signer: Any, hash_alg: str = HASH_ALG
+) -> dict[str, Any]:
+    """The audit metadata of a stored journal row (see repository.journal_row), in the ledger's `hash_alg`."""
     links = [
         {"shard": int(s), "seq": int(q), "prev_hash": hex_or_none(p)}
         for (s, q), p in zip(row["links"], row["link_prev"], strict=True)
@@ -42,7 +44,7 @@ async def audit_block(conn: asyncpg.Connection, row: Any, signer: Any) -> dict[s
     first = links[0] if links else {"shard": None, "seq": None, "prev_hash": None}
     audit: dict[str, Any] = {
         "hash": hex_or_none(row["hash"]),
-        "hash_alg": HASH_ALG,
+        "hash_alg": hash_alg,
         "shard": first["shard"],
         "seq": first["seq"],
         "prev_hash": first["prev_hash"],
@@ -56,19 +58,21 @@ async def audit_block(conn: asyncpg.Connection, row: Any, signer: Any) -> dict[s
     }
     shard, seq = first["shard"], first["seq"]
     if isinstance(shard, int) and isinstance(seq, int):
-        await _add_batch(conn, audit, shard, seq, signer)
+        await _add_batch(conn, audit, shard, seq, signer, hash_alg)
     return audit
 
 
 async def _add_batch(
-    conn: asyncpg.Connection, audit: dict[str, Any], shard: int, seq: int, signer: Any
+    conn: asyncpg.Connection, audit: dict[str, Any], shard: int, seq: int, signer: Any, alg: str
 ) -> None:
     batch = await repository.batch_of(conn, shard, seq)
     if batch is None:
         return
     hashes = await repository.chain_hashes(conn, shard, batch["first_seq"], batch["last_seq"])
     index = seq - batch["first_seq"]
-    path = inclusion_proof(index, [leaf_hash(h) for h in hashes]) if 0 <= index < len(hashes) else []
+    path = (
+        inclusion_proof(index, [leaf_hash(h, alg) for h in hashes], alg) if 0 <= index < len(hashes) else []
+    )
     statement = msgspec.json.decode(bytes(batch["statement"]))
     audit.update(
         batch_root=hex_or_none(batch["root"]),

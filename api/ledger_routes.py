@@ -203,7 +203,7 @@ async def get_journal(request: web.Request) -> web.Response:
             raise LedgerError(
                 ErrorCode.NOT_FOUND, f"no journal {journal_id}", {"resource": "journal", "id": journal_id}
             )
-        audit = await audit_block(conn, row, svc.signer)
+        audit = await audit_block(conn, row, svc.signer, svc.hash_alg)
     return ok(journal=msgspec.Raw(bytes(row["body"])), audit=audit)
 
 

@@ -29,6 +29,7 @@ class Services:
     signer: Any = None
     signer_kind: str = "none"
     mtls: bool = False
+    hash_alg: str = "sha256"
 
     @property
     def signing_configured(self) -> bool:

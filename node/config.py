@@ -29,16 +29,21 @@ class NodeConfig:
     signing: bool = True
     checkpoint_every_s: float = 0.25
     signer_env: dict[str, str] | None = None
+    hash_alg: str | None = None  # LEDGER_HASH_ALG (sha256 | blake3); None: the ledger's, sha256 when new
 
     @classmethod
     def from_env(cls, **overrides: object) -> NodeConfig:
-        """Defaults, then `DATABASE_URL`, `LEDGER_API_TOKENS`, `LEDGER_RAY_ADDRESS`, then overrides."""
+        """Defaults, then `DATABASE_URL`, `LEDGER_API_TOKENS`, `LEDGER_RAY_ADDRESS` etc., then overrides.
+
+        `LEDGER_HASH_ALG` (sha256 | blake3) is only applied when a ledger is created (see store.settings).
+        """
         config = cls(
             database_url=os.environ.get("DATABASE_URL") or None,
             api_tokens=os.environ.get("LEDGER_API_TOKENS") or None,
             ray_address=os.environ.get("LEDGER_RAY_ADDRESS") or None,
             signing=os.environ.get("LEDGER_SIGNING", "on") != "off",
             signer_env=dict(os.environ),
+            hash_alg=os.environ.get("LEDGER_HASH_ALG") or None,
         )
         for name, value in overrides.items():
             if value is not None:

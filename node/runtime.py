@@ -28,6 +28,7 @@ from store import repository
 from store.audit import AuditWriter
 from store.embedded import EmbeddedPostgres
 from store.migrations import apply_migrations
+from store.settings import SettingsError, resolve_hash_alg
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +66,20 @@ class Node:
             applied = await apply_migrations(conn)
             if applied:
                 log.info("applied migrations %s", applied)
+            try:
+                hash_alg = await resolve_hash_alg(conn, config.hash_alg)
+            except SettingsError as exc:
+                raise StartupError(str(exc)) from None
             slot_map = await self._slot_map(conn)
+        log.info("ledger hash algorithm: %s", hash_alg)
         actor_runtime.start_ray(config.ray_address, config.ray_num_cpus)
         prefix = f"{config.actor_prefix}-{uuid.uuid4().hex[:8]}"
         slots_of = {shard: slot_map.slots_of(shard) for shard in slot_map.shards}
-        signer, signer_kind = await self._start_signer(prefix)
-        shards = actor_runtime.spawn_shards(prefix, self.dsn, slots_of, config.batch_max, signer is not None)
-        coordinator = actor_runtime.spawn_coordinator(prefix, self.dsn, shards, config.batch_max)
+        signer, signer_kind = await self._start_signer(prefix, hash_alg)
+        shards = actor_runtime.spawn_shards(
+            prefix, self.dsn, slots_of, config.batch_max, signer is not None, hash_alg
+        )
+        coordinator = actor_runtime.spawn_coordinator(prefix, self.dsn, shards, config.batch_max, hash_alg)
         self.ports.extend([*shards.values(), coordinator])
         await actor_runtime.wait_ready(self.ports)
         poster = Poster(slot_map, dict(shards), coordinator)
@@ -84,8 +92,9 @@ class Node:
             poster,
             signer=signer,
             signer_kind=signer_kind,
+            hash_alg=hash_alg,
         )
-        self.audit = AuditWriter(self.dsn, signer)
+        self.audit = AuditWriter(self.dsn, signer, hash_alg=hash_alg)
         await self.audit.start()
         await self._serve_http()
         log.info("ledger node serving on %s with %s shards", self.url, len(slot_map.shards))
@@ -105,7 +114,9 @@ class Node:
         except TokenError as exc:
             raise StartupError(f"{source} is malformed: {exc} (expected token=role,token=role)") from None
 
-    async def _start_signer(self, prefix: str) -> tuple[actor_runtime.RaySigner | None, str]:
+    async def _start_signer(
+        self, prefix: str, hash_alg: str = "sha256"
+    ) -> tuple[actor_runtime.RaySigner | None, str]:
         """The signer actor (before the shards, which find it by name); its kind, loudly if software."""
         config = self.config
         if not config.signing:
@@ -113,7 +124,7 @@ class Node:
             return None, "none"
         key_dir = str((config.data_dir / "signer").resolve())
         signer = actor_runtime.spawn_signer(
-            prefix, self.dsn, config.signer_env or {}, key_dir, config.checkpoint_every_s
+            prefix, self.dsn, config.signer_env or {}, key_dir, config.checkpoint_every_s, hash_alg
         )
         self.ports.append(signer)
         signer_kind = str((await asyncio.wait_for(signer.status(), 120))["signer"])

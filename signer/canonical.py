@@ -4,7 +4,9 @@ The canonical byte form of an object is its JSON encoding by msgspec with every 
 keys sorted (recursively), no insignificant whitespace, UTF-8, integers as JSON integers.
 A posted journal's hash is SHA-256 over the canonical encoding of `PostedJournal` (which
 includes `posted_at` and the principal); the algorithm name travels with every hash
-(`hash_alg`) so blake3 can be configured later without ambiguity.
+(`hash_alg`). A ledger's algorithm is fixed at creation (`LEDGER_HASH_ALG=sha256|blake3`):
+`journal_digest` hashes journal bodies with it, while request hashes and statement digests are
+always SHA-256.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, Final
 import msgspec
 
 from ledger.journal import Journal
+from signer.merkle import hash_function
 
 HASH_ALG: Final = "sha256"
 
@@ -53,6 +56,13 @@ def canonical(value: Any) -> bytes:
 def digest(data: bytes) -> bytes:
     """SHA-256 of `data`."""
     return hashlib.sha256(data).digest()
+
+
+def journal_digest(body: bytes, alg: str) -> bytes:
+    """The journal hash of a canonical body under the ledger's algorithm (32 bytes; sha256 or blake3)."""
+    if alg == HASH_ALG:
+        return hashlib.sha256(body).digest()
+    return hash_function(alg)(body)
 
 
 def posted_journal(journal: Journal, journal_id: str, principal: str, posted_at: str) -> PostedJournal:

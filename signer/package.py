@@ -25,6 +25,7 @@ import msgspec
 from ledger.timestamps import parse_rfc3339
 from signer.canonical import HASH_ALG, canonical
 from signer.keys import ALGORITHMS, PublicKey
+from signer.merkle import HASHES
 
 FORMAT: Final = "ledger-node/proof-package/v1"
 ROLES: Final = ("member", "before", "after")
@@ -191,8 +192,8 @@ def _validate(package: ProofPackage) -> None:
     """Raise `PackageError` naming the first structural problem of a decoded package."""
     if package.format != FORMAT:
         raise PackageError(f"format is {package.format!r}, expected {FORMAT!r}")
-    if package.hash_alg != HASH_ALG:
-        raise PackageError(f"hash_alg {package.hash_alg!r} is not supported (only {HASH_ALG!r})")
+    if package.hash_alg not in HASHES:
+        raise PackageError(f"hash_alg {package.hash_alg!r} is not supported (only {sorted(HASHES)})")
     if not package.proof_id:
         raise PackageError("proof_id is empty")
     _require_time(package.generated_at, "generated_at")
@@ -293,8 +294,11 @@ def build_package(
     checkpoint_signature: bytes,
     batches: list[BatchInput],
     journals: Mapping[str, bytes],
+    hash_alg: str = HASH_ALG,
 ) -> ProofPackage:
     """Assemble a package from server-side values; `PackageError` if the result would be malformed.
+
+    `hash_alg` is the ledger's algorithm (journal hashes and Merkle trees): "sha256" or "blake3".
 
     Batches are ordered by log index and journals by id. Every journal named by a member entry must
     be in `journals` and nothing else may be. The result is round-tripped through `decode_package`,
@@ -304,7 +308,7 @@ def build_package(
         format=FORMAT,
         proof_id=proof_id,
         generated_at=generated_at,
-        hash_alg=HASH_ALG,
+        hash_alg=hash_alg,
         range=_range_of(range),
         signer=SignerInfo(kind=signer_kind, keys=[_key_info(k) for k in keys]),
         checkpoint=SignedCheckpoint(

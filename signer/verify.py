@@ -8,7 +8,6 @@ through `signer.keys`, `signer.merkle`, `signer.canonical` and `signer.package`.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from ledger.timestamps import parse_rfc3339
-from signer.canonical import HASH_ALG, PostedJournal
+from signer.canonical import PostedJournal, journal_digest
 from signer.keys import ECDSA_P256, ED25519, kid_for_der, verify_signature
 from signer.merkle import leaf_hash, root_from_leaf_hashes, verify_inclusion
 from signer.package import (
@@ -250,12 +249,12 @@ def _int(value: object, low: int = 0) -> bool:
     return type(value) is int and low <= value <= INT64_MAX
 
 
-def parse_batch_statement(stmt: dict[str, Any]) -> BatchStatement | str:
-    """A validated batch statement, or a description of what is wrong with it."""
+def parse_batch_statement(stmt: dict[str, Any], hash_alg: str = "sha256") -> BatchStatement | str:
+    """A validated batch statement (of a ledger hashing with `hash_alg`), or what is wrong with it."""
     if set(stmt) != BATCH_FIELDS:
         return f"fields {sorted(stmt)} differ from {sorted(BATCH_FIELDS)}"
-    if stmt["type"] != BATCH_TYPE or stmt["hash_alg"] != HASH_ALG:
-        return f"type {stmt['type']!r} / hash_alg {stmt['hash_alg']!r} is not {BATCH_TYPE} / {HASH_ALG}"
+    if stmt["type"] != BATCH_TYPE or stmt["hash_alg"] != hash_alg:
+        return f"type {stmt['type']!r} / hash_alg {stmt['hash_alg']!r} is not {BATCH_TYPE} / {hash_alg}"
     shard, first, last = stmt["shard"], stmt["first_seq"], stmt["last_seq"]
     if not (type(shard) is int and -INT64_MAX <= shard <= INT64_MAX and _int(stmt["batch_seq"], 1)):
         return "shard / batch_seq is not an integer (batch_seq >= 1)"
@@ -290,12 +289,12 @@ def _common_fields(root: object, kid: object, signer: object) -> str | None:
     return None
 
 
-def parse_checkpoint_statement(stmt: dict[str, Any]) -> CheckpointStatement | str:
-    """A validated checkpoint statement, or a description of what is wrong with it."""
+def parse_checkpoint_statement(stmt: dict[str, Any], hash_alg: str = "sha256") -> CheckpointStatement | str:
+    """A validated checkpoint statement (of a ledger hashing with `hash_alg`), or what is wrong with it."""
     if set(stmt) != CHECKPOINT_FIELDS:
         return f"fields {sorted(stmt)} differ from {sorted(CHECKPOINT_FIELDS)}"
-    if (stmt["type"], stmt["origin"], stmt["hash_alg"]) != (CHECKPOINT_TYPE, ORIGIN, HASH_ALG):
-        return f"type/origin/hash_alg are not {CHECKPOINT_TYPE} / {ORIGIN} / {HASH_ALG}"
+    if (stmt["type"], stmt["origin"], stmt["hash_alg"]) != (CHECKPOINT_TYPE, ORIGIN, hash_alg):
+        return f"type/origin/hash_alg are not {CHECKPOINT_TYPE} / {ORIGIN} / {hash_alg}"
     if not _int(stmt["tree_size"], 1):
         return f"tree_size {stmt['tree_size']!r:.40} is not a positive integer"
     if not isinstance(stmt["timestamp"], str) or parse_rfc3339(stmt["timestamp"]) is None:
@@ -352,7 +351,7 @@ def _check_checkpoint(
 ) -> CheckpointStatement | None:
     """The checkpoint statement's format and its signature; None if the statement is unusable."""
     stmt = package.checkpoint.statement
-    parsed = parse_checkpoint_statement(stmt)
+    parsed = parse_checkpoint_statement(stmt, package.hash_alg)
     if isinstance(parsed, str):
         rec.failed("checkpoint statement", parsed)
         return None
@@ -407,7 +406,7 @@ def _check_batches(
     """Each batch: statement format, signature, inclusion in the checkpoint's log. Returns the parsable."""
     parsed: list[_Batch] = []
     for raw in package.batches:
-        stmt = parse_batch_statement(raw.statement)
+        stmt = parse_batch_statement(raw.statement, package.hash_alg)
         if isinstance(stmt, str):
             rec.failed(f"batch (log {raw.log_index}) statement", stmt)
             continue
@@ -417,20 +416,20 @@ def _check_batches(
             f"{batch.name} signature", raw.statement, raw.signature, stmt.signer_kid, trusted, rec
         )
     for batch in parsed:
-        _check_inclusion(batch, checkpoint, rec)
+        _check_inclusion(batch, checkpoint, package.hash_alg, rec)
     return parsed
 
 
-def _check_inclusion(batch: _Batch, checkpoint: CheckpointStatement | None, rec: _Recorder) -> None:
-    """RFC 9162 inclusion of leaf_hash(statement_digest) at log_index in the checkpoint's tree."""
+def _check_inclusion(batch: _Batch, checkpoint: CheckpointStatement | None, alg: str, rec: _Recorder) -> None:
+    """RFC 9162 inclusion (tree hashed with `alg`) of leaf_hash(SHA-256 statement digest) at log_index."""
     name = f"{batch.name} log inclusion"
     if checkpoint is None:
         rec.failed(name, "no usable checkpoint to check against")
         return
     raw = batch.raw
     proof = [bytes.fromhex(node) for node in raw.log_proof]
-    leaf = leaf_hash(statement_digest(raw.statement))
-    if verify_inclusion(leaf, raw.log_index, checkpoint.tree_size, proof, checkpoint.root):
+    leaf = leaf_hash(statement_digest(raw.statement), alg)
+    if verify_inclusion(leaf, raw.log_index, checkpoint.tree_size, proof, checkpoint.root, alg):
         rec.passed(name, f"leaf {raw.log_index} of {checkpoint.tree_size} ({len(proof)} proof hashes)")
     else:
         rec.failed(
@@ -444,7 +443,8 @@ def _check_inclusion(batch: _Batch, checkpoint: CheckpointStatement | None, rec:
 def _check_members(package: ProofPackage, batches: list[_Batch], rec: _Recorder) -> None:
     """Journal bodies against entry hashes, seq coverage, prev_hash links and batch Merkle roots."""
     bodies = {j.journal_id: j.body.encode("utf-8") for j in package.journals}
-    body_hash = {jid: hashlib.sha256(body).hexdigest() for jid, body in bodies.items()}
+    alg = package.hash_alg
+    body_hash = {jid: journal_digest(body, alg).hex() for jid, body in bodies.items()}
     members = sorted(
         (b for b in batches if b.raw.role == "member"), key=lambda b: (b.stmt.shard, b.stmt.batch_seq)
     )
@@ -452,15 +452,17 @@ def _check_members(package: ProofPackage, batches: list[_Batch], rec: _Recorder)
     referenced: set[str] = set()
     for batch in members:
         referenced.update(e.journal_id for e in batch.raw.entries)
-        _check_bodies(batch, bodies, body_hash, rec)
+        _check_bodies(batch, bodies, body_hash, alg, rec)
         if _check_coverage(batch, rec):
             _check_links(batch, last_hash.get((batch.stmt.shard, batch.stmt.batch_seq - 1)), rec)
-        _check_root(batch, rec)
+        _check_root(batch, alg, rec)
     for jid in sorted(set(bodies) - referenced):
         rec.failed(f"journal {jid}", "body is in the package but no member entry names it", jid)
 
 
-def _check_bodies(batch: _Batch, bodies: dict[str, bytes], body_hash: dict[str, str], rec: _Recorder) -> None:
+def _check_bodies(
+    batch: _Batch, bodies: dict[str, bytes], body_hash: dict[str, str], alg: str, rec: _Recorder
+) -> None:
     """Every entry's journal body is present, hashes to the entry hash and is that journal."""
     bad = 0
     for entry in batch.raw.entries:
@@ -470,7 +472,8 @@ def _check_bodies(batch: _Batch, bodies: dict[str, bytes], body_hash: dict[str, 
         if jid not in bodies:
             problem = f"{where}: the body of journal {jid} is missing from the package"
         elif body_hash[jid] != entry.hash:
-            problem = f"{where}: SHA-256 of the body is {body_hash[jid]}, the entry says {entry.hash}"
+            name = "SHA-256" if alg == "sha256" else alg
+            problem = f"{where}: {name} of the body is {body_hash[jid]}, the entry says {entry.hash}"
         else:
             problem = _body_identity(bodies[jid], jid, batch.stmt.shard)
         if problem:
@@ -541,10 +544,10 @@ def _check_links(batch: _Batch, previous_last: str | None, rec: _Recorder) -> No
         rec.passed(f"{batch.name} chain", "prev_hash links hold")
 
 
-def _check_root(batch: _Batch, rec: _Recorder) -> None:
-    """The RFC 9162 root over the entries' journal hashes equals the signed root."""
-    leaves = [leaf_hash(bytes.fromhex(e.hash)) for e in batch.raw.entries]
-    computed = root_from_leaf_hashes(leaves)
+def _check_root(batch: _Batch, alg: str, rec: _Recorder) -> None:
+    """The RFC 9162 root (hashed with `alg`) over the entries' journal hashes equals the signed root."""
+    leaves = [leaf_hash(bytes.fromhex(e.hash), alg) for e in batch.raw.entries]
+    computed = root_from_leaf_hashes(leaves, alg)
     if computed == batch.stmt.root:
         rec.passed(f"{batch.name} merkle root", f"{len(leaves)} leaves -> {computed.hex()}")
     else:

@@ -5,9 +5,10 @@ the session advisory lock of writer -2 for its whole life). `record()` queues an
 once it is durable. One loop group-commits everything queued (like a shard): it assigns `seq`,
 builds each event's `body` (canonical JSON of ``{seq, actor_id, event_type, payload, prev_hash,
 created_at}``, `prev_hash` lower-case hex or null, `created_at` RFC 3339 with microseconds, `Z`),
-`hash = SHA-256(body)`, links `prev_hash` to the previous event's hash, has the signer sign one
-batch statement (``shard = -2``, ``first_seq..last_seq``, `root` = RFC 9162 Merkle root whose leaf
-data are the 32-byte event hashes, `signed_at` = the batch's `created_at`) and writes the events
+`hash = H(body)` (H: the ledger's `hash_alg`, SHA-256 by default, see `store.settings`), links
+`prev_hash` to the previous event's hash, has the signer sign one batch statement (``shard = -2``,
+``first_seq..last_seq``, `root` = RFC 9162 Merkle root, in the same algorithm, whose leaf data are
+the 32-byte event hashes, `signed_at` = the batch's `created_at`) and writes the events
 and the `batches` row in one transaction. The signer's checkpoints then take audit batches into
 the global log exactly like shard batches. Without a signer (signing disabled) events are still
 chained but no batch row is written.
@@ -48,11 +49,12 @@ import asyncpg
 import msgspec
 
 from ledger.timestamps import rfc3339
-from signer.canonical import canonical
+from signer.canonical import canonical, journal_digest
 from signer.canonical import digest as sha256
 from signer.merkle import root as merkle_root
 from signer.statements import batch_statement as signed_batch_statement
 from store import repository
+from store.settings import ledger_hash_alg
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +109,12 @@ class AuditEventRef:
 
 
 def batch_statement(
-    first_seq: int, last_seq: int, batch_seq: int, root: bytes, signed_at: str
+    first_seq: int, last_seq: int, batch_seq: int, root: bytes, signed_at: str, hash_alg: str = HASH_ALG
 ) -> dict[str, Any]:
     """The statement of one audit batch, before the signer fills in `signer_kid` and `signer`."""
     return signed_batch_statement(
         shard=AUDIT_STREAM, batch_seq=batch_seq, first_seq=first_seq, last_seq=last_seq,
-        hash_alg=HASH_ALG, root=root, signed_at=signed_at, signer_kid="", signer="",
+        hash_alg=hash_alg, root=root, signed_at=signed_at, signer_kid="", signer="",
     )  # fmt: skip
 
 
@@ -178,8 +180,10 @@ class AuditWriter:
         queue_max: int = QUEUE_MAX,
         batch_max: int = BATCH_MAX,
         sign_timeout_s: float = SIGN_TIMEOUT_S,
+        hash_alg: str = HASH_ALG,
     ) -> None:
         self.dsn = dsn
+        self.hash_alg = hash_alg
         self.signer = signer
         self.clock = clock
         self.batch_max = batch_max
@@ -320,7 +324,7 @@ class AuditWriter:
             body = event_body(
                 seq, pending.actor_id, pending.event_type, msgspec.Raw(pending.payload), head, created_at
             )
-            hashed = sha256(body)
+            hashed = journal_digest(body, self.hash_alg)
             rows.seq.append(seq)
             rows.actor.append(pending.actor_id)
             rows.kind.append(pending.event_type)
@@ -361,9 +365,9 @@ class AuditWriter:
     ) -> tuple[int, int, int, bytes, bytes, bytes, str, datetime]:
         """Sign the batch statement before anything is written; AuditSigningError if that fails."""
         assert self.signer is not None
-        root = merkle_root(hashes)
+        root = merkle_root(hashes, self.hash_alg)
         batch_seq = self.batch_seq + 1
-        statement = batch_statement(first_seq, last_seq, batch_seq, root, rfc3339(signed_at))
+        statement = batch_statement(first_seq, last_seq, batch_seq, root, rfc3339(signed_at), self.hash_alg)
         try:
             signed = await asyncio.wait_for(self.signer.sign_statements([statement]), self.sign_timeout_s)
             ((body, kid, signature),) = signed
@@ -395,15 +399,17 @@ async def verify_audit_chain(
 ) -> list[str]:
     """Problems of the stored audit stream; empty when it is intact.
 
-    Every event: seq contiguous from 1, SHA-256(body) == hash, the body's fields equal the row's
-    columns (so an edited payload is caught), prev_hash links to the previous event's hash.
+    Every event: seq contiguous from 1, H(body) == hash (H: the ledger's `hash_alg`), the body's
+    fields equal the row's columns (so an edited payload is caught), prev_hash links to the previous
+    event's hash.
     Every audit batch: batch_seq 1..n, consecutive non-overlapping ranges over existing events, a
     canonical statement agreeing with the row, and the root recomputed from the event hashes.
     With `check_signature` (e.g. `signer.keys.verify_signature`) every batch signature is also
     verified with its key from `signer_keys`.
     """
     problems: list[str] = []
-    batches = await _load_batches(conn, problems, check_signature)
+    alg = await ledger_hash_alg(conn)
+    batches = await _load_batches(conn, problems, check_signature, alg)
     pending = iter(batches)
     current = next(pending, None)
     after, prev_hash = 0, None
@@ -415,9 +421,9 @@ async def verify_audit_chain(
                 problems.append(
                     f"audit event seq {seq}: follows seq {after} (events {after + 1}..{seq - 1} missing)"
                 )
-            problems.extend(_event_problems(row, prev_hash))
+            problems.extend(_event_problems(row, prev_hash, alg))
             while current is not None and current.last_seq < seq:
-                problems.extend(_finish(current))
+                problems.extend(_finish(current, alg))
                 current = next(pending, None)
             if current is not None and current.first_seq <= seq:
                 current.hashes.append(bytes(row["hash"]))
@@ -425,18 +431,20 @@ async def verify_audit_chain(
         if len(rows) < page:
             break
     while current is not None:
-        problems.extend(_finish(current))
+        problems.extend(_finish(current, alg))
         current = next(pending, None)
     return problems
 
 
-def _event_problems(row: Any, prev_hash: bytes | None) -> list[str]:
+def _event_problems(row: Any, prev_hash: bytes | None, alg: str = HASH_ALG) -> list[str]:
     seq, where = row["seq"], f"audit event seq {row['seq']}"
     body, hashed = bytes(row["body"]), bytes(row["hash"])
     stored_prev = None if row["prev_hash"] is None else bytes(row["prev_hash"])
     out: list[str] = []
-    if sha256(body) != hashed:
-        out.append(f"{where}: hash {hashed.hex()} is not SHA-256 of its body ({sha256(body).hex()})")
+    computed = journal_digest(body, alg)
+    if computed != hashed:
+        name = "SHA-256" if alg == HASH_ALG else alg
+        out.append(f"{where}: hash {hashed.hex()} is not {name} of its body ({computed.hex()})")
     if stored_prev != prev_hash:
         out.append(f"{where}: prev_hash does not link to the previous event's hash")
     try:
@@ -463,19 +471,19 @@ def _event_problems(row: Any, prev_hash: bytes | None) -> list[str]:
     return out
 
 
-def _finish(batch: _Batch) -> list[str]:
+def _finish(batch: _Batch, alg: str = HASH_ALG) -> list[str]:
     size = batch.last_seq - batch.first_seq + 1
     where = f"audit batch {batch.batch_seq} (seq {batch.first_seq}..{batch.last_seq})"
     if len(batch.hashes) != size:
         return [f"{where}: {len(batch.hashes)} of its {size} events exist"]
-    root = merkle_root(batch.hashes)
+    root = merkle_root(batch.hashes, alg)
     if root != batch.root:
         return [f"{where}: root {batch.root.hex()} differs from the root of its events ({root.hex()})"]
     return []
 
 
 async def _load_batches(
-    conn: asyncpg.Connection, problems: list[str], check_signature: SignatureCheck | None
+    conn: asyncpg.Connection, problems: list[str], check_signature: SignatureCheck | None, alg: str = HASH_ALG
 ) -> list[_Batch]:
     rows = await conn.fetch(
         "SELECT batch_seq, first_seq, last_seq, statement, root, signature, signer_kid FROM batches "
@@ -502,7 +510,7 @@ async def _load_batches(
             problems.append(f"{where}: events {last_seq + 1}..{batch.first_seq - 1} are in no audit batch")
         last_seq = batch.last_seq
         statement = bytes(row["statement"])
-        problems.extend(_statement_problems(where, statement, row))
+        problems.extend(_statement_problems(where, statement, row, alg))
         if check_signature is not None:
             key = keys.get(row["signer_kid"])
             if key is None:
@@ -513,7 +521,7 @@ async def _load_batches(
     return batches
 
 
-def _statement_problems(where: str, statement: bytes, row: Any) -> list[str]:
+def _statement_problems(where: str, statement: bytes, row: Any, alg: str = HASH_ALG) -> list[str]:
     try:
         fields = msgspec.json.decode(statement)
     except msgspec.DecodeError as exc:
@@ -521,7 +529,9 @@ def _statement_problems(where: str, statement: bytes, row: Any) -> list[str]:
     if not isinstance(fields, dict):
         return [f"{where}: statement is not an object"]
     out = [] if canonical(fields) == statement else [f"{where}: statement is not canonical JSON"]
-    expected = batch_statement(row["first_seq"], row["last_seq"], row["batch_seq"], bytes(row["root"]), "")
+    expected = batch_statement(
+        row["first_seq"], row["last_seq"], row["batch_seq"], bytes(row["root"]), "", alg
+    )
     expected.update(
         signed_at=fields.get("signed_at"), signer=fields.get("signer"), signer_kid=row["signer_kid"]
     )

@@ -1,6 +1,7 @@
 """Integrity checks of the signed layer, part of `ledger-node check`.
 
-Recomputes every journal hash from its stored canonical body, every batch root from the chain
+Recomputes every journal hash from its stored canonical body with the ledger's `hash_alg`
+(`ledger_settings`; SHA-256 in SQL, other algorithms in Python over a cursor), every batch root from the chain
 hashes it covers, verifies every batch and checkpoint signature with the published keys, that
 the batches of each shard are consecutive and cover every chain position, and that the latest
 checkpoint's root is the Merkle root over the logged batch statements.
@@ -12,12 +13,14 @@ from collections.abc import Iterator
 
 import asyncpg
 
-from signer.canonical import digest
+from signer.canonical import digest, journal_digest
 from signer.keys import verify_signature
 from signer.merkle import leaf_hash, root, root_from_leaf_hashes
 from store.check import Problem
+from store.settings import DEFAULT_HASH_ALG, ledger_hash_alg
 
 _HASHES = "SELECT journal_id FROM journals WHERE sha256(body) <> hash ORDER BY journal_id"
+_BODIES = "SELECT journal_id, body, hash FROM journals ORDER BY journal_id"
 
 _LINK_HASHES = """
 SELECT l.journal_id, l.shard_id FROM shard_links l JOIN journals j USING (journal_id)
@@ -35,10 +38,8 @@ SELECT shard, seq, hash, journal_id FROM (
 
 async def check_signatures(conn: asyncpg.Connection) -> list[Problem]:
     """Every problem in hashes, batches, signatures and checkpoints."""
-    problems = [
-        Problem("hash_mismatch", r[0], "stored hash is not SHA-256 of the body")
-        for r in await conn.fetch(_HASHES)
-    ]
+    alg = await ledger_hash_alg(conn)
+    problems = await _check_hashes(conn, alg)
     problems += [
         Problem("link_hash_mismatch", r[0], f"shard {r[1]} link hash differs from the journal hash")
         for r in await conn.fetch(_LINK_HASHES)
@@ -49,8 +50,25 @@ async def check_signatures(conn: asyncpg.Connection) -> list[Problem]:
         r["kid"]: (r["algorithm"], r["pem"])
         for r in await conn.fetch("SELECT kid, algorithm, pem FROM signer_keys")
     }
-    problems += await _check_batches(conn, keys)
-    problems += await _check_checkpoint(conn, keys)
+    problems += await _check_batches(conn, keys, alg)
+    problems += await _check_checkpoint(conn, keys, alg)
+    return problems
+
+
+async def _check_hashes(conn: asyncpg.Connection, alg: str) -> list[Problem]:
+    """Journals whose stored hash is not the ledger's hash of their body."""
+    if alg == DEFAULT_HASH_ALG:
+        return [
+            Problem("hash_mismatch", r[0], "stored hash is not SHA-256 of the body")
+            for r in await conn.fetch(_HASHES)
+        ]
+    problems: list[Problem] = []
+    async with conn.transaction():
+        async for row in conn.cursor(_BODIES, prefetch=1000):
+            if journal_digest(bytes(row["body"]), alg) != bytes(row["hash"]):
+                problems.append(
+                    Problem("hash_mismatch", row["journal_id"], f"stored hash is not {alg} of the body")
+                )
     return problems
 
 
@@ -59,7 +77,9 @@ def _signature_ok(keys: dict[str, tuple[str, str]], kid: str, statement: bytes, 
     return key is not None and verify_signature(key[1], key[0], digest(statement), signature)
 
 
-async def _check_batches(conn: asyncpg.Connection, keys: dict[str, tuple[str, str]]) -> list[Problem]:
+async def _check_batches(
+    conn: asyncpg.Connection, keys: dict[str, tuple[str, str]], alg: str = DEFAULT_HASH_ALG
+) -> list[Problem]:
     problems: list[Problem] = []
     batches = await conn.fetch(
         "SELECT shard_id, batch_seq, first_seq, last_seq, statement, root, signature, signer_kid "
@@ -77,7 +97,7 @@ async def _check_batches(conn: asyncpg.Connection, keys: dict[str, tuple[str, st
             problems.append(Problem("batch_gap", subject, f"starts at seq {batch['first_seq']}"))
         covered[shard] = batch["last_seq"]
         entries = [r for r in _window(by_shard.get(shard, []), batch["first_seq"], batch["last_seq"])]
-        computed = root([bytes(r["hash"]) for r in entries])
+        computed = root([bytes(r["hash"]) for r in entries], alg)
         if len(entries) != batch["last_seq"] - batch["first_seq"] + 1 or computed != bytes(batch["root"]):
             first = entries[0]["journal_id"] if entries else subject
             problems.append(
@@ -101,7 +121,9 @@ def _window(rows: list[asyncpg.Record], first: int, last: int) -> Iterator[async
             yield row
 
 
-async def _check_checkpoint(conn: asyncpg.Connection, keys: dict[str, tuple[str, str]]) -> list[Problem]:
+async def _check_checkpoint(
+    conn: asyncpg.Connection, keys: dict[str, tuple[str, str]], alg: str = DEFAULT_HASH_ALG
+) -> list[Problem]:
     latest = await conn.fetchrow(
         "SELECT tree_size, root, statement, signature, signer_kid FROM checkpoints "
         "ORDER BY tree_size DESC LIMIT 1"
@@ -117,7 +139,7 @@ async def _check_checkpoint(conn: asyncpg.Connection, keys: dict[str, tuple[str,
     statements = await conn.fetch(
         "SELECT statement FROM batches WHERE log_index < $1 ORDER BY log_index", latest["tree_size"]
     )
-    leaves = [leaf_hash(digest(bytes(r["statement"]))) for r in statements]
-    if len(leaves) != latest["tree_size"] or root_from_leaf_hashes(leaves) != bytes(latest["root"]):
+    leaves = [leaf_hash(digest(bytes(r["statement"])), alg) for r in statements]
+    if len(leaves) != latest["tree_size"] or root_from_leaf_hashes(leaves, alg) != bytes(latest["root"]):
         problems.append(Problem("checkpoint_root_mismatch", subject, "root over the logged batches differs"))
     return problems

@@ -39,6 +39,7 @@ from signer.package import (
     index_range,
     time_range,
 )
+from store.settings import ledger_hash_alg
 
 AUDIT_STREAM: Final = -2
 LOG_PROOF_CONCURRENCY: Final = 16
@@ -320,6 +321,7 @@ async def build_proof_package(
         checkpoint_signature=bytes(checkpoint["signature"]),
         batches=batches,
         journals=bodies,
+        hash_alg=await ledger_hash_alg(conn),
     )
     return encode_package(package)
 

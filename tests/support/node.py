@@ -33,8 +33,10 @@ class NodeHarness:
         batch_max: int = 8192,
         signing: bool = True,
         signer_env: dict[str, str] | None = None,
+        hash_alg: str | None = None,
     ) -> None:
         self.shards = shards
+        self.hash_alg = hash_alg
         self.batch_max = batch_max
         self.signing = signing
         self.signer_env = signer_env or {}
@@ -63,6 +65,7 @@ class NodeHarness:
             signing=self.signing,
             signer_env=self.signer_env,
             checkpoint_every_s=0.1,
+            hash_alg=self.hash_alg,
         )
         self.node = Node(config)
         self.run(self.node.start())

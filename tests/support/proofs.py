@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ledger.timestamps import parse_rfc3339, rfc3339
-from signer.canonical import HASH_ALG, PostedJournal, PostedLine, canonical, digest
+from signer.canonical import HASH_ALG, PostedJournal, PostedLine, canonical, journal_digest
 from signer.keys import ECDSA_P256, PublicKey, SoftwareKeyBackend
 from signer.merkle import MerkleLog, leaf_hash, root_from_leaf_hashes
 from signer.package import BatchInput, ProofPackage, encode_package, index_range, time_range
@@ -61,6 +61,7 @@ class SyntheticLedger:
     keys: list[PublicKey]
     signer_kind: str = "software"
     journal_times: dict[str, datetime] = field(default_factory=dict)
+    hash_alg: str = HASH_ALG
 
     def public_pems(self) -> list[str]:
         """PEM of every signing key (rotated ones included)."""
@@ -116,6 +117,7 @@ class SyntheticLedger:
             checkpoint_signature=self.checkpoint_signature,
             batches=inputs,
             journals={jid: self.journals[jid] for jid in wanted},
+            hash_alg=self.hash_alg,
         )
 
     def package_for_time_range(self, from_ts: str, to_ts: str, proof_id: str = "prf-time") -> ProofPackage:
@@ -193,18 +195,18 @@ class _ShardState:
 
 
 def _close_batch(
-    shard: int, state: _ShardState, signed_at: datetime, backend: SoftwareKeyBackend
+    shard: int, state: _ShardState, signed_at: datetime, backend: SoftwareKeyBackend, alg: str = HASH_ALG
 ) -> LedgerBatch:
     """Sign the shard's pending entries as its next batch."""
     entries, state.pending = state.pending, []
     state.batch_seq += 1
-    root = root_from_leaf_hashes([leaf_hash(h) for _, _, h, _ in entries])
+    root = root_from_leaf_hashes([leaf_hash(h, alg) for _, _, h, _ in entries], alg)
     statement = batch_statement(
         shard=shard,
         batch_seq=state.batch_seq,
         first_seq=entries[0][0],
         last_seq=entries[-1][0],
-        hash_alg=HASH_ALG,
+        hash_alg=alg,
         root=root,
         signed_at=rfc3339(signed_at),
         signer_kid=backend.active_kid(),
@@ -238,8 +240,9 @@ def make_ledger(
     rotate_before_checkpoint: bool = False,
     quiet_shard: int | None = None,
     algorithm: str = ECDSA_P256,
+    alg: str = HASH_ALG,
 ) -> SyntheticLedger:
-    """Generate, sign and log a synthetic ledger (deterministic except for the keys)."""
+    """Generate, sign and log a synthetic ledger (deterministic except for the keys); `alg` hashes."""
     rng = random.Random(seed)
     backend = SoftwareKeyBackend(None, algorithm)
     states = {s: _ShardState() for s in range(shards)}
@@ -256,17 +259,17 @@ def make_ledger(
         for shard in targets:
             state = states[shard]
             state.seq += 1
-            state.pending.append((state.seq, jid, digest(body), state.last_hash))
-            state.last_hash = digest(body)
+            state.pending.append((state.seq, jid, journal_digest(body, alg), state.last_hash))
+            state.last_hash = journal_digest(body, alg)
             if len(state.pending) >= batch_size:
                 signed_at = posted + timedelta(milliseconds=500 + shard)
-                batches.append(_close_batch(shard, state, signed_at, backend))
+                batches.append(_close_batch(shard, state, signed_at, backend, alg))
     for shard, state in states.items():
         if state.pending:
             batches.append(
-                _close_batch(shard, state, posted + timedelta(seconds=1, milliseconds=shard), backend)
+                _close_batch(shard, state, posted + timedelta(seconds=1, milliseconds=shard), backend, alg)
             )
-    return _log_and_checkpoint(batches, states, bodies, times, backend, rotate_before_checkpoint, posted)
+    return _log_and_checkpoint(batches, states, bodies, times, backend, rotate_before_checkpoint, posted, alg)
 
 
 def _log_and_checkpoint(
@@ -277,19 +280,20 @@ def _log_and_checkpoint(
     backend: SoftwareKeyBackend,
     rotate: bool,
     last: datetime,
+    alg: str = HASH_ALG,
 ) -> SyntheticLedger:
-    """Log the batches in signing order and sign a checkpoint over the log."""
+    """Log the batches in signing order and sign a checkpoint over the log (a tree hashed with `alg`)."""
     batches.sort(key=lambda b: (b.signed_at, b.shard, b.batch_seq))
-    log = MerkleLog()
+    log = MerkleLog(alg)
     for index, batch in enumerate(batches):
         batch.log_index = index
-        log.append(leaf_hash(statement_digest(batch.statement)))
+        log.append(leaf_hash(statement_digest(batch.statement), alg))
     if rotate:
         backend.rotate()
     statement = checkpoint_statement(
         tree_size=log.size,
         root=log.root(),
-        hash_alg=HASH_ALG,
+        hash_alg=alg,
         timestamp=rfc3339(last + timedelta(seconds=5)),
         signer_kid=backend.active_kid(),
         signer=backend.kind,
@@ -297,5 +301,5 @@ def _log_and_checkpoint(
     )
     _, signature = backend.sign_digest(statement_digest(statement))
     return SyntheticLedger(
-        bodies, batches, log, statement, signature, backend.public_keys(), backend.kind, times
+        bodies, batches, log, statement, signature, backend.public_keys(), backend.kind, times, alg
     )
