@@ -16,6 +16,8 @@ Steps (every step bounded in time):
    shards (two-phase commit through the coordinator).
 4. ``single``: ``wrk`` with ``loadtests/single.lua`` POSTs one single-shard journal per request to
    ``/ledger/post`` (account pairs from a file the bench writes).
+4a. ``batch-hot``: the same batches, but every journal credits one hot account
+   (``revenue:platform-fee``) from accounts on its shard.
 4b. ``batch-unsigned``: a second node with ``LEDGER_SIGNING=off`` runs ``batch`` again, so the
    cost of signing is a ratio measured in the same invocation.
 5. The node gets SIGTERM (SIGKILL after 20 s), the database is dropped, and one table is printed.
@@ -127,6 +129,23 @@ def account_pairs(
         other = (shard + 1 + rng.randrange(shards - 1)) % shards if cross and shards > 1 else shard
         pairs.append((rng.choice(by_shard[shard]), rng.choice(by_shard[other])))
     return pairs
+
+
+HOT_ACCOUNT = "revenue:platform-fee"
+
+
+def hot_pairs(rng: random.Random, accounts: int, shards: int, count: int = 4096) -> list[Pair]:
+    """Pairs whose credit side is always the one hot account (`revenue:platform-fee`).
+
+    Debits are drawn from accounts on the hot account's shard, so every journal is a
+    single-shard journal of that one shard: the hot spot the performance issue asks about.
+    """
+    slot_map = SlotMap(even_slot_map(shards))
+    hot_shard = slot_map.shard_of(HOT_ACCOUNT)
+    same = [
+        f"asset:acct-{n}" for n in range(1, accounts + 1) if slot_map.shard_of(f"asset:acct-{n}") == hot_shard
+    ]
+    return [(rng.choice(same), HOT_ACCOUNT) for _ in range(count)]
 
 
 def random_journal(rng: random.Random, journal_id: str, pairs: list[Pair]) -> dict[str, Any]:
@@ -634,7 +653,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument(
         "--only",
         action="append",
-        choices=("baseline", "batch", "batch-cross", "single", "batch-unsigned"),
+        choices=("baseline", "batch", "batch-cross", "batch-hot", "single", "batch-unsigned"),
         help="repeatable",
     )
     p.add_argument("--hot-baseline", action="store_true", help="also run the hot-account baseline")
@@ -650,7 +669,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
     return Options(
         seconds=seconds, shards=a.shards, accounts=a.accounts, json_out=a.json_out,
         admin_dsn=a.admin_dsn, node_bin=a.node_bin, port=a.port or free_port(),
-        only=set(a.only or ("baseline", "batch", "batch-cross", "single", "batch-unsigned")),
+        only=set(a.only or ("baseline", "batch", "batch-cross", "batch-hot", "single", "batch-unsigned")),
         hot_baseline=a.hot_baseline,
         batch_size=a.batch_size, batch_clients=a.batch_clients, wrk_connections=a.wrk_connections,
         wrk_threads=a.wrk_threads, ready_timeout=a.ready_timeout,
@@ -672,12 +691,13 @@ async def run_node_scenarios(opts: Options, run_id: str, log_dir: Path) -> list[
     rng = random.Random(0x5EED)
     same = account_pairs(rng, opts.accounts, opts.shards, cross=False)
     cross = account_pairs(rng, opts.accounts, opts.shards, cross=True)
+    hot = hot_pairs(rng, opts.accounts, opts.shards)
     pairs_file = log_dir / "pairs-single-shard.txt"
     pairs_file.write_text("".join(f"{d} {c}\n" for d, c in same))
     budget = BATCH_BODY_BUDGET_BYTES // 2
     bodies = {
         name: BatchBodies(f"{run_id}{suffix}", pairs, opts.batch_size, budget)
-        for name, suffix, pairs in (("batch", "", same), ("batch-cross", "x", cross))
+        for name, suffix, pairs in (("batch", "", same), ("batch-cross", "x", cross), ("batch-hot", "h", hot))
         if name in opts.only
     }
     for name, batch in bodies.items():
