@@ -8,22 +8,50 @@ if the batch fails, the staging is dropped and the book is untouched.
 Cross-shard journals reserve their part first (`reserve`), which makes the amounts that
 reduce a guarded balance unavailable to other postings until the coordinator's decision
 commits (`stage_reserved`) or releases (`release`) them.
+
+Memory layout (a shard holds up to millions of accounts; target <= 300 bytes per account).
+Per-account Python objects (tuples, lists, boxed ints, repeated strings) cost ~500 bytes, so
+the book keeps columns indexed by small integers instead:
+
+- `_rows: dict[str, int]` account id -> row; the only place an account id string lives.
+  Rows are appended and never removed, so the dict's order is row order.
+- `_kind: array('b')` per row: account type code (index in `AccountType`) | `NO_NEGATIVE`,
+  or `NO_ACCOUNT` for a row that has a balance but no registered account.
+- `_slot0: array('i')` / `_cur0: array('H')` per row: the balance slot and currency code of
+  the row's first balance (`-1`: none). Most accounts have one currency; further currencies
+  go to `_more: dict[int, int]` keyed `row << 16 | currency code` -> slot.
+- Balance columns `array('q')` per slot: posted/pending debits/credits (unboxed int64, as
+  the store's `bigint` columns).
+- Currency codes are interned to small ints (`_currency_code` / `_currency_names`).
+
+That is ~170 bytes per single-currency account (id string, its dict entry and row int, 7 bytes
+of row columns, 32 bytes of balance). `accounts` and `balances` are read-only `Mapping` views
+that build `AccountInfo` / `list` values on demand. Reservations are few and stay plain dicts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from array import array
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from ledger.accounts import AccountType, normal_balance
 from ledger.errors import ErrorCode, Rejection
 from ledger.invariants import check
 from ledger.journal import Line
+from ledger.money import INT64_MAX
 
 BalanceKey = tuple[str, str]  # (account_id, currency)
 
 # Balance vector indices.
 DP, CP, DPEND, CPEND = 0, 1, 2, 3
+
+TYPES: tuple[AccountType, ...] = tuple(AccountType)
+DEBIT_NORMAL: tuple[bool, ...] = tuple(t.debit_normal for t in TYPES)
+NO_NEGATIVE = 8  # flag bit in `_kind`
+TYPE_MASK = 7
+NO_ACCOUNT = -1  # `_kind` of a row with a balance but no registered account
+CURRENCY_SHIFT = 16  # `_more` key: row << 16 | currency code
 
 
 @dataclass(slots=True)
@@ -50,49 +78,208 @@ class Staging:
         delta[0 if line.is_debit else 1] += line.amount
 
 
+class AccountsView(Mapping[str, AccountInfo]):
+    """Read-only `account_id -> AccountInfo` view of a book (values built on demand)."""
+
+    def __init__(self, book: Book) -> None:
+        self._book = book
+
+    def __getitem__(self, account_id: str) -> AccountInfo:
+        info = self._book.account(account_id)
+        if info is None:
+            raise KeyError(account_id)
+        return info
+
+    def __contains__(self, account_id: object) -> bool:
+        row = self._book._rows.get(account_id) if isinstance(account_id, str) else None
+        return row is not None and self._book._kind[row] != NO_ACCOUNT
+
+    def __iter__(self) -> Iterator[str]:
+        kind = self._book._kind
+        return (account_id for account_id, row in self._book._rows.items() if kind[row] != NO_ACCOUNT)
+
+    def __len__(self) -> int:
+        return self._book._account_count
+
+
+class BalancesView(Mapping[BalanceKey, list[int]]):
+    """Read-only `(account_id, currency) -> [dp, cp, dpend, cpend]` view (fresh lists)."""
+
+    def __init__(self, book: Book) -> None:
+        self._book = book
+
+    def __getitem__(self, key: BalanceKey) -> list[int]:
+        slot = self._book._slot(key)
+        if slot < 0:
+            raise KeyError(key)
+        return self._book._vector(slot)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, tuple) and len(key) == 2 and self._book._slot(key) >= 0  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[BalanceKey]:
+        book = self._book
+        names = book._currency_names
+        for account_id, row in book._rows.items():
+            if book._slot0[row] >= 0:
+                yield account_id, names[book._cur0[row]]
+        if book._more:
+            ids = list(book._rows)
+            for packed in list(book._more):
+                yield ids[packed >> CURRENCY_SHIFT], names[packed & 0xFFFF]
+
+    def __len__(self) -> int:
+        return len(self._book._dp)
+
+
 class Book:
-    """Balances and policies of the accounts one shard owns."""
+    """Balances and policies of the accounts one shard owns (column layout: module docstring)."""
 
     def __init__(self) -> None:
-        self.accounts: dict[str, AccountInfo] = {}
-        self.balances: dict[BalanceKey, list[int]] = {}
+        self._rows: dict[str, int] = {}
+        self._kind = array("b")
+        self._slot0 = array("i")
+        self._cur0 = array("H")
+        self._more: dict[int, int] = {}
+        self._account_count = 0
+        self._dp = array("q")
+        self._cp = array("q")
+        self._dpend = array("q")
+        self._cpend = array("q")
+        self._currency_code: dict[str, int] = {}
+        self._currency_names: list[str] = []
+        self.accounts: Mapping[str, AccountInfo] = AccountsView(self)
+        self.balances: Mapping[BalanceKey, list[int]] = BalancesView(self)
         self.reserved: dict[BalanceKey, list[int]] = {}
         self.reservations: dict[str, tuple[Line, ...]] = {}
+
+    # -- layout ----------------------------------------------------------------------------
+    def _row(self, account_id: str) -> int:
+        """The row of this id, appended (with no account, no balance) if new."""
+        row = self._rows.get(account_id)
+        if row is None:
+            row = self._rows[account_id] = len(self._kind)
+            self._kind.append(NO_ACCOUNT)
+            self._slot0.append(-1)
+            self._cur0.append(0)
+        return row
+
+    def _slot(self, key: BalanceKey) -> int:
+        """Balance slot of (account_id, currency), or -1."""
+        row = self._rows.get(key[0])
+        code = self._currency_code.get(key[1])
+        if row is None or code is None:
+            return -1
+        if self._cur0[row] == code and self._slot0[row] >= 0:
+            return self._slot0[row]
+        return self._more.get(row << CURRENCY_SHIFT | code, -1)
+
+    def _new_slot(self, key: BalanceKey) -> int:
+        """Append a zero balance for this key (which must not have one yet); return its slot."""
+        row = self._row(key[0])
+        code = self._currency_code.get(key[1])
+        if code is None:
+            code = self._currency_code[key[1]] = len(self._currency_names)
+            check(code <= 0xFFFF, "too many currencies")
+            self._currency_names.append(key[1])
+        slot = len(self._dp)
+        self._dp.append(0)
+        self._cp.append(0)
+        self._dpend.append(0)
+        self._cpend.append(0)
+        if self._slot0[row] < 0:
+            self._slot0[row], self._cur0[row] = slot, code
+        else:
+            self._more[row << CURRENCY_SHIFT | code] = slot
+        return slot
+
+    def _vector(self, slot: int) -> list[int]:
+        return [self._dp[slot], self._cp[slot], self._dpend[slot], self._cpend[slot]]
+
+    def footprint(self) -> dict[str, int]:
+        """Bytes held by the book's structures (`sys.getsizeof`; for loadtests/memory.py)."""
+        from sys import getsizeof
+
+        columns = (self._kind, self._slot0, self._cur0, self._dp, self._cp, self._dpend, self._cpend)
+        out = {
+            "rows dict (hash table)": getsizeof(self._rows),
+            "account id strings (rows keys)": sum(getsizeof(k) for k in self._rows),
+            "row index ints (rows values)": sum(getsizeof(v) for v in self._rows.values() if v > 256),
+            "row and balance columns (arrays)": sum(getsizeof(c) for c in columns),
+            "further currencies dict": getsizeof(self._more)
+            + sum(getsizeof(k) + getsizeof(v) for k, v in self._more.items()),
+        }
+        out["total"] = sum(out.values())
+        return out
 
     # -- loading ---------------------------------------------------------------------------
     def load_account(self, account_id: str, account_type: AccountType, no_negative: bool) -> None:
         """Register an account read from the store."""
-        self.accounts[account_id] = AccountInfo(account_type, no_negative)
+        # tuple.index finds the member by identity in C; hashing an enum member runs Python code.
+        kind = TYPES.index(account_type) | (NO_NEGATIVE if no_negative else 0)
+        row = self._rows.get(account_id)
+        if row is None:  # the common case when loading: append the row directly
+            self._rows[account_id] = len(self._kind)
+            self._kind.append(kind)
+            self._slot0.append(-1)
+            self._cur0.append(0)
+            self._account_count += 1
+            return
+        if self._kind[row] == NO_ACCOUNT:
+            self._account_count += 1
+        self._kind[row] = kind
 
     def load_balance(self, key: BalanceKey, vector: Iterable[int]) -> None:
         """Register a balance read from the store: posted/pending debits and credits."""
-        values = list(vector)
-        check(len(values) == 4 and min(values) >= 0, f"bad stored balance for {key}: {values}")
-        self.balances[key] = values
+        values = tuple(vector)
+        if len(values) != 4 or min(values) < 0:
+            check(False, f"bad stored balance for {key}: {list(values)}")
+        row = self._rows.get(key[0])
+        code = self._currency_code.get(key[1])
+        if row is not None and code is not None and self._slot0[row] < 0:
+            # The common case when loading: the account's first balance, appended directly.
+            self._slot0[row], self._cur0[row] = len(self._dp), code
+            self._dp.append(values[0])
+            self._cp.append(values[1])
+            self._dpend.append(values[2])
+            self._cpend.append(values[3])
+            return
+        slot = self._slot(key)
+        if slot < 0:
+            slot = self._new_slot(key)
+        self._dp[slot], self._cp[slot], self._dpend[slot], self._cpend[slot] = values
 
     # -- reads -----------------------------------------------------------------------------
+    def account(self, account_id: str) -> AccountInfo | None:
+        """Type and policy of a registered account, or None."""
+        row = self._rows.get(account_id)
+        if row is None or self._kind[row] == NO_ACCOUNT:
+            return None
+        kind = self._kind[row]
+        return AccountInfo(TYPES[kind & TYPE_MASK], bool(kind & NO_NEGATIVE))
+
     def balance(self, key: BalanceKey) -> list[int]:
         """Posted and pending debits/credits (zeros for an unknown key)."""
-        return list(self.balances.get(key, (0, 0, 0, 0)))
+        slot = self._slot(key)
+        return self._vector(slot) if slot >= 0 else [0, 0, 0, 0]
 
     def available(self, key: BalanceKey, staging: Staging | None = None, exclude: str | None = None) -> int:
         """Normal-side balance minus pending and reserved amounts that would reduce it."""
-        info = self.accounts.get(key[0])
-        if info is None:  # not created yet: nothing posted, no policy
+        row = self._rows.get(key[0])
+        if row is None or self._kind[row] == NO_ACCOUNT:  # not created yet: nothing posted, no policy
             return 0
-        vector = self.balances.get(key, (0, 0, 0, 0))
+        account_type = TYPES[self._kind[row] & TYPE_MASK]
+        vector = self.balance(key)
         debits, credits = vector[DP], vector[CP]
         if staging is not None and key in staging.deltas:
             debits += staging.deltas[key][0]
             credits += staging.deltas[key][1]
-        reserved = self.reserved.get(key, (0, 0))
+        reserved: Iterable[int] = self.reserved.get(key, (0, 0))
         if exclude is not None:
             reserved = self._without(key, reserved, exclude)
-        if info.account_type.debit_normal:
-            reducing = vector[CPEND] + reserved[1]
-        else:
-            reducing = vector[DPEND] + reserved[0]
-        return normal_balance(info.account_type, debits, credits) - reducing
+        held = list(reserved)
+        reducing = vector[CPEND] + held[1] if account_type.debit_normal else vector[DPEND] + held[0]
+        return normal_balance(account_type, debits, credits) - reducing
 
     def _without(self, key: BalanceKey, reserved: Iterable[int], txid: str) -> list[int]:
         totals = list(reserved)
@@ -113,10 +300,13 @@ class Book:
         """INSUFFICIENT_FUNDS if these lines would take a guarded balance below zero."""
         net: dict[BalanceKey, int] = {}
         for line in lines:
-            info = self.accounts.get(line.account_id)
-            if info is None or not info.no_negative:
+            row = self._rows.get(line.account_id)
+            if row is None:
                 continue
-            grows = line.is_debit == info.account_type.debit_normal
+            kind = self._kind[row]
+            if kind == NO_ACCOUNT or not kind & NO_NEGATIVE:
+                continue
+            grows = line.is_debit == DEBIT_NORMAL[kind & TYPE_MASK]
             key = (line.account_id, line.currency)
             net[key] = net.get(key, 0) + (line.amount if grows else -line.amount)
         for key, delta in net.items():
@@ -145,14 +335,16 @@ class Book:
     def apply(self, staging: Staging) -> None:
         """Merge a durable staging into the book."""
         for account_id, account_type in staging.new_accounts.items():
-            self.accounts.setdefault(account_id, AccountInfo(account_type))
+            if account_id not in self.accounts:
+                self.load_account(account_id, account_type, False)
         for key, (debits, credits) in staging.deltas.items():
-            vector = self.balances.get(key)
-            if vector is None:
-                vector = self.balances[key] = [0, 0, 0, 0]
-            vector[DP] += debits
-            vector[CP] += credits
-            check(vector[DP] >= 0 and vector[CP] >= 0, f"negative posted totals for {key}")
+            slot = self._slot(key)
+            if slot < 0:
+                slot = self._new_slot(key)
+            posted_debits, posted_credits = self._dp[slot] + debits, self._cp[slot] + credits
+            check(posted_debits >= 0 and posted_credits >= 0, f"negative posted totals for {key}")
+            check(max(posted_debits, posted_credits) <= INT64_MAX, f"posted totals overflow for {key}")
+            self._dp[slot], self._cp[slot] = posted_debits, posted_credits
         for txid in staging.released:
             self.release(txid)
 

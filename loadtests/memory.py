@@ -133,43 +133,11 @@ async def fill_database(dsn: str, accounts: int) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def _deep(objects: Iterable[object], seen: set[int]) -> int:
-    """Sum of ``sys.getsizeof`` over objects not counted yet (shared objects count once)."""
-    total = 0
-    for obj in objects:
-        if id(obj) not in seen:
-            seen.add(id(obj))
-            total += sys.getsizeof(obj)
-    return total
-
-
 def book_breakdown(book: Any) -> dict[str, int]:
-    """Bytes of the book by kind of object (``sys.getsizeof``, each object counted once).
-
-    Objects shared with the rest of the interpreter (enum members, True/False, small ints) are
-    counted where first met; they are a few hundred bytes in all.
-    """
-    seen: set[int] = set()
-    accounts: dict[str, Any] = book.accounts
-    balances: dict[tuple[str, str], list[int]] = book.balances
-    out = {
-        "accounts dict (hash table)": _deep([accounts], seen),
-        "account id strings (accounts keys)": _deep(accounts.keys(), seen),
-        "AccountInfo objects": _deep(accounts.values(), seen),
-        "AccountInfo fields (enum, bool)": _deep(
-            (f for info in accounts.values() for f in (info.account_type, info.no_negative)), seen
-        ),
-        "balances dict (hash table)": _deep([balances], seen),
-        "balance key tuples": _deep(balances.keys(), seen),
-        "account id strings in balance keys (not shared with accounts keys)": _deep(
-            (k[0] for k in balances), seen
-        ),
-        "currency strings in balance keys": _deep((k[1] for k in balances), seen),
-        "balance lists": _deep(balances.values(), seen),
-        "balance int objects": _deep((x for v in balances.values() for x in v), seen),
-    }
-    out["total"] = sum(out.values())
-    return out
+    """Bytes of the book by structure (``Book.footprint()``: ``sys.getsizeof`` of its dict,
+    id strings, row ints and array columns; shared objects such as small ints not counted)."""
+    result: dict[str, int] = book.footprint()
+    return result
 
 
 async def child_measure(dsn: str, accounts: int) -> dict[str, Any]:

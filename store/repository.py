@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -77,20 +77,45 @@ class ChainHead:
     hash: bytes | None
 
 
+ACCOUNTS_QUERY = "SELECT account_id, account_type, no_negative FROM accounts WHERE slot = ANY($1::integer[])"
+BALANCES_QUERY = (
+    "SELECT account_id, currency, debits_posted, credits_posted, debits_pending, credits_pending "
+    "FROM balances WHERE slot = ANY($1::integer[])"
+)
+
+
 async def load_accounts(conn: asyncpg.Connection, slots: list[int]) -> list[asyncpg.Record]:
     """Accounts (id, type, no_negative) in the given slots."""
-    return await conn.fetch(
-        "SELECT account_id, account_type, no_negative FROM accounts WHERE slot = ANY($1::integer[])", slots
-    )
+    return await conn.fetch(ACCOUNTS_QUERY, slots)
 
 
 async def load_balances(conn: asyncpg.Connection, slots: list[int]) -> list[asyncpg.Record]:
     """Stored balances in the given slots."""
-    return await conn.fetch(
-        "SELECT account_id, currency, debits_posted, credits_posted, debits_pending, credits_pending "
-        "FROM balances WHERE slot = ANY($1::integer[])",
-        slots,
-    )
+    return await conn.fetch(BALANCES_QUERY, slots)
+
+
+LOAD_CHUNK_ROWS = 50_000
+
+
+async def stream_rows(
+    conn: asyncpg.Connection, query: str, slots: list[int], chunk: int = LOAD_CHUNK_ROWS
+) -> AsyncIterator[list[asyncpg.Record]]:
+    """Rows of a `load_*` query in chunks of `chunk` (a server-side cursor in a transaction),
+    so a shard's (re)start never holds all its records at once."""
+    async with conn.transaction(readonly=True):
+        cursor = await conn.cursor(query, slots)
+        while rows := await cursor.fetch(chunk):
+            yield rows
+
+
+def stream_accounts(conn: asyncpg.Connection, slots: list[int]) -> AsyncIterator[list[asyncpg.Record]]:
+    """`load_accounts` in chunks: lists of (account_id, account_type, no_negative)."""
+    return stream_rows(conn, ACCOUNTS_QUERY, slots)
+
+
+def stream_balances(conn: asyncpg.Connection, slots: list[int]) -> AsyncIterator[list[asyncpg.Record]]:
+    """`load_balances` in chunks: lists of (account_id, currency, dp, cp, dpend, cpend)."""
+    return stream_rows(conn, BALANCES_QUERY, slots)
 
 
 async def load_chain_head(conn: asyncpg.Connection, shard_id: int) -> ChainHead:
