@@ -6,6 +6,7 @@ import base64
 import binascii
 import heapq
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any, Final
 
@@ -45,6 +46,7 @@ class AccountIn(msgspec.Struct, forbid_unknown_fields=True):
 
 _batch_decoder: Final = msgspec.json.Decoder(BatchIn)
 _journal_decoder: Final = msgspec.json.Decoder(JournalIn)
+_journals_decoder: Final = msgspec.json.Decoder(list[JournalIn])
 _account_decoder: Final = msgspec.json.Decoder(AccountIn)
 _cursor_decoder: Final = msgspec.json.Decoder(dict[str, int])
 
@@ -131,6 +133,25 @@ def _decode_batch_item(index: int, raw: msgspec.Raw, who: str, key: str | None) 
         journal_in = _journal_decoder.decode(raw)
     except msgspec.ValidationError as exc:
         return rejection_from_msgspec(exc, prefix=f"$.journals[{index}]")
+    return _validate_batch_item(index, journal_in, who, key)
+
+
+def _decode_batch(raws: list[msgspec.Raw], who: str, key: str | None) -> list[Submission | Rejection]:
+    """Decode and validate every journal of a batch; each invalid journal fails alone.
+
+    Fast path: one msgspec call decodes the whole list (most batches are well-formed); only
+    when that fails are the journals decoded one by one, to find which ones are malformed.
+    """
+    try:
+        journals = _journals_decoder.decode(b"[" + b",".join(raws) + b"]")
+    except msgspec.ValidationError:
+        return [_decode_batch_item(i, raw, who, key) for i, raw in enumerate(raws)]
+    return [_validate_batch_item(i, journal_in, who, key) for i, journal_in in enumerate(journals)]
+
+
+def _validate_batch_item(
+    index: int, journal_in: JournalIn, who: str, key: str | None
+) -> Submission | Rejection:
     try:
         journal = validate_journal(journal_in)
     except Rejection as rejection:
@@ -162,7 +183,7 @@ async def post_batch(request: web.Request) -> web.Response:
     if not batch.journals:
         raise validation_error("journals must not be empty", "$.journals")
     who = principal(request).name
-    subs = [_decode_batch_item(i, raw, who, key) for i, raw in enumerate(batch.journals)]
+    subs = _decode_batch(batch.journals, who, key)
     for index, (sub, raw_item) in enumerate(zip(subs, batch.journals, strict=True)):
         if isinstance(sub, Rejection) and sub.code is ErrorCode.LEDGER_IMBALANCE:
             journal_id = _journal_decoder.decode(raw_item).journal_id
@@ -172,13 +193,14 @@ async def post_batch(request: web.Request) -> web.Response:
     posted = iter(await svc.poster.post(valid)) if valid else iter(())
     results: list[dict[str, Any]] = []
     hashes: dict[str, str] = {}
+    outcomes: Counter[str] = Counter()
     for sub in subs:
         if isinstance(sub, Rejection):
             results.append({"ok": False, "journal_id": None, "error": sub.as_dict()})
-            svc.metrics.journal_results.labels(str(sub.code)).inc()
+            outcomes[str(sub.code)] += 1
             continue
         result = next(posted)
-        svc.metrics.journal_results.labels(result.code or "OK").inc()
+        outcomes[result.code or "OK"] += 1
         if result.ok:
             results.append({"ok": True, "journal_id": result.journal_id, "posted_at": result.posted_at})
             if result.hash is not None:
@@ -187,6 +209,8 @@ async def post_batch(request: web.Request) -> web.Response:
             results.append(
                 {"ok": False, "journal_id": result.journal_id, "error": _result_error(result).as_dict()}
             )
+    for code, count in outcomes.items():
+        svc.metrics.journal_results.labels(code).inc(count)
     svc.metrics.post_latency.labels("post_batch").observe(time.perf_counter() - started)
     svc.metrics.request_journals.observe(len(subs))
     await audit_post_batch(request, results, hashes)

@@ -116,7 +116,12 @@ class Poster:
         self.coordinator = Batcher("coordinator", coordinator.submit)
 
     def destination(self, journal: Journal) -> dict[int, tuple[Line, ...]]:
-        """Lines per shard."""
+        """Lines per shard (the common case, every line on one shard, builds no lists)."""
+        shard_of = self.slot_map.shard_of
+        lines = journal.lines
+        first = shard_of(lines[0].account_id)
+        if all(shard_of(line.account_id) == first for line in lines[1:]):
+            return {first: lines}
         parts: dict[int, list[Line]] = {}
         for line in journal.lines:
             parts.setdefault(self.slot_map.shard_of(line.account_id), []).append(line)

@@ -33,11 +33,26 @@ class AccountPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     no_negative: bool = False
 
 
+_TYPE_CACHE_MAX: Final = 1 << 18
+_type_cache: dict[str, AccountType] = {}
+
+
 def account_type_of(account_id: str) -> AccountType | None:
-    """The type named by the id's prefix, or None when the id is malformed."""
+    """The type named by the id's prefix, or None when the id is malformed.
+
+    Valid ids are remembered (a bounded cache, emptied when full): the front end parses the
+    same hot account ids for every journal of every batch.
+    """
+    cached = _type_cache.get(account_id)
+    if cached is not None:
+        return cached
     if len(account_id) > ACCOUNT_ID_LENGTH_MAX or not ACCOUNT_ID_PATTERN.fullmatch(account_id):
         return None
-    return AccountType(account_id.split(":", 1)[0])
+    account_type = AccountType(account_id.split(":", 1)[0])
+    if len(_type_cache) >= _TYPE_CACHE_MAX:
+        _type_cache.clear()
+    _type_cache[account_id] = account_type
+    return account_type
 
 
 def normal_balance(account_type: AccountType, debits: int, credits: int) -> int:
