@@ -15,6 +15,7 @@ every parent directory up to ``/``. This module drives ``initdb``/``pg_ctl`` dir
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -133,10 +134,8 @@ def _server_identity() -> _Identity:
 
 def _ensure_system_user(name: str) -> pwd.struct_passwd:
     """Return the passwd entry of ``name``, creating it as a no-login system user if missing."""
-    try:
+    with contextlib.suppress(KeyError):
         return pwd.getpwnam(name)
-    except KeyError:
-        pass
     cmd = ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     try:

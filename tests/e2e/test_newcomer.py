@@ -103,12 +103,12 @@ class Server:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 pytest.fail(f"ledger-node exited with {self.process.returncode}\n{self.output()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/ready", timeout=5) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
+            with (
+                contextlib.suppress(urllib.error.URLError, OSError),  # not listening yet
+                urllib.request.urlopen(f"{self.url}/ready", timeout=5) as response,
+            ):
+                if response.status == 200:
+                    return
             time.sleep(0.5)
         pytest.fail(f"GET /ready did not answer 200 within {READY_TIMEOUT_S}s\n{self.output()}")
 
