@@ -1,6 +1,8 @@
 """Messages between the front end and the actors (encoded with msgspec msgpack).
 
 Every Ray call carries one batch: a list of items in, a list of results out, in order.
+Items and results are `gc=False` structs (like `Journal` and `Line`): plain data, never part of
+a reference cycle, so the thousands per call stay out of the cyclic collector's way.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import msgspec
 from ledger.journal import Journal, Line
 
 
-class PostItem(msgspec.Struct, frozen=True, array_like=True):
+class PostItem(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """A single-shard journal to post (the id is always set by the front end)."""
 
     journal: Journal
@@ -22,7 +24,7 @@ class PostItem(msgspec.Struct, frozen=True, array_like=True):
     request_hash: bytes
 
 
-class CrossItem(msgspec.Struct, frozen=True, array_like=True):
+class CrossItem(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """A journal touching several shards: its lines split per participant shard."""
 
     journal: Journal
@@ -50,7 +52,7 @@ class DecideItem(msgspec.Struct, frozen=True, array_like=True):
     posted_at: str
 
 
-class Result(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
+class Result(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, gc=False):
     """Outcome of one journal: ok with posted_at, or an error code with message and details."""
 
     journal_id: str

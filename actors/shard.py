@@ -15,6 +15,7 @@ from typing import Any
 import ray
 
 from actors.coordinator_engine import CoordinatorEngine
+from actors.gc_policy import tune_gc
 from actors.shard_engine import ShardEngine
 from actors.signer_engine import SignerEngine
 
@@ -34,8 +35,13 @@ class _Lazy:
 
     async def ready(self, start: Any) -> None:
         if self._started is None:
-            self._started = asyncio.ensure_future(start())
+            self._started = asyncio.ensure_future(self._start(start))
         await asyncio.shield(self._started)
+
+    @staticmethod
+    async def _start(start: Any) -> None:
+        await start()
+        tune_gc()  # after the engine loaded its state: freeze it, collect rarely (gc_policy.py)
 
 
 @ray.remote(**ACTOR_OPTIONS)

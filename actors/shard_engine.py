@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 
@@ -48,6 +49,11 @@ from store import repository
 from store.writer import BatchRows, DuplicateJournals, PartsAlreadyApplied, commit_batch
 
 log = logging.getLogger(__name__)
+
+# Group-commit linger (see `_run`): when work was already waiting as the previous commit ended
+# and the next batch holds fewer than LINGER_ITEMS journals, wait LINGER_S for more to join.
+LINGER_S: Final = float(os.environ.get("LEDGER_SHARD_LINGER_MS", "2")) / 1000
+LINGER_ITEMS: Final = 256
 
 
 class SigningUnavailable(Exception):
@@ -84,6 +90,10 @@ class _Batch:
     parts: list[tuple[DecideItem, int, int]] = field(default_factory=list)
 
 
+def _is_ok(answer: Any) -> bool:
+    return isinstance(answer, Result) and answer.ok
+
+
 def unavailable(journal_id: str, reason: str) -> Result:
     """A retryable failure: nothing was written for this journal."""
     return Result(
@@ -101,6 +111,7 @@ class ShardEngine:
         slots: list[int],
         *,
         batch_max: int = 8192,
+        linger_s: float = LINGER_S,
         clock: Clock = utc_now,
         signer: SignerPort | None = None,
         hash_alg: str = "sha256",
@@ -109,6 +120,8 @@ class ShardEngine:
         self.dsn = dsn
         self.slots = slots
         self.batch_max = batch_max
+        self.linger_s = linger_s
+        self.linger_items = LINGER_ITEMS
         self.clock = clock
         self.signer = signer
         self.hash_alg = hash_alg
@@ -203,9 +216,16 @@ class ShardEngine:
 
     # -- the loop --------------------------------------------------------------------------
     async def _run(self) -> None:
+        backlog = False  # was work already waiting when the previous group commit ended?
         while True:
             work = [await self.queue.get()]
             count = len(work[0].items)
+            if backlog and count < self.linger_items and self.linger_s > 0:
+                # Work arrives continuously: let a little more join this group commit. Each
+                # commit costs a signature (a Ray call), a transaction and an fsync whatever its
+                # size, so under many small requests a few ms of waiting buys much larger
+                # batches. At light load the queue is empty after each commit: no waiting.
+                await asyncio.sleep(self.linger_s)
             while not self.queue.empty() and count < self.batch_max:
                 item = self.queue.get_nowait()
                 work.append(item)
@@ -217,6 +237,7 @@ class ShardEngine:
                 for entry in work:
                     if not entry.future.done():
                         entry.future.set_exception(exc)
+            backlog = not self.queue.empty()
 
     async def _process(self, work: list[_Work]) -> None:
         answers: list[list[Any]] = [[None] * len(w.items) for w in work]
@@ -307,8 +328,9 @@ class ShardEngine:
         assert self.pool is not None
         async with self.pool.acquire() as conn:
             deferred = self._dedupe(batch)
-            await self._answer_existing(conn, batch.posts, answers, must_exist=False)
-            batch.posts = [p for p in batch.posts if answers[p.work][p.index] is None]
+            # No look-up before writing: a journal id or key that already exists makes the write
+            # fail on the unique index (DuplicateJournals below), so the common batch of new
+            # journals costs no extra query. Replays the book rejects are looked up afterwards.
             for _attempt in range(8):
                 try:
                     await self._write(conn, batch, answers)
@@ -330,6 +352,10 @@ class ShardEngine:
                     batch.parts = [p for p in batch.parts if p[0].txid not in exc.journal_ids]
             else:
                 check(False, "group commit kept colliding with duplicates")
+            # A journal the book rejected (or that failed signing) may be a replay of a stored
+            # one: its stored result (or IDEMPOTENCY_CONFLICT) wins over the rejection.
+            refused = [p for p in batch.posts if not _is_ok(answers[p.work][p.index])]
+            await self._answer_existing(conn, refused, answers, must_exist=False)
             await self._answer_existing(conn, deferred, answers)
 
     @staticmethod
@@ -460,6 +486,7 @@ class ShardEngine:
         if not rows.is_empty():
             started = time.perf_counter()
             await commit_batch(conn, rows)
+            self.batches += 1
             log.debug("shard %s committed %s rows in %.1f ms", self.shard_id, len(rows.j_id),
                       (time.perf_counter() - started) * 1000)  # fmt: skip
         self.book.apply(staging)
@@ -467,7 +494,6 @@ class ShardEngine:
         if rows.batch is not None:
             self.batch_seq = rows.batch[0]
         self.committed_journals += len(accepted) + len(batch.parts)
-        self.batches += 1
         for pending, hashed in accepted:
             answers[pending.work][pending.index] = Result(pending.item.journal_id, True, stamp, hash=hashed)
         for _part, w, i in batch.parts:

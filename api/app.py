@@ -88,7 +88,10 @@ async def metrics(request: web.Request) -> web.Response:
     shards, coordinator = await _shard_statuses(svc)
     for shard in shards:
         if shard["ok"]:
-            svc.metrics.shard_queue_depth.labels(str(shard["shard_id"]), "actor").set(shard["queue_depth"])
+            label = str(shard["shard_id"])
+            svc.metrics.shard_queue_depth.labels(label, "actor").set(shard["queue_depth"])
+            svc.metrics.shard_commits.labels(label).set(shard["batches"])
+            svc.metrics.shard_journals.labels(label).set(shard["journals"])
     for outcome, count in (coordinator or {}).items():
         if outcome not in {"queue_depth", "in_flight"}:
             svc.metrics.twophase_outcomes.labels(outcome).set(count)

@@ -21,6 +21,7 @@ the ledger acknowledged the change. A failure to record is logged and counted in
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -124,6 +125,9 @@ async def audit_events(request: web.Request) -> web.Response:
     svc = request.app[SERVICES]
     limit = query_int(request, "limit", LIMIT_DEFAULT, 1, LIMIT_MAX)
     after = decode_cursor(request.query.get("cursor"))
+    writer = request.app.get(AUDIT_WRITER)
+    if writer is not None:
+        await writer.flush()  # events of calls already answered are readable here
     async with svc.pool.acquire() as conn:
         rows = await conn.fetch(_EVENTS, after, limit)
         batches = await conn.fetch(_BATCHES, AUDIT_STREAM, rows[0]["seq"], rows[-1]["seq"]) if rows else []
@@ -165,11 +169,22 @@ async def audit_event(request: web.Request, event_type: str, payload: dict[str, 
     writer = request.app.get(AUDIT_WRITER)
     if writer is None:
         return
+    metrics = request.app[SERVICES].metrics
+
+    def settled(future: asyncio.Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            log.error("audit event %s not recorded: %s", event_type, future.exception())
+            audit_failures(metrics).labels(event_type).inc()
+
     try:
-        await writer.record(request[PRINCIPAL].name, event_type, payload)
+        future = await writer.enqueue(request[PRINCIPAL].name, event_type, payload)
     except Exception:
         log.exception("audit event %s not recorded", event_type)
-        audit_failures(request.app[SERVICES].metrics).labels(event_type).inc()
+        audit_failures(metrics).labels(event_type).inc()
+        return
+    future.add_done_callback(settled)
+    if writer.answer_after_commit:
+        await asyncio.wait([future])
 
 
 async def _journal_hashes(request: web.Request, journal_ids: list[str]) -> dict[str, str]:
@@ -193,14 +208,14 @@ async def audit_post(request: web.Request, result: Result) -> None:
 
 
 async def audit_post_batch(
-    request: web.Request, results: list[dict[str, Any]], known: dict[str, str] | None = None
+    request: web.Request, posted: list[str], count: int, known: dict[str, str] | None = None
 ) -> None:
     """`ledger.post_batch`, one event per request with at least one acknowledged journal.
 
-    `results` are the per-journal response items ({ok, journal_id, ...}); the payload is
-    {journals: [{journal_id, hash}] of the ok ones in request order, rejected: count of the others}.
+    `posted` are the ids of the acknowledged journals in request order, `count` the number of
+    journals in the request; the payload is {journals: [{journal_id, hash}] of the posted ones,
+    rejected: count of the others}. Hashes come from `known` (id -> hex), else from the database.
     """
-    posted = [str(r["journal_id"]) for r in results if r.get("ok")]
     if not posted or request.app.get(AUDIT_WRITER) is None:
         return
     try:
@@ -209,11 +224,25 @@ async def audit_post_batch(
         log.exception("audit event ledger.post_batch not recorded (journal hash lookup)")
         audit_failures(request.app[SERVICES].metrics).labels("ledger.post_batch").inc()
         return
-    payload = {
-        "journals": [{"journal_id": j, "hash": hashes.get(j)} for j in posted],
-        "rejected": len(results) - len(posted),
+    await audit_event(request, "ledger.post_batch", post_batch_payload(posted, count, hashes))
+
+
+class _PostedJournal(msgspec.Struct, gc=False):
+    """One journal of a `ledger.post_batch` payload; canonical JSON sorts its fields like a dict's keys."""
+
+    journal_id: str
+    hash: str | None
+
+
+def post_batch_payload(posted: list[str], count: int, hashes: dict[str, str]) -> dict[str, Any]:
+    """The `ledger.post_batch` payload: the ok journals' ids and hashes in order, and the rejected count.
+
+    Its canonical bytes equal those of `{journals: [{journal_id, hash}, ...], rejected}` with dicts.
+    """
+    return {
+        "journals": [_PostedJournal(j, hashes.get(j)) for j in posted],
+        "rejected": count - len(posted),
     }
-    await audit_event(request, "ledger.post_batch", payload)
 
 
 async def audit_account_create(

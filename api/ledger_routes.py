@@ -8,7 +8,8 @@ import heapq
 import time
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any, Final
+from dataclasses import dataclass, field
+from typing import Any, Final, cast
 
 import msgspec
 from aiohttp import web
@@ -23,7 +24,15 @@ from api.requests import BATCH_BODY_MAX, idempotency_key, json_body, query_int, 
 from api.services import SERVICES, Services
 from ledger.accounts import AccountPolicy, account_type_of, normal_balance
 from ledger.errors import ErrorCode, LedgerError, Rejection, validation_error
-from ledger.journal import JournalIn, decode_journal, rejection_from_msgspec, validate_journal
+from ledger.journal import (
+    JournalIn,
+    JournalWire,
+    decode_journal,
+    journal_from_wire,
+    journal_in_of,
+    rejection_from_msgspec,
+    validate_journal,
+)
 from ledger.timestamps import rfc3339
 from store import repository
 
@@ -37,6 +46,12 @@ class BatchIn(msgspec.Struct, forbid_unknown_fields=True):
     journals: list[msgspec.Raw]
 
 
+class BatchWire(msgspec.Struct, forbid_unknown_fields=True):
+    """`POST /ledger/post_batch` body decoded in one go (the fast path of `decode_batch`)."""
+
+    journals: list[JournalWire]
+
+
 class AccountIn(msgspec.Struct, forbid_unknown_fields=True):
     """`POST /accounts` body."""
 
@@ -46,7 +61,8 @@ class AccountIn(msgspec.Struct, forbid_unknown_fields=True):
 
 _batch_decoder: Final = msgspec.json.Decoder(BatchIn)
 _journal_decoder: Final = msgspec.json.Decoder(JournalIn)
-_journals_decoder: Final = msgspec.json.Decoder(list[JournalIn])
+_wire_decoder: Final = msgspec.json.Decoder(JournalWire)
+_wire_batch_decoder: Final = msgspec.json.Decoder(BatchWire)
 _account_decoder: Final = msgspec.json.Decoder(AccountIn)
 _cursor_decoder: Final = msgspec.json.Decoder(dict[str, int])
 
@@ -128,30 +144,65 @@ async def post_journal(request: web.Request) -> web.Response:
     return ok(journal_id=result.journal_id, posted_at=result.posted_at)
 
 
-def _decode_batch_item(index: int, raw: msgspec.Raw, who: str, key: str | None) -> Submission | Rejection:
-    try:
-        journal_in = _journal_decoder.decode(raw)
-    except msgspec.ValidationError as exc:
-        return rejection_from_msgspec(exc, prefix=f"$.journals[{index}]")
-    return _validate_batch_item(index, journal_in, who, key)
+@dataclass(slots=True)
+class DecodedBatch:
+    """A batch body decoded and validated: one submission or rejection per journal, in order."""
+
+    subs: list[Submission | Rejection]
+    rejected: int = 0
+    """How many of `subs` are rejections."""
+    unbalanced: dict[int, tuple[Rejection, str | None]] = field(default_factory=dict)
+    """index -> (LEDGER_IMBALANCE rejection, the journal's client id), for the conflict lookup."""
+    reverses: bool = False
+    """True when some valid journal names a journal it reverses."""
+
+    def add(self, index: int, sub: Submission | Rejection, journal_id: str | None) -> None:
+        """Append the outcome of journal `index` (`journal_id`: its client id, if it decoded)."""
+        self.subs.append(sub)
+        if isinstance(sub, Rejection):
+            self.rejected += 1
+            if sub.code is ErrorCode.LEDGER_IMBALANCE:
+                self.unbalanced[index] = (sub, journal_id)
+        elif sub.journal.reverses is not None:
+            self.reverses = True
 
 
-def _decode_batch(raws: list[msgspec.Raw], who: str, key: str | None) -> list[Submission | Rejection]:
-    """Decode and validate every journal of a batch; each invalid journal fails alone.
+class _PostedItem(msgspec.Struct, gc=False):
+    """A batch answer item of a posted journal (encodes as {ok, journal_id, posted_at})."""
 
-    Fast path: one msgspec call decodes the whole list (most batches are well-formed); only
-    when that fails are the journals decoded one by one, to find which ones are malformed.
-    """
-    try:
-        journals = _journals_decoder.decode(b"[" + b",".join(raws) + b"]")
-    except msgspec.ValidationError:
-        return [_decode_batch_item(i, raw, who, key) for i, raw in enumerate(raws)]
-    return [_validate_batch_item(i, journal_in, who, key) for i, journal_in in enumerate(journals)]
+    ok: bool
+    journal_id: str
+    posted_at: str | None
 
 
-def _validate_batch_item(
-    index: int, journal_in: JournalIn, who: str, key: str | None
-) -> Submission | Rejection:
+class _FailedItem(msgspec.Struct, gc=False):
+    """A batch answer item of a refused journal (encodes as {ok, journal_id, error})."""
+
+    ok: bool
+    journal_id: str | None
+    error: dict[str, Any]
+
+
+BatchItem = _PostedItem | _FailedItem
+
+
+def _check_batch_size(count: int) -> None:
+    if count > BATCH_JOURNALS_MAX:
+        raise LedgerError(
+            ErrorCode.BATCH_TOO_LARGE,
+            f"a batch holds at most {BATCH_JOURNALS_MAX} journals, got {count}",
+            {"limit": BATCH_JOURNALS_MAX, "count": count},
+        )
+    if not count:
+        raise validation_error("journals must not be empty", "$.journals")
+
+
+def _batch_key(key: str | None, index: int) -> str | None:
+    return f"{key}#{index}" if key is not None else None
+
+
+def _detailed_item(index: int, journal_in: JournalIn, who: str, key: str | None) -> Submission | Rejection:
+    """`validate_journal` with a rejection's field moved under `$.journals[index]`."""
     try:
         journal = validate_journal(journal_in)
     except Rejection as rejection:
@@ -159,7 +210,123 @@ def _validate_batch_item(
         if isinstance(field, str) and field.startswith("$"):
             rejection.details["field"] = f"$.journals[{index}]" + field[1:]
         return rejection
-    return Submission(journal, who, f"{key}#{index}" if key is not None else None)
+    return Submission(journal, who, _batch_key(key, index))
+
+
+def _add_wire(batch: DecodedBatch, index: int, wire: JournalWire, who: str, key: str | None) -> None:
+    """A journal that decoded as `JournalWire`: the fast check, the detailed one only if it fails."""
+    journal = journal_from_wire(wire)
+    if journal is not None:
+        batch.add(index, Submission(journal, who, _batch_key(key, index)), wire.journal_id)
+    else:
+        batch.add(index, _detailed_item(index, journal_in_of(wire), who, key), wire.journal_id)
+
+
+def _add_raw(batch: DecodedBatch, index: int, raw: msgspec.Raw, who: str, key: str | None) -> None:
+    """A journal of a batch that did not decode as a whole: each one decoded on its own."""
+    try:
+        wire = _wire_decoder.decode(raw)
+    except msgspec.ValidationError:
+        pass
+    else:
+        _add_wire(batch, index, wire, who, key)
+        return
+    try:
+        journal_in = _journal_decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        batch.add(index, rejection_from_msgspec(exc, prefix=f"$.journals[{index}]"), None)
+        return
+    batch.add(index, _detailed_item(index, journal_in, who, key), journal_in.journal_id)
+
+
+def decode_batch(body: bytes, who: str, key: str | None) -> DecodedBatch:
+    """Decode and validate a batch body; each invalid journal fails alone, in its own result.
+
+    Raises (the whole request fails) when the body is not a batch of 1..8,190 journals.
+    Fast path: one msgspec call decodes the whole body as `JournalWire`s (a well-formed batch),
+    then `journal_from_wire` checks each. Only when that decode fails is the body decoded as
+    raw journals and each journal decoded on its own, to find which ones are malformed; only a
+    journal failing a check goes through `JournalIn` and `validate_journal`, whose error it gets.
+    """
+    try:
+        wires = _wire_batch_decoder.decode(body).journals
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        pass
+    else:
+        _check_batch_size(len(wires))
+        batch = DecodedBatch([])
+        append = batch.subs.append
+        for index, wire in enumerate(wires):  # _add_wire, inlined for the common case
+            journal = journal_from_wire(wire)
+            if journal is None:
+                batch.add(index, _detailed_item(index, journal_in_of(wire), who, key), wire.journal_id)
+                continue
+            append(Submission(journal, who, None if key is None else f"{key}#{index}"))
+            if journal.reverses is not None:
+                batch.reverses = True
+        return batch
+    try:
+        raws = _batch_decoder.decode(body).journals
+    except msgspec.ValidationError as exc:
+        raise rejection_from_msgspec(exc) from None
+    except msgspec.DecodeError as exc:
+        raise validation_error(f"malformed JSON: {exc}", "$") from None
+    _check_batch_size(len(raws))
+    batch = DecodedBatch([])
+    for index, raw in enumerate(raws):
+        _add_raw(batch, index, raw, who, key)
+    return batch
+
+
+@dataclass(slots=True)
+class BatchAnswer:
+    """The per-journal answer items, what the audit event needs, and a count per outcome."""
+
+    items: list[BatchItem]
+    posted: list[str]
+    """Ids of the acknowledged journals, in request order."""
+    hashes: dict[str, str]
+    """Journal id -> hex journal hash, for the acknowledged journals whose result carries one."""
+    outcomes: Counter[str]
+
+
+def _in_order(subs: list[Submission | Rejection], posted: list[Result]) -> Iterator[Result | Rejection]:
+    """Each journal's rejection or result, in request order."""
+    answers = iter(posted)
+    for sub in subs:
+        yield sub if isinstance(sub, Rejection) else next(answers)
+
+
+def batch_answer(subs: list[Submission | Rejection], posted: list[Result]) -> BatchAnswer:
+    """Answer items in request order; `posted` holds one result per `Submission` of `subs`, in order."""
+    items: list[BatchItem] = []
+    ids: list[str] = []
+    hashes: dict[str, str] = {}
+    outcomes: Counter[str] = Counter()
+    plain_ok = 0  # ok results without a code, counted as "OK" at the end (key kept in first-seen order)
+    answers = posted if len(posted) == len(subs) else _in_order(subs, posted)
+    for answer in answers:
+        if isinstance(answer, Rejection):
+            items.append(_FailedItem(False, None, answer.as_dict()))
+            outcomes[str(answer.code)] += 1
+        elif answer.ok:
+            journal_id = answer.journal_id
+            items.append(_PostedItem(True, journal_id, answer.posted_at))
+            ids.append(journal_id)
+            if answer.hash is not None:
+                hashes[journal_id] = answer.hash.hex()
+            if answer.code:
+                outcomes[answer.code] += 1
+                continue
+            if not plain_ok:
+                outcomes["OK"] += 0
+            plain_ok += 1
+        else:
+            items.append(_FailedItem(False, answer.journal_id, _result_error(answer).as_dict()))
+            outcomes[answer.code or "OK"] += 1
+    if plain_ok:
+        outcomes["OK"] += plain_ok
+    return BatchAnswer(items, ids, hashes, outcomes)
 
 
 async def post_batch(request: web.Request) -> web.Response:
@@ -168,53 +335,27 @@ async def post_batch(request: web.Request) -> web.Response:
     started = time.perf_counter()
     body = await json_body(request, BATCH_BODY_MAX)
     key = idempotency_key(request)
-    try:
-        batch = _batch_decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        raise rejection_from_msgspec(exc) from None
-    except msgspec.DecodeError as exc:
-        raise validation_error(f"malformed JSON: {exc}", "$") from None
-    if len(batch.journals) > BATCH_JOURNALS_MAX:
-        raise LedgerError(
-            ErrorCode.BATCH_TOO_LARGE,
-            f"a batch holds at most {BATCH_JOURNALS_MAX} journals, got {len(batch.journals)}",
-            {"limit": BATCH_JOURNALS_MAX, "count": len(batch.journals)},
-        )
-    if not batch.journals:
-        raise validation_error("journals must not be empty", "$.journals")
     who = principal(request).name
-    subs = _decode_batch(batch.journals, who, key)
-    for index, (sub, raw_item) in enumerate(zip(subs, batch.journals, strict=True)):
-        if isinstance(sub, Rejection) and sub.code is ErrorCode.LEDGER_IMBALANCE:
-            journal_id = _journal_decoder.decode(raw_item).journal_id
-            subs[index] = await _conflict_first(svc, sub, journal_id, who, f"{key}#{index}" if key else None)
-    await _check_reverses(svc, subs)
-    valid = [s for s in subs if isinstance(s, Submission)]
-    posted = iter(await svc.poster.post(valid)) if valid else iter(())
-    results: list[dict[str, Any]] = []
-    hashes: dict[str, str] = {}
-    outcomes: Counter[str] = Counter()
-    for sub in subs:
-        if isinstance(sub, Rejection):
-            results.append({"ok": False, "journal_id": None, "error": sub.as_dict()})
-            outcomes[str(sub.code)] += 1
-            continue
-        result = next(posted)
-        outcomes[result.code or "OK"] += 1
-        if result.ok:
-            results.append({"ok": True, "journal_id": result.journal_id, "posted_at": result.posted_at})
-            if result.hash is not None:
-                hashes[result.journal_id] = result.hash.hex()
-        else:
-            results.append(
-                {"ok": False, "journal_id": result.journal_id, "error": _result_error(result).as_dict()}
-            )
-    for code, count in outcomes.items():
+    batch = decode_batch(body, who, key)
+    subs = batch.subs
+    for index, (rejection, journal_id) in batch.unbalanced.items():
+        subs[index] = await _conflict_first(
+            svc, rejection, journal_id, who, f"{key}#{index}" if key else None
+        )
+    if batch.reverses:
+        await _check_reverses(svc, subs)
+    if batch.rejected or batch.reverses:
+        valid = [s for s in subs if isinstance(s, Submission)]
+    else:
+        valid = cast(list[Submission], subs)
+    posted = await svc.poster.post(valid) if valid else []
+    answer = batch_answer(subs, posted)
+    for code, count in answer.outcomes.items():
         svc.metrics.journal_results.labels(code).inc(count)
     svc.metrics.post_latency.labels("post_batch").observe(time.perf_counter() - started)
     svc.metrics.request_journals.observe(len(subs))
-    await audit_post_batch(request, results, hashes)
-    return ok(results=results)
+    await audit_post_batch(request, answer.posted, len(subs), answer.hashes)
+    return ok(results=answer.items)
 
 
 async def get_journal(request: web.Request) -> web.Response:

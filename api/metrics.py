@@ -38,6 +38,18 @@ class Metrics:
             ["destination"],
             registry=self.registry,
         )
+        self.shard_commits = Gauge(
+            "ledger_shard_group_commits",
+            "Group commits (PostgreSQL transactions with their batch signature) since the shard started",
+            ["shard"],
+            registry=self.registry,
+        )
+        self.shard_journals = Gauge(
+            "ledger_shard_committed_journals",
+            "Journals and cross-shard parts committed since the shard started",
+            ["shard"],
+            registry=self.registry,
+        )
         self.twophase_outcomes = Gauge(
             "ledger_twophase_outcomes", "Cross-shard outcomes since the coordinator started", ["outcome"],
             registry=self.registry,

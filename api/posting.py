@@ -13,11 +13,14 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
+
+import msgspec
 
 from actors.messages import ENCODER, RESULTS, CrossItem, PostItem, Result
 from actors.ports import CoordinatorPort, ShardPort
 from actors.shard_engine import unavailable
+from ledger.invariants import check
 from ledger.journal import Journal, Line
 from sharding.slots import SlotMap
 from signer.canonical import request_hash
@@ -76,7 +79,7 @@ class Batcher:
             asyncio.get_running_loop().create_task(self._call(take))
 
     async def _call(self, take: list[_Waiting]) -> None:
-        items = [item for entry in take for item in entry.items]
+        items = take[0].items if len(take) == 1 else [item for entry in take for item in entry.items]
         try:
             results = RESULTS.decode(await self.send(ENCODER.encode(items)))
             if len(results) != len(items):
@@ -98,13 +101,76 @@ class Batcher:
         self._flush()
 
 
-@dataclass(frozen=True, slots=True)
-class Submission:
-    """One validated journal and who posts it."""
+class Submission(msgspec.Struct, frozen=True, gc=False):
+    """One validated journal and who posts it (a Struct: built once per journal, cheaply)."""
 
     journal: Journal
     principal: str
     idem_key: str | None
+
+
+COORDINATOR: Final = -1
+"""The destination key of cross-shard journals in `route`'s answer (shard ids are >= 0)."""
+
+
+def destination(journal: Journal, shard_of: Callable[[str], int]) -> dict[int, tuple[Line, ...]]:
+    """Lines per shard (the common case, every line on one shard, builds no lists)."""
+    lines = journal.lines
+    first = shard_of(lines[0].account_id)
+    if all(shard_of(line.account_id) == first for line in lines[1:]):
+        return {first: lines}
+    parts: dict[int, list[Line]] = {}
+    for line in journal.lines:
+        parts.setdefault(shard_of(line.account_id), []).append(line)
+    return {shard: tuple(lines) for shard, lines in parts.items()}
+
+
+def _single_shard(lines: tuple[Line, ...], shard_of: Callable[[str], int]) -> int | None:
+    """The shard of every line, or None when the lines span shards."""
+    first = shard_of(lines[0].account_id)
+    for line in lines[1:]:
+        if shard_of(line.account_id) != first:
+            return None
+    return first
+
+
+def route(
+    submissions: list[Submission], shard_of: Callable[[str], int]
+) -> dict[int, tuple[list[int], list[Any]]]:
+    """Group submissions per destination (a shard id, or `COORDINATOR`): their indexes and items.
+
+    Pure (no Ray, no I/O): the per-journal part of `Poster.post`, so it can be timed alone.
+    A journal without a client id gets `jrn-<uuid4 hex>`.
+    """
+    groups: dict[int, tuple[list[int], list[Any]]] = {}
+    for index, sub in enumerate(submissions):
+        journal = sub.journal
+        journal_id = journal.journal_id or f"jrn-{uuid.uuid4().hex}"
+        hashed = request_hash(journal)
+        lines = journal.lines
+        parts: dict[int, tuple[Line, ...]] | None = None
+        if len(lines) == 2:  # the common journal: inline, no loop
+            dest = shard_of(lines[0].account_id)
+            other = shard_of(lines[1].account_id)
+            if other != dest:  # what destination() answers for two lines on two shards
+                parts = {dest: (lines[0],), other: (lines[1],)}
+        else:
+            single = _single_shard(lines, shard_of)
+            if single is None:
+                parts = destination(journal, shard_of)
+            else:
+                dest = single
+        if parts is None:
+            item: Any = PostItem(journal, journal_id, sub.principal, sub.idem_key, hashed)
+        else:
+            dest = COORDINATOR
+            item = CrossItem(journal, journal_id, sub.principal, sub.idem_key, hashed, parts)
+        group = groups.get(dest)
+        if group is None:
+            group = groups[dest] = ([], [])
+        group[0].append(index)
+        group[1].append(item)
+    return groups
 
 
 class Poster:
@@ -117,39 +183,24 @@ class Poster:
 
     def destination(self, journal: Journal) -> dict[int, tuple[Line, ...]]:
         """Lines per shard (the common case, every line on one shard, builds no lists)."""
-        shard_of = self.slot_map.shard_of
-        lines = journal.lines
-        first = shard_of(lines[0].account_id)
-        if all(shard_of(line.account_id) == first for line in lines[1:]):
-            return {first: lines}
-        parts: dict[int, list[Line]] = {}
-        for line in journal.lines:
-            parts.setdefault(self.slot_map.shard_of(line.account_id), []).append(line)
-        return {shard: tuple(lines) for shard, lines in parts.items()}
+        return destination(journal, self.slot_map.shard_of)
 
     async def post(self, submissions: list[Submission]) -> list[Result]:
         """Post journals; one result per submission, in order."""
-        groups: dict[Batcher, tuple[list[int], list[Any]]] = {}
-        for index, sub in enumerate(submissions):
-            journal_id = sub.journal.journal_id or f"jrn-{uuid.uuid4().hex}"
-            hashed = request_hash(sub.journal)
-            parts = self.destination(sub.journal)
-            if len(parts) == 1:
-                (shard,) = parts
-                batcher = self.shards[shard]
-                item: Any = PostItem(sub.journal, journal_id, sub.principal, sub.idem_key, hashed)
-            else:
-                batcher = self.coordinator
-                item = CrossItem(sub.journal, journal_id, sub.principal, sub.idem_key, hashed, parts)
-            indexes, items = groups.setdefault(batcher, ([], []))
-            indexes.append(index)
-            items.append(item)
+        groups = route(submissions, self.slot_map.shard_of)
+        batchers = [self.coordinator if dest == COORDINATOR else self.shards[dest] for dest in groups]
+        answers = await asyncio.gather(
+            *(batcher.submit(items) for batcher, (_, items) in zip(batchers, groups.values(), strict=True))
+        )
+        if len(answers) == 1:  # one destination: its indexes are 0..n-1 in order
+            check(len(answers[0]) == len(submissions), "one result per submission")
+            return answers[0]
         results: list[Result | None] = [None] * len(submissions)
-        answers = await asyncio.gather(*(batcher.submit(items) for batcher, (_, items) in groups.items()))
         for (indexes, _), answer in zip(groups.values(), answers, strict=True):
             for index, result in zip(indexes, answer, strict=True):
                 results[index] = result
-        return [r for r in results if r is not None]
+        # The groups' indexes partition 0..n-1 and each answer has one result per index (strict zip).
+        return cast(list[Result], results)
 
     def queue_depths(self) -> dict[str, int]:
         """Journals waiting per destination."""

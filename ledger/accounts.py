@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Mapping
 from typing import Final
 
 import msgspec
@@ -35,6 +36,12 @@ class AccountPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 _TYPE_CACHE_MAX: Final = 1 << 18
 _type_cache: dict[str, AccountType] = {}
+KNOWN_ACCOUNT_TYPES: Final[Mapping[str, AccountType]] = _type_cache
+"""Ids `account_type_of` already accepted, with their type (read-only view of its cache).
+
+A hit is a valid id; a miss means nothing (call `account_type_of`). Hot loops read it directly
+to save a function call per line.
+"""
 
 
 def account_type_of(account_id: str) -> AccountType | None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from importlib import resources
 from types import MappingProxyType
-from typing import Final
+from typing import TYPE_CHECKING, Final, Literal
 
 INT64_MAX: Final = 2**63 - 1
 
@@ -25,6 +25,12 @@ def _load_currencies() -> MappingProxyType[str, int]:
 
 
 CURRENCY_MINOR_UNITS: Final = _load_currencies()
+
+if TYPE_CHECKING:
+    CurrencyCode = str
+else:
+    CurrencyCode = Literal[tuple(CURRENCY_MINOR_UNITS)]
+"""A decode type: exactly the codes `is_currency` accepts, checked by msgspec while decoding."""
 
 
 def is_currency(code: str) -> bool:

@@ -608,13 +608,23 @@ def format_table(results: list[BenchResult], baseline: BenchResult | None) -> st
     """Render ``scenario | journals/s | p50 ms | p99 ms | ratio to baseline`` as a text table."""
     header = (
         f"{'scenario':<14} | {'journals/s':>11} | {'p50 ms':>9} | {'p99 ms':>9} | {'ratio to baseline':>17}"
+        f" | {'vs batch':>8} | {'journals/commit':>15}"
     )
     rows = [header, "-" * len(header)]
+    uniform = next((r for r in results if r.name == "batch"), None)
     for r in results:
         ratio = f"{r.per_second / baseline.per_second:.2f}x" if baseline and baseline.per_second else "n/a"
+        versus = (
+            f"{r.per_second / uniform.per_second:.2f}x"
+            if uniform and uniform.per_second and r.name in ("batch-hot", "batch-cross")
+            else ""
+        )
+        per_commit = r.extra.get("journals_per_commit")
+        size = f"{per_commit:.1f}" if isinstance(per_commit, float) else ""
         flag = "" if r.errors == 0 else f"  ({r.errors} errors)"
         rows.append(
-            f"{r.name:<14} | {r.per_second:>11,.1f} | {r.p50_ms:>9.2f} | {r.p99_ms:>9.2f} | {ratio:>17}{flag}"
+            f"{r.name:<14} | {r.per_second:>11,.1f} | {r.p50_ms:>9.2f} | {r.p99_ms:>9.2f} | {ratio:>17}"
+            f" | {versus:>8} | {size:>15}{flag}"
         )
     return "\n".join(rows)
 
@@ -761,21 +771,46 @@ async def drive_node(
     for name, batch in bodies.items():
         await smoke_batch(node.base_url, batch)
         print(f"running {name} ({opts.batch_clients} clients x {opts.batch_size} journals) ...", flush=True)
-        results.append(await run_batch(node.base_url, opts.seconds, opts.batch_clients, batch, name))
+        before = await commit_counters(node.base_url)
+        result = await run_batch(node.base_url, opts.seconds, opts.batch_clients, batch, name)
+        results.append(with_commit_size(result, before, await commit_counters(node.base_url)))
     if "single" in opts.only:
         print(f"running single (wrk -t{opts.wrk_threads} -c{opts.wrk_connections}) ...", flush=True)
-        results.append(
-            await run_single(
-                node.base_url,
-                opts.seconds,
-                accounts=opts.accounts,
-                run_id=run_id,
-                pairs_file=pairs_file,
-                connections=opts.wrk_connections,
-                threads=opts.wrk_threads,
-            )
+        before = await commit_counters(node.base_url)
+        result = await run_single(
+            node.base_url,
+            opts.seconds,
+            accounts=opts.accounts,
+            run_id=run_id,
+            pairs_file=pairs_file,
+            connections=opts.wrk_connections,
+            threads=opts.wrk_threads,
         )
+        results.append(with_commit_size(result, before, await commit_counters(node.base_url)))
     return results
+
+
+Counters = tuple[float, float]
+
+
+async def commit_counters(base_url: str) -> Counters:
+    """(group commits, committed journals) summed over the node's shards, from /metrics."""
+    async with aiohttp.ClientSession() as session, session.get(f"{base_url}/metrics") as resp:
+        text = await resp.text()
+    totals = {"ledger_shard_group_commits": 0.0, "ledger_shard_committed_journals": 0.0}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals["ledger_shard_group_commits"], totals["ledger_shard_committed_journals"]
+
+
+def with_commit_size(result: BenchResult, before: Counters, after: Counters) -> BenchResult:
+    """Record the scenario's shard group commits and journals (or parts) per commit."""
+    commits, journals = after[0] - before[0], after[1] - before[1]
+    result.extra["group_commits"] = commits
+    result.extra["journals_per_commit"] = journals / commits if commits else 0.0
+    return result
 
 
 def write_json(path: Path, opts: Options, results: list[BenchResult], note: str) -> None:

@@ -30,6 +30,9 @@ class NodeConfig:
     checkpoint_every_s: float = 0.25
     signer_env: dict[str, str] | None = None
     hash_alg: str | None = None  # LEDGER_HASH_ALG (sha256 | blake3); None: the ledger's, sha256 when new
+    # LEDGER_AUDIT_WAIT=1: answer a state change only once its audit event is committed (one more
+    # group commit of latency). Default: the event is queued in order and committed right after.
+    audit_wait: bool = False
 
     @classmethod
     def from_env(cls, **overrides: object) -> NodeConfig:
@@ -44,6 +47,7 @@ class NodeConfig:
             signing=os.environ.get("LEDGER_SIGNING", "on") != "off",
             signer_env=dict(os.environ),
             hash_alg=os.environ.get("LEDGER_HASH_ALG") or None,
+            audit_wait=os.environ.get("LEDGER_AUDIT_WAIT", "0") == "1",
         )
         for name, value in overrides.items():
             if value is not None:

@@ -17,6 +17,7 @@ import asyncpg
 from aiohttp import web
 
 from actors import runtime as actor_runtime
+from actors.gc_policy import tune_gc
 from api.app import create_app
 from api.audit_log import AUDIT_WRITER
 from api.auth import Authenticator, TokenError, parse_tokens
@@ -94,9 +95,10 @@ class Node:
             signer_kind=signer_kind,
             hash_alg=hash_alg,
         )
-        self.audit = AuditWriter(self.dsn, signer, hash_alg=hash_alg)
+        self.audit = AuditWriter(self.dsn, signer, hash_alg=hash_alg, answer_after_commit=config.audit_wait)
         await self.audit.start()
         await self._serve_http()
+        tune_gc()
         log.info("ledger node serving on %s with %s shards", self.url, len(slot_map.shards))
 
     def _authenticator(self) -> Authenticator:

@@ -181,9 +181,12 @@ class AuditWriter:
         batch_max: int = BATCH_MAX,
         sign_timeout_s: float = SIGN_TIMEOUT_S,
         hash_alg: str = HASH_ALG,
+        answer_after_commit: bool = True,
     ) -> None:
         self.dsn = dsn
         self.hash_alg = hash_alg
+        # Policy for the HTTP layer: wait for an event's commit before answering the call it records.
+        self.answer_after_commit = answer_after_commit
         self.signer = signer
         self.clock = clock
         self.batch_max = batch_max
@@ -201,6 +204,7 @@ class AuditWriter:
         self.events = 0
         self.batches = 0
         self.failures = 0
+        self.last_queued: asyncio.Future[AuditEventRef] | None = None
 
     # -- life cycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -256,16 +260,32 @@ class AuditWriter:
     # -- calls -----------------------------------------------------------------------------------
     async def record(self, actor_id: str, event_type: str, payload: dict[str, Any]) -> AuditEventRef:
         """Append one event; returns once it is committed (and signed, with a signer). Raises AuditError."""
+        return await (await self.enqueue(actor_id, event_type, payload))
+
+    async def enqueue(
+        self, actor_id: str, event_type: str, payload: dict[str, Any]
+    ) -> asyncio.Future[AuditEventRef]:
+        """Queue one event in order; the future resolves once it is committed (or fails with AuditError).
+
+        Waits only while the queue is full (back-pressure: a writer that falls behind slows its
+        callers down instead of dropping events). Raises AuditUnavailable when not running.
+        """
         if not self.accepting:
             raise AuditUnavailable("audit writer is not running")
         encoded = canonical(payload)  # TypeError for a payload that is not JSON, in the caller's task
         future: asyncio.Future[AuditEventRef] = asyncio.get_running_loop().create_future()
-        try:
-            self.queue.put_nowait(_Pending(actor_id, event_type, encoded, future))
-        except asyncio.QueueFull:
-            self.failures += 1
-            raise AuditUnavailable(f"audit queue full ({self.queue.maxsize} events)") from None
-        return await future
+        await self.queue.put(_Pending(actor_id, event_type, encoded, future))
+        self.last_queued = future
+        return future
+
+    async def flush(self) -> None:
+        """Wait until every event queued so far is committed or failed (read-your-writes for readers).
+
+        Batches commit in queue order, so the last queued event settling means all earlier ones did.
+        """
+        last = self.last_queued
+        if last is not None and not last.done():
+            await asyncio.wait([last])
 
     def status(self) -> dict[str, Any]:
         """Queue depth, head and counters (for /ready or /metrics)."""

@@ -2,8 +2,9 @@
 
 Recomputes every balance from the stored journal lines and compares it with the stored
 balances; checks that every journal balances per currency (cross-shard ones across all
-their parts), that every journal has lines, and that each shard's chain links hash to
-hash. Returns the list of problems; empty means the ledger is coherent.
+their parts), that every journal has lines, that no line is stored twice, and that each
+shard's chain links hash to hash. Returns the list of problems; empty means the ledger is
+coherent.
 """
 
 from __future__ import annotations
@@ -60,6 +61,14 @@ SELECT DISTINCT l.journal_id FROM journal_lines l
  WHERE NOT EXISTS (SELECT 1 FROM journals j WHERE j.journal_id = l.journal_id) ORDER BY 1
 """
 
+# journal_lines has no unique key on (journal_id, line_no) (migration 0004): the writer stores each
+# journal's lines once, in the transaction that claims its journals / shard_links row. One scan.
+_DUPLICATE_LINES = """
+SELECT journal_id, line_no, count(*) AS copies FROM journal_lines
+ GROUP BY journal_id, line_no HAVING count(*) > 1
+ ORDER BY 1, 2
+"""
+
 _CHAIN = """
 SELECT shard, seq, hash, prev_hash, journal_id FROM (
     SELECT stream_id AS shard, stream_seq AS seq, hash, prev_hash, journal_id
@@ -95,6 +104,10 @@ async def run_check(conn: asyncpg.Connection, *, include_open: bool = False) -> 
         problems.append(Problem("journal_without_lines", r["journal_id"], "no lines stored"))
     for r in await conn.fetch(_ORPHAN_LINES):
         problems.append(Problem("orphan_lines", r["journal_id"], "lines without a journal"))
+    for r in await conn.fetch(_DUPLICATE_LINES):
+        problems.append(
+            Problem("duplicate_line", r["journal_id"], f"line {r['line_no']} stored {r['copies']} times")
+        )
     for r in await conn.fetch(_SUM_ZERO):
         problems.append(Problem("currency_not_zero_sum", r["currency"], f"debits - credits = {r['net']}"))
     problems.extend(await _check_chains(conn))

@@ -6,10 +6,19 @@ balance delta per (account, currency). Everything is written with array paramete
 (`unnest`) or COPY, in a fixed order, so a batch costs a handful of round trips however
 many journals it holds. Balances are updated once per account per batch, sorted by key,
 so concurrent batches never deadlock.
+
+Journal rows go in by COPY, which costs PostgreSQL half of an `INSERT ... ON CONFLICT DO
+NOTHING RETURNING` (see `loadtests/pg_commit.py`) but has no ON CONFLICT: a journal id,
+idempotency key or chain position that already exists aborts the transaction with a
+unique violation on `journals`. Such batches (replays, races: rare) are then written again
+with the INSERT, which skips the existing rows and tells which they are, so the caller
+gets the same `DuplicateJournals` either way.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -83,6 +92,26 @@ ON CONFLICT DO NOTHING
 RETURNING journal_id
 """
 
+_JOURNAL_COLUMNS = (
+    "journal_id",
+    "stream_id",
+    "stream_seq",
+    "posted_at",
+    "effective_at",
+    "principal",
+    "idem_key",
+    "request_hash",
+    "reverses",
+    "hash",
+    "prev_hash",
+    "body",
+)
+
+# The unique constraints and indexes of `journals` (migration 0001), i.e. every conflict that
+# `_INSERT_JOURNALS` skips with ON CONFLICT DO NOTHING. A COPY that violates one of them is retried
+# with that INSERT; a unique violation anywhere else is a real error and propagates.
+JOURNALS_UNIQUE = frozenset({"journals_pkey", "journals_stream_id_stream_seq_key", "journals_idem"})
+
 _INSERT_LINKS = """
 INSERT INTO shard_links (shard_id, seq, journal_id, hash, prev_hash)
 SELECT $1, l.seq, l.journal_id, l.hash, l.prev_hash
@@ -125,7 +154,67 @@ _LINE_COLUMNS = (
 
 
 async def commit_batch(conn: asyncpg.Connection, rows: BatchRows) -> None:
-    """Write one batch in one transaction; raise DuplicateJournals / PartsAlreadyApplied on conflict."""
+    """Write one batch in one transaction; raise DuplicateJournals / PartsAlreadyApplied on conflict.
+
+    Nothing of the batch is written when either is raised.
+    """
+    try:
+        await _write_batch(conn, rows, _copy_journals)
+    except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name not in JOURNALS_UNIQUE:
+            raise
+        # Some journal already exists (or appears twice): the COPY rolled back. The INSERT finds
+        # out which, and raises DuplicateJournals for them.
+        await _write_batch(conn, rows, _insert_journals)
+
+
+async def _copy_journals(conn: asyncpg.Connection, rows: BatchRows) -> None:
+    """The fast path: every journal row by COPY; any existing one aborts with a unique violation."""
+    records = zip(
+        rows.j_id,
+        itertools.repeat(rows.shard_id, len(rows.j_id)),
+        rows.j_seq,
+        rows.j_posted_at,
+        rows.j_effective_at,
+        rows.j_principal,
+        rows.j_idem_key,
+        rows.j_request_hash,
+        rows.j_reverses,
+        rows.j_hash,
+        rows.j_prev_hash,
+        rows.j_body,
+        strict=True,
+    )
+    await conn.copy_records_to_table("journals", records=records, columns=_JOURNAL_COLUMNS)
+
+
+async def _insert_journals(conn: asyncpg.Connection, rows: BatchRows) -> None:
+    """The conflict path: insert what is new; raise DuplicateJournals naming the rows that were not."""
+    inserted = await conn.fetch(
+        _INSERT_JOURNALS,
+        rows.shard_id,
+        rows.j_id,
+        rows.j_seq,
+        rows.j_posted_at,
+        rows.j_effective_at,
+        rows.j_principal,
+        rows.j_idem_key,
+        rows.j_request_hash,
+        rows.j_reverses,
+        rows.j_hash,
+        rows.j_prev_hash,
+        rows.j_body,
+    )
+    if len(inserted) != len(rows.j_id):
+        raise DuplicateJournals(set(rows.j_id) - {r[0] for r in inserted})
+
+
+async def _write_batch(
+    conn: asyncpg.Connection,
+    rows: BatchRows,
+    write_journals: Callable[[asyncpg.Connection, BatchRows], Awaitable[None]],
+) -> None:
+    """The batch's transaction, with its journal rows written by `write_journals`."""
     async with conn.transaction():
         if rows.accounts:
             accounts = sorted(rows.accounts)
@@ -133,23 +222,7 @@ async def commit_batch(conn: asyncpg.Connection, rows: BatchRows) -> None:
                 _INSERT_ACCOUNTS, [a[0] for a in accounts], [a[1] for a in accounts], [a[2] for a in accounts]
             )
         if rows.j_id:
-            inserted = await conn.fetch(
-                _INSERT_JOURNALS,
-                rows.shard_id,
-                rows.j_id,
-                rows.j_seq,
-                rows.j_posted_at,
-                rows.j_effective_at,
-                rows.j_principal,
-                rows.j_idem_key,
-                rows.j_request_hash,
-                rows.j_reverses,
-                rows.j_hash,
-                rows.j_prev_hash,
-                rows.j_body,
-            )
-            if len(inserted) != len(rows.j_id):
-                raise DuplicateJournals(set(rows.j_id) - {r[0] for r in inserted})
+            await write_journals(conn, rows)
         if rows.l_journal_id:
             applied = await conn.fetch(
                 _INSERT_LINKS, rows.shard_id, rows.l_seq, rows.l_journal_id, rows.l_hash, rows.l_prev_hash

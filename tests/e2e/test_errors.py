@@ -816,6 +816,15 @@ def test_health_ready_metrics_are_public(node: NodeHarness) -> None:
                      "ledger_twophase_outcomes", "ledger_request_journals"):  # fmt: skip
             assert name in text, name
 
+        def total(metric: str) -> float:
+            return sum(
+                float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(metric + "{")
+            )
+
+        # the shards report their group commits: the posting above is in one of them
+        assert total("ledger_shard_committed_journals") >= 1
+        assert 1 <= total("ledger_shard_group_commits") <= total("ledger_shard_committed_journals")
+
     run(node, flow)
 
 

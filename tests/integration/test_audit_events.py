@@ -426,3 +426,44 @@ def test_node_records_ledger_calls(node: Any) -> None:
             assert events[0]["payload"]["hash"] == audit_block["hash"]
 
     asyncio.run(scenario())
+
+
+class SlowPort(EnginePort):
+    """A signer that holds every signature until released (to catch the queue mid-flight)."""
+
+    def __init__(self, engine: SignerEngine) -> None:
+        super().__init__(engine)
+        self.gate = asyncio.Event()
+
+    async def sign_statements(self, statements: list[dict[str, Any]]) -> list[tuple[bytes, str, bytes]]:
+        await self.gate.wait()
+        return self.engine.sign_statements(statements)
+
+
+def test_enqueue_returns_before_commit_and_flush_waits_for_it() -> None:
+    """Tried: queue 5 events while the signer is held; nothing is written yet, the futures are
+    pending; `flush()` does not return before the signer is released, then all 5 are committed in
+    order in one chain (what GET /audit/events relies on to read the events of answered calls)."""
+
+    async def scenario() -> None:
+        async with environment() as env:
+            port = SlowPort(env.engine)
+            writer = AuditWriter(env.dsn, port)
+            await writer.start()
+            try:
+                futures = [await writer.enqueue("service:t", "test.event", {"n": n}) for n in range(5)]
+                flushing = asyncio.ensure_future(writer.flush())
+                await asyncio.sleep(0.2)
+                assert not flushing.done() and not any(f.done() for f in futures)
+                assert (await _counts(env.conn))[0] == 0
+                port.gate.set()
+                await asyncio.wait_for(flushing, 10)
+                assert all(f.done() and f.exception() is None for f in futures)
+                assert [f.result().seq for f in futures] == [1, 2, 3, 4, 5]
+                assert (await _counts(env.conn))[0] == 5
+            finally:
+                port.gate.set()
+                await writer.close()
+            assert await verify_audit_chain(env.conn) == []
+
+    asyncio.run(scenario())

@@ -178,6 +178,29 @@ def test_check_names_the_journal_that_breaks_the_chain(dsn: str, tmp_path: Path)
     assert not any(p.startswith("balance_mismatch") for p in found), found
 
 
+def test_check_names_the_lines_stored_twice(dsn: str, tmp_path: Path) -> None:
+    """journal_lines has no unique key since 0004: `check` is what finds a line stored twice."""
+    post_by_hand(dsn, "cli-dup-1", 1, None)
+    post_by_hand(dsn, "cli-dup-2", 2, _digest(_body("cli-dup-1")))
+    assert check(dsn, tmp_path).returncode == 0
+    # Both lines of cli-dup-2 again, in one (balanced) statement, as a replayed COPY would add them.
+    sql(
+        dsn,
+        "INSERT INTO journal_lines (journal_id, line_no, shard_id, account_id, currency, side, amount,"
+        " posted_at) SELECT journal_id, line_no, shard_id, account_id, currency, side, amount, posted_at"
+        " FROM journal_lines WHERE journal_id = 'cli-dup-2'",
+    )
+    result = check(dsn, tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    found = problems(result)
+    duplicates = sorted(p for p in found if p.startswith("duplicate_line"))
+    assert duplicates == [
+        "duplicate_line: cli-dup-2: line 0 stored 2 times",
+        "duplicate_line: cli-dup-2: line 1 stored 2 times",
+    ], found
+    assert not any("cli-dup-1" in p for p in found), found
+
+
 def test_serve_refuses_zero_shards(tmp_path: Path) -> None:
     result = run_cli("serve", "--shards", "0", "--port", "0", "--data-dir", str(tmp_path / "data"))
     assert result.returncode == 2, result.stdout + result.stderr

@@ -8,13 +8,16 @@ import hashlib
 import pathlib
 import shutil
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
 from typing import TypeVar
 
 import asyncpg
 import pytest
 
+from store.check import run_check
 from store.embedded import FALLBACK_ROOT, EmbeddedPostgres
 from store.migrations import Migration, MigrationError, applied_versions, apply_migrations, load_migrations
+from store.writer import BatchRows, DuplicateJournals, commit_batch
 from tests.support.databases import SHARED_ADMIN_DSN, create_database, drop_database
 
 T = TypeVar("T")
@@ -232,6 +235,100 @@ def test_balancing_trigger(admin_dsn: str) -> None:
         await _insert_lines(conn, [_line("j-x", 0, "asset:cash", "D", 7, cross=True)])
         counts = await conn.fetch("SELECT journal_id, count(*) AS n FROM journal_lines GROUP BY 1 ORDER BY 1")
         assert [(r["journal_id"], r["n"]) for r in counts] == [("j-ok", 2), ("j-x", 1)]
+
+    on_fresh_database(admin_dsn, body)
+
+
+async def _post_by_sql(conn: asyncpg.Connection, journal_id: str, seq: int, amount: int) -> None:
+    """Store a two-line single-shard journal on stream 0 with its balances, in plain SQL.
+
+    Its hash is its id's bytes, its prev_hash the previous journal's (`old-<seq - 1>`).
+    """
+    await conn.execute(
+        "INSERT INTO journals (journal_id, stream_id, stream_seq, posted_at, principal, idem_key,"
+        " request_hash, hash, prev_hash, body) VALUES ($1, 0, $2, now(), 'service:mig', $1, '\\x00', $3, $4,"
+        " '\\x02')",
+        journal_id,
+        seq,
+        journal_id.encode(),
+        f"old-{seq - 1}".encode() if seq > 1 else None,
+    )
+    await _insert_lines(
+        conn,
+        [_line(journal_id, 0, "asset:cash", "D", amount), _line(journal_id, 1, "revenue:sales", "C", amount)],
+    )
+    await conn.execute(
+        "UPDATE balances SET debits_posted = debits_posted + $1 WHERE account_id = 'asset:cash'", amount
+    )
+    await conn.execute(
+        "UPDATE balances SET credits_posted = credits_posted + $1 WHERE account_id = 'revenue:sales'", amount
+    )
+
+
+def _one_journal(journal_id: str, seq: int, amount: int, prev_hash: bytes) -> BatchRows:
+    """A shard-0 batch of one two-line journal between the accounts of `_post_by_sql`."""
+    rows = BatchRows(0)
+    now = datetime.now(UTC)
+    rows.j_id, rows.j_seq, rows.j_posted_at, rows.j_effective_at = [journal_id], [seq], [now], [None]
+    rows.j_principal, rows.j_idem_key, rows.j_request_hash = ["service:mig"], [journal_id], [b"\x00"]
+    rows.j_reverses, rows.j_hash, rows.j_prev_hash = [None], [journal_id.encode()], [prev_hash]
+    rows.j_body = [b"\x02"]
+    rows.lines = [
+        (journal_id, 0, 0, "asset:cash", "USD", "D", amount, now, False),
+        (journal_id, 1, 0, "revenue:sales", "USD", "C", amount, now, False),
+    ]
+    rows.deltas = [("asset:cash", "USD", 1, amount, 0), ("revenue:sales", "USD", 2, 0, amount)]
+    return rows
+
+
+def test_lean_writes_migration_applies_to_a_ledger_holding_data(admin_dsn: str) -> None:
+    """0004 on a ledger at 0003 with journals: data kept and coherent, lines PK gone, BRIN posted_at,
+    balances fillfactor 70, balancing trigger still on, and the writer works on the result."""
+
+    async def body(conn: asyncpg.Connection, dsn: str) -> None:
+        assert await apply_migrations(conn, load_migrations()[:3]) == [1, 2, 3]
+        await conn.execute(
+            "INSERT INTO accounts (account_id, account_type, slot) VALUES"
+            " ('asset:cash', 'asset', 1), ('revenue:sales', 'revenue', 2);"
+            "INSERT INTO balances (account_id, currency, slot) VALUES"
+            " ('asset:cash', 'USD', 1), ('revenue:sales', 'USD', 2)"
+        )
+        for seq in range(1, 51):
+            await _post_by_sql(conn, f"old-{seq}", seq, 10 * seq)
+        lines_before = await conn.fetch("SELECT * FROM journal_lines ORDER BY journal_id, line_no")
+
+        assert await apply_migrations(conn) == [4]
+        assert await conn.fetch("SELECT * FROM journal_lines ORDER BY journal_id, line_no") == lines_before
+        assert await conn.fetchval("SELECT count(*) FROM journals") == 50
+        assert await run_check(conn) == []
+        constraints = {
+            r[0]
+            for r in await conn.fetch(
+                "SELECT contype FROM pg_constraint WHERE conrelid = 'journal_lines'::regclass"
+            )
+        }
+        assert "p" not in constraints
+        indexes = {
+            r["indexname"]: r["indexdef"]
+            for r in await conn.fetch(
+                "SELECT indexname, indexdef FROM pg_indexes WHERE tablename IN ('journals', 'journal_lines')"
+            )
+        }
+        assert "USING brin (posted_at)" in indexes["journals_posted_at"]
+        assert "journal_lines_account" in indexes
+        assert await conn.fetchval("SELECT reloptions FROM pg_class WHERE relname = 'balances'") == [
+            "fillfactor=70"
+        ]
+        with pytest.raises(asyncpg.exceptions.CheckViolationError, match="j-bad"):
+            await _insert_lines(conn, [_line("j-bad", 0, "asset:cash", "D", 5)])
+
+        await commit_batch(conn, _one_journal("new-51", 51, 3, b"old-50"))
+        with pytest.raises(DuplicateJournals) as caught:
+            await commit_batch(conn, _one_journal("old-7", 52, 3, b"new-51"))
+        assert caught.value.journal_ids == {"old-7"}
+        assert await run_check(conn) == []
+        total = await conn.fetchval("SELECT debits_posted FROM balances WHERE account_id = 'asset:cash'")
+        assert total == sum(10 * s for s in range(1, 51)) + 3
 
     on_fresh_database(admin_dsn, body)
 

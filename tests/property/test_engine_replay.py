@@ -303,3 +303,33 @@ def test_replay_after_restart_returns_the_original(harness: Harness) -> None:
         assert _book_balances(harness.engine, runner.prefix) == runner.model_balances()
 
     harness.run(scenario())
+
+
+def test_replay_the_book_would_now_refuse_answers_the_original(harness: Harness) -> None:
+    """A replay is answered from the store even when posting it again would overdraw the account.
+
+    Tried: drain a no-negative account to zero, then resend the draining journal (same id, same
+    body: must answer the original, not INSUFFICIENT_FUNDS) and a different journal under that id
+    that would also overdraw (must be IDEMPOTENCY_CONFLICT, not INSUFFICIENT_FUNDS).
+    """
+    runner = Runner(uuid.uuid4().hex[:12])
+    guarded = runner.account(0)  # asset: debits raise it, credits lower it
+
+    async def scenario() -> None:
+        engine = harness.engine
+        (made,) = RESULTS.decode(await engine.create_account(guarded, True))
+        assert made.ok
+        fund_item, fund = runner.item(Op("new_id", ((0, 2, 100, "USD"),)), [])
+        drain_item, drain = runner.item(Op("new_id", ((3, 0, 100, "USD"),)), [])
+        for item, expected in ((fund_item, fund), (drain_item, drain)):
+            (result,) = RESULTS.decode(await engine.post(ENCODER.encode([item])))
+            runner.check(result, expected, item)
+        replay_item, replay = runner.item(Op("replay", (), ref=1), [fund, drain])
+        conflict_item, conflict = runner.item(Op("conflict", (), ref=1), [fund, drain])
+        assert replay_item.journal_id == conflict_item.journal_id == drain.journal_id
+        for item, expected in ((replay_item, replay), (conflict_item, conflict)):
+            (result,) = RESULTS.decode(await engine.post(ENCODER.encode([item])))
+            runner.check(result, expected, item)
+        assert _book_balances(engine, runner.prefix) == runner.model_balances()
+
+    harness.run(scenario())

@@ -339,10 +339,11 @@ async def verify_store(dsn: str, acked: dict[str, dict[str, Any]], attempted: It
         partial = await conn.fetch(
             """
             SELECT j.journal_id, jsonb_array_length(convert_from(j.body, 'UTF8')::jsonb -> 'entries') AS want,
-                   (SELECT count(*) FROM journal_lines l WHERE l.journal_id = j.journal_id) AS have
+                   COALESCE(l.have, 0) AS have
               FROM journals j
-             WHERE jsonb_array_length(convert_from(j.body, 'UTF8')::jsonb -> 'entries')
-                   <> (SELECT count(*) FROM journal_lines l WHERE l.journal_id = j.journal_id)
+              LEFT JOIN (SELECT journal_id, count(*) AS have FROM journal_lines GROUP BY journal_id) l
+                     USING (journal_id)
+             WHERE jsonb_array_length(convert_from(j.body, 'UTF8')::jsonb -> 'entries') <> COALESCE(l.have, 0)
             """
         )
         assert not partial, f"{len(partial)} partially applied journals: {[dict(r) for r in partial[:5]]}"

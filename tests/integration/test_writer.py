@@ -1,0 +1,245 @@
+"""The group-commit writer on the shared PostgreSQL: journals by COPY, and what happens on a conflict.
+
+`commit_batch` writes journal rows with COPY, which cannot skip existing rows: a replayed journal id
+or idempotency key aborts the COPY, and the batch is written again with INSERT ... ON CONFLICT DO
+NOTHING to name the duplicates. The shard (actors/shard_engine.py) relies on getting exactly those
+ids in `DuplicateJournals` with nothing of the batch written: it answers them as replays or
+conflicts and commits the rest. A client would see a replay answered wrongly, or a batch half
+written, if this broke.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import pytest
+
+from store.migrations import apply_migrations
+from store.writer import (
+    JOURNALS_UNIQUE,
+    BatchRows,
+    DuplicateJournals,
+    _insert_journals,
+    _write_batch,
+    commit_batch,
+)
+from tests.support.databases import create_database, drop_database
+
+PRINCIPAL = "service:writer-test"
+CASH, SALES = "asset:w-cash", "revenue:w-sales"
+
+
+class SpyConnection(asyncpg.Connection):  # type: ignore[misc]
+    """Counts the COPYs into `journals` and the journals INSERTs (the conflict path)."""
+
+    journal_copies = 0
+    journal_inserts = 0
+
+    async def copy_records_to_table(self, table_name: str, **kwargs: Any) -> str:
+        if table_name == "journals":
+            self.journal_copies += 1
+        return await super().copy_records_to_table(table_name, **kwargs)
+
+    async def fetch(self, query: str, *args: Any, **kwargs: Any) -> list[Any]:
+        if query.lstrip().startswith("INSERT INTO journals"):
+            self.journal_inserts += 1
+        return await super().fetch(query, *args, **kwargs)
+
+
+@pytest.fixture
+def dsn() -> Iterator[str]:
+    """A fresh migrated database with shard 0; dropped after the test."""
+
+    async def make() -> str:
+        created = await create_database("ledger_test_writer")
+        conn = await asyncpg.connect(created)
+        try:
+            await apply_migrations(conn)
+            await conn.execute("INSERT INTO shards (shard_id) VALUES (0)")
+        finally:
+            await conn.close()
+        return created
+
+    created = asyncio.run(make())
+    try:
+        yield created
+    finally:
+        asyncio.run(drop_database(created))
+
+
+def on(dsn: str, body: Callable[[SpyConnection], Awaitable[None]]) -> None:
+    """Run ``body`` on a spying connection to ``dsn``."""
+
+    async def run() -> None:
+        conn = await asyncpg.connect(dsn, connection_class=SpyConnection)
+        try:
+            await body(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def batch(
+    journals: list[tuple[str, int, str | None]], *, batch_seq: int | None = None, amount: int = 100
+) -> BatchRows:
+    """A shard-0 batch of two-line journals (id, chain seq, idempotency key): cash debit, sales credit.
+
+    The batch creates both accounts on first use and carries their summed balance deltas.
+    """
+    rows = BatchRows(0)
+    now = datetime.now(UTC)
+    for journal_id, seq, idem_key in journals:
+        rows.j_id.append(journal_id)
+        rows.j_seq.append(seq)
+        rows.j_posted_at.append(now)
+        rows.j_effective_at.append(None)
+        rows.j_principal.append(PRINCIPAL)
+        rows.j_idem_key.append(idem_key)
+        rows.j_request_hash.append(journal_id.encode().ljust(32, b"r"))
+        rows.j_reverses.append(None)
+        rows.j_hash.append(journal_id.encode().ljust(32, b"h"))
+        rows.j_prev_hash.append(None)
+        rows.j_body.append(b'{"journal_id":"' + journal_id.encode() + b'"}')
+        rows.lines.append((journal_id, 0, 0, CASH, "USD", "D", amount, now, False))
+        rows.lines.append((journal_id, 1, 0, SALES, "USD", "C", amount, now, False))
+    rows.accounts = [(CASH, "asset", 1), (SALES, "revenue", 2)]
+    total = amount * len(journals)
+    rows.deltas = [(CASH, "USD", 1, total, 0), (SALES, "USD", 2, 0, total)]
+    if batch_seq is not None:
+        seqs = [seq for _, seq, _ in journals]
+        rows.batch = (batch_seq, min(seqs), max(seqs), b"{}", b"root", b"sig", "kid-1", now)
+    return rows
+
+
+async def snapshot(conn: asyncpg.Connection) -> tuple[Any, ...]:
+    """Everything a batch writes, to compare before and after a failed one."""
+    return (
+        [tuple(r) for r in await conn.fetch("SELECT journal_id, stream_seq FROM journals ORDER BY 1")],
+        [tuple(r) for r in await conn.fetch("SELECT journal_id, line_no FROM journal_lines ORDER BY 1, 2")],
+        [
+            tuple(r)
+            for r in await conn.fetch(
+                "SELECT account_id, debits_posted, credits_posted FROM balances ORDER BY 1"
+            )
+        ],
+        [tuple(r) for r in await conn.fetch("SELECT account_id FROM accounts ORDER BY 1")],
+        [tuple(r) for r in await conn.fetch("SELECT batch_seq FROM batches ORDER BY 1")],
+    )
+
+
+def test_new_journals_are_written_by_copy(dsn: str) -> None:
+    """A batch of new journals is one COPY into journals (no INSERT), with its lines and balances."""
+
+    async def body(conn: SpyConnection) -> None:
+        await commit_batch(conn, batch([("w-1", 1, None), ("w-2", 2, "key-2")], batch_seq=1))
+        assert (conn.journal_copies, conn.journal_inserts) == (1, 0)
+        journals, lines, balances, _, batches = await snapshot(conn)
+        assert journals == [("w-1", 1), ("w-2", 2)]
+        assert lines == [("w-1", 0), ("w-1", 1), ("w-2", 0), ("w-2", 1)]
+        assert balances == [(CASH, 200, 0), (SALES, 0, 200)]
+        assert batches == [(1,)]
+        row = await conn.fetchrow(
+            "SELECT stream_id, principal, idem_key FROM journals WHERE journal_id = 'w-2'"
+        )
+        assert tuple(row) == (0, PRINCIPAL, "key-2")
+
+    on(dsn, body)
+
+
+def test_existing_journal_id_raises_duplicates_and_writes_nothing(dsn: str) -> None:
+    """A batch holding an already stored journal id: DuplicateJournals names exactly it; nothing written."""
+
+    async def body(conn: SpyConnection) -> None:
+        await commit_batch(conn, batch([("d-1", 1, None), ("d-2", 2, None)], batch_seq=1))
+        before = await snapshot(conn)
+        replay = batch([("d-3", 3, None), ("d-2", 4, None), ("d-4", 5, None)], batch_seq=2)
+        with pytest.raises(DuplicateJournals) as caught:
+            await commit_batch(conn, replay)
+        assert caught.value.journal_ids == {"d-2"}
+        assert (conn.journal_copies, conn.journal_inserts) == (2, 1), "COPY first, INSERT only on conflict"
+        assert await snapshot(conn) == before
+        # What the shard does next: the batch without the duplicate commits, by COPY again.
+        await commit_batch(conn, batch([("d-3", 3, None), ("d-4", 4, None)], batch_seq=2))
+        assert (conn.journal_copies, conn.journal_inserts) == (3, 1)
+        journals, _, balances, _, _ = await snapshot(conn)
+        assert [j for j, _ in journals] == ["d-1", "d-2", "d-3", "d-4"]
+        assert balances == [(CASH, 400, 0), (SALES, 0, 400)]
+
+    on(dsn, body)
+
+
+def test_existing_idempotency_key_raises_duplicates_and_writes_nothing(dsn: str) -> None:
+    """A new journal id reusing a stored (principal, idempotency key): DuplicateJournals names it."""
+
+    async def body(conn: SpyConnection) -> None:
+        await commit_batch(conn, batch([("k-1", 1, "order-7")]))
+        before = await snapshot(conn)
+        with pytest.raises(DuplicateJournals) as caught:
+            await commit_batch(conn, batch([("k-2", 2, "order-8"), ("k-3", 3, "order-7")]))
+        assert caught.value.journal_ids == {"k-3"}
+        assert conn.journal_inserts == 1
+        assert await snapshot(conn) == before
+
+    on(dsn, body)
+
+
+@pytest.mark.parametrize(
+    ("stored", "incoming"),
+    [
+        pytest.param([("e-1", 1, None)], [("e-2", 2, None), ("e-1", 3, None)], id="existing-id"),
+        pytest.param([("e-1", 1, "k")], [("e-2", 2, "k")], id="existing-key"),
+        pytest.param([("e-1", 1, None)], [("e-2", 1, None)], id="existing-chain-position"),
+        pytest.param([], [("e-1", 1, None), ("e-1", 2, None)], id="id-twice-in-batch"),
+        pytest.param([("e-1", 1, "k")], [("e-1", 2, "k"), ("e-3", 3, None)], id="id-and-key"),
+    ],
+)
+def test_copy_path_raises_what_the_insert_path_raises(
+    dsn: str, stored: list[tuple[str, int, str | None]], incoming: list[tuple[str, int, str | None]]
+) -> None:
+    """On every kind of journals conflict, commit_batch raises the ids the INSERT-only writer raised."""
+
+    async def body(conn: SpyConnection) -> None:
+        if stored:
+            await commit_batch(conn, batch(stored))
+        with pytest.raises(DuplicateJournals) as legacy:
+            await _write_batch(conn, batch(incoming), _insert_journals)
+        before = await snapshot(conn)
+        with pytest.raises(DuplicateJournals) as caught:
+            await commit_batch(conn, batch(incoming))
+        assert caught.value.journal_ids == legacy.value.journal_ids
+        assert await snapshot(conn) == before
+
+    on(dsn, body)
+
+
+def test_unique_violation_elsewhere_is_not_taken_for_a_duplicate_journal(dsn: str) -> None:
+    """A signed batch row that already exists is a real error: it propagates, no INSERT retry."""
+
+    async def body(conn: SpyConnection) -> None:
+        await commit_batch(conn, batch([("b-1", 1, None)], batch_seq=1))
+        before = await snapshot(conn)
+        with pytest.raises(asyncpg.UniqueViolationError) as caught:
+            await commit_batch(conn, batch([("b-2", 2, None)], batch_seq=1))
+        assert caught.value.constraint_name == "batches_pkey"
+        assert conn.journal_inserts == 0
+        assert await snapshot(conn) == before
+
+    on(dsn, body)
+
+
+def test_journals_unique_names_every_unique_index_of_journals(dsn: str) -> None:
+    """The writer's list of journals' unique constraints matches the schema (a renamed one would leak)."""
+
+    async def body(conn: SpyConnection) -> None:
+        names = await conn.fetch(
+            "SELECT i.relname FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid"
+            " WHERE x.indrelid = 'journals'::regclass AND x.indisunique"
+        )
+        assert {r[0] for r in names} == JOURNALS_UNIQUE
+
+    on(dsn, body)
