@@ -5,6 +5,14 @@ intent (one INSERT into the `xtx` log) -> PREPARE (one call per participant shar
 durable decision (one transaction that inserts the journal rows of the committing ones
 and records commit/abort for all) -> COMMIT/ABORT (one call per shard, retried until
 acknowledged) -> DONE. The decision transaction is the commit point (presumed abort).
+
+Up to `rounds_max` rounds are in flight at once (a round logs and prepares while the
+previous one decides and sends its decisions). Their decision transactions take turns
+(`_decide_lock`), and each takes its coordinator-stream positions and `posted_at` inside
+its turn, so the stream's journals become visible in sequence order. A journal id or
+idempotency key belongs to at most one live round: a later round answers its copy from
+the store once the owning round is over.
+
 A recovery pass, at start and periodically, finishes every logged transaction that no
 live round owns: PREPARING ones are aborted, decided ones have their decision resent.
 See docs/ARCHITECTURE.md, "Cross-shard journals".
@@ -40,6 +48,7 @@ from sharding.twophase import CoordinatorTx, Decision, Phase, recovery_decision
 from signer.canonical import canonical, journal_digest, posted_journal
 from store import repository
 from store.repository import COORDINATOR_STREAM, find_existing, hold_writer_lock
+from store.writer import JOURNAL_COLUMNS, JOURNALS_UNIQUE
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +75,7 @@ ON CONFLICT DO NOTHING
 RETURNING journal_id
 """
 
+
 _DECIDE = """
 UPDATE xtx SET state = CASE WHEN txid = ANY($1::text[]) THEN 'commit' ELSE 'abort' END, decided_at = $3
  WHERE txid = ANY($2::text[]) AND state = 'preparing'
@@ -83,6 +93,21 @@ class _Round:
     posted_at: str = ""
 
 
+IdemKey = tuple[str, str]
+
+
+@dataclass(slots=True)
+class _Work:
+    """One round as `_run` opens it: the queued calls, their entries, and what this round owns."""
+
+    calls: list[tuple[list[CrossItem], asyncio.Future[list[Result]]]]
+    entries: list[_Round]
+    later: list[_Round]
+    ids: set[str]
+    keys: set[IdemKey]
+    earlier: list[asyncio.Task[None]]
+
+
 class CoordinatorEngine:
     """Runs two-phase commit for journals that touch several shards."""
 
@@ -93,6 +118,7 @@ class CoordinatorEngine:
         *,
         clock: Clock = utc_now,
         batch_max: int = 8192,
+        rounds_max: int = 2,
         decide_timeout_s: float = 60.0,
         recovery_every_s: float = 5.0,
         hash_alg: str = "sha256",
@@ -102,12 +128,18 @@ class CoordinatorEngine:
         self.shards = dict(shards)
         self.clock = clock
         self.batch_max = batch_max
+        check(rounds_max >= 1, "the coordinator needs at least one round in flight")
+        self.rounds_max = rounds_max
         self.decide_timeout_s = decide_timeout_s
         self.recovery_every_s = recovery_every_s
         self.seq = 0
+        self.seq_known = False  # False after a failed decision: reload the position before the next one
         self.last_posted_at = datetime.min.replace(tzinfo=UTC)
         self.queue: asyncio.Queue[tuple[list[CrossItem], asyncio.Future[list[Result]]]] = asyncio.Queue()
-        self.in_flight: set[str] = set()
+        self.in_flight: set[str] = set()  # journal ids owned by live rounds
+        self.keys_in_flight: set[IdemKey] = set()  # (principal, idempotency key) owned by live rounds
+        self.rounds: set[asyncio.Task[None]] = set()
+        self._decide_lock = asyncio.Lock()
         self.pool: asyncpg.Pool | None = None
         self.lock_conn: asyncpg.Connection | None = None
         self.tasks: list[asyncio.Task[None]] = []
@@ -116,19 +148,18 @@ class CoordinatorEngine:
     async def start(self) -> None:
         """Connect, load the stream position, start the round loop and the recovery loop."""
         self.lock_conn = await hold_writer_lock(self.dsn, COORDINATOR_STREAM)
-        self.pool = await repository.create_pool(self.dsn, 2, 4)
+        # Each round holds at most one connection at a time; one more for the recovery pass.
+        self.pool = await repository.create_pool(self.dsn, 2, self.rounds_max + 2)
         async with self.pool.acquire() as conn:
-            self.seq = await conn.fetchval(
-                "SELECT COALESCE(max(stream_seq), 0) FROM journals WHERE stream_id = $1", COORDINATOR_STREAM
-            )
+            await self._load_seq(conn)
         self.tasks = [
             asyncio.create_task(self._run(), name="coordinator-rounds"),
             asyncio.create_task(self._recovery_loop(), name="coordinator-recovery"),
         ]
 
     async def close(self) -> None:
-        """Stop the loops and the pool."""
-        for task in self.tasks:
+        """Stop the loops, the rounds in flight and the pool."""
+        for task in [*self.tasks, *self.rounds]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -149,37 +180,67 @@ class CoordinatorEngine:
 
     # -- rounds ----------------------------------------------------------------------------
     async def _run(self) -> None:
+        slots = asyncio.Semaphore(self.rounds_max)
+
+        def finished(task: asyncio.Task[None]) -> None:
+            self.rounds.discard(task)
+            slots.release()
+
         while True:
-            work = [await self.queue.get()]
-            count = len(work[0][0])
+            await slots.acquire()
+            calls = [await self.queue.get()]
+            count = len(calls[0][0])
             while not self.queue.empty() and count < self.batch_max:
                 entry = self.queue.get_nowait()
-                work.append(entry)
+                calls.append(entry)
                 count += len(entry[0])
-            items = [item for batch, _ in work for item in batch]
-            try:
-                results = await self._round(items)
-            except Exception:
-                log.exception("coordinator round failed; recovery will finish its transactions")
-                results = [unavailable(i.journal_id, "coordinator round failed; retry") for i in items]
-            finally:
-                self.in_flight.difference_update(i.journal_id for i in items)
-            offset = 0
-            for batch, future in work:
-                if not future.done():
-                    future.set_result(results[offset : offset + len(batch)])
-                offset += len(batch)
+            work = self._open(calls)  # synchronous: rounds claim their ids in the order they start
+            task = asyncio.create_task(self._serve(work), name="coordinator-round")
+            self.rounds.add(task)
+            task.add_done_callback(finished)
 
-    async def _round(self, items: list[CrossItem]) -> list[Result]:
+    def _open(self, calls: list[tuple[list[CrossItem], asyncio.Future[list[Result]]]]) -> _Work:
+        """Build a round and claim its journal ids and keys (see `_dedupe`)."""
+        entries = [
+            _Round(item, CoordinatorTx(item.journal_id, frozenset(item.parts)))
+            for batch, _ in calls
+            for item in batch
+        ]
+        work = _Work(calls, entries, [], set(), set(), [])
+        deferred = self._dedupe(work)
+        if deferred:
+            work.earlier = list(self.rounds)
+        self.in_flight |= work.ids
+        self.keys_in_flight |= work.keys
+        return work
+
+    async def _serve(self, work: _Work) -> None:
+        """Run one round and answer its calls."""
+        items = [e.item for e in work.entries]
+        try:
+            results = await self._round(work)
+        except Exception:
+            log.exception("coordinator round failed; recovery will finish its transactions")
+            results = [unavailable(i.journal_id, "coordinator round failed; retry") for i in items]
+        finally:
+            self.in_flight -= work.ids
+            self.keys_in_flight -= work.keys
+        offset = 0
+        for batch, future in work.calls:
+            if not future.done():
+                future.set_result(results[offset : offset + len(batch)])
+            offset += len(batch)
+
+    async def _round(self, work: _Work) -> list[Result]:
         assert self.pool is not None
-        entries = [_Round(item, CoordinatorTx(item.journal_id, frozenset(item.parts))) for item in items]
-        later = {id(e) for e in self._dedupe(entries)}
+        entries = work.entries
+        later = {id(e) for e in work.later}
         async with self.pool.acquire() as conn:
             await self._answer_existing(conn, [e for e in entries if id(e) not in later])
             live = [e for e in entries if e.result is None and id(e) not in later]
             live = await self._log_intents(conn, live)
-            await self._prepare(live)
-            await self._decide(conn, live)
+        await self._prepare(live)
+        await self._decide(live)
         await self._send_decisions(live)
         async with self.pool.acquire() as conn:
             done = [e.item.journal_id for e in live if not e.tx.unacked()]
@@ -187,26 +248,40 @@ class CoordinatorEngine:
                 "UPDATE xtx SET state = 'done' WHERE txid = ANY($1::text[]) AND state IN ('commit', 'abort')",
                 done,
             )
-            await self._answer_existing(conn, [e for e in entries if e.result is None])
+            if not work.earlier:
+                await self._answer_existing(conn, [e for e in entries if e.result is None])
+        if work.earlier:  # entries left to earlier rounds are answered once those are over
+            await asyncio.wait(work.earlier)
+            async with self.pool.acquire() as conn:
+                await self._answer_existing(conn, [e for e in entries if e.result is None])
         return [e.result or unavailable(e.item.journal_id, "not posted; retry") for e in entries]
 
-    def _dedupe(self, entries: list[_Round]) -> list[_Round]:
-        """Keep the first of entries sharing an id or key; the others are answered after the round."""
+    def _dedupe(self, work: _Work) -> bool:
+        """Claim the first of the entries sharing an id or key; the others wait in `work.later`.
+
+        An entry whose id or key a live round already owns also waits: it is answered from the store
+        after that round (returns True when there is such an entry). A journal therefore never is in
+        two live rounds, and a replay sent while the original is in flight gets the original's answer.
+        """
         seen: set[str] = set()
-        seen_keys: set[tuple[str, str]] = set()
-        later: list[_Round] = []
-        for e in entries:
+        seen_keys: set[IdemKey] = set()
+        deferred = False
+        for e in work.entries:
             key = e.item.journal_id
             idem = (e.item.principal, e.item.idem_key) if e.item.idem_key is not None else None
-            if key in self.in_flight:
-                e.result = unavailable(key, "the same journal is being recovered; retry")
+            if key in self.in_flight or (idem is not None and idem in self.keys_in_flight):
+                work.later.append(e)
+                deferred = True
             elif key in seen or (idem is not None and idem in seen_keys):
-                later.append(e)
+                work.later.append(e)
+            else:
+                work.ids.add(key)
+                if idem is not None:
+                    work.keys.add(idem)
             seen.add(key)
             if idem is not None:
                 seen_keys.add(idem)
-        self.in_flight.update(seen)
-        return later
+        return deferred
 
     async def _answer_existing(self, conn: asyncpg.Connection, entries: list[_Round]) -> None:
         pending = [e for e in entries if e.result is None]
@@ -282,46 +357,80 @@ class CoordinatorEngine:
         self.last_posted_at = max(self.clock(), self.last_posted_at + timedelta(microseconds=1))
         return self.last_posted_at
 
-    async def _decide(self, conn: asyncpg.Connection, live: list[_Round]) -> None:
-        """The commit point: journal rows of the committing ones plus every decision, in one transaction."""
+    async def _load_seq(self, conn: asyncpg.Connection) -> None:
+        self.seq = await conn.fetchval(
+            "SELECT COALESCE(max(stream_seq), 0) FROM journals WHERE stream_id = $1", COORDINATOR_STREAM
+        )
+        self.seq_known = True
+
+    async def _decide(self, live: list[_Round]) -> None:
+        """The commit point: journal rows of the committing ones plus every decision, in one transaction.
+
+        Decisions take turns: a round takes its stream positions and `posted_at` and commits inside its
+        turn, so the coordinator stream becomes visible in sequence (and time) order.
+        """
         if not live:
             return
-        posted_at = self._stamp()
-        stamp = rfc3339(posted_at)
-        committing = [e for e in live if e.tx.proposal is Decision.COMMIT]
-        seq = self.seq
-        bodies: list[bytes] = []
-        for e in committing:
-            body = canonical(posted_journal(e.item.journal, e.item.journal_id, e.item.principal, stamp))
-            e.hash, e.posted_at = journal_digest(body, self.hash_alg), stamp
-            bodies.append(body)
-        seqs = list(range(seq + 1, seq + 1 + len(committing)))
-        async with conn.transaction():
-            inserted: set[str] = set()
-            if committing:
-                rows = await conn.fetch(
-                    _INSERT_JOURNALS,
-                    COORDINATOR_STREAM,
-                    posted_at,
-                    [e.item.journal_id for e in committing],
-                    seqs,
-                    [_effective(e.item) for e in committing],
-                    [e.item.principal for e in committing],
-                    [e.item.idem_key for e in committing],
-                    [e.item.request_hash for e in committing],
-                    [e.item.journal.reverses for e in committing],
-                    [e.hash for e in committing],
-                    bodies,
-                )
-                inserted = {r[0] for r in rows}
-            await conn.execute(_DECIDE, list(inserted), [e.item.journal_id for e in live], posted_at)
-        self.seq = seq + len(committing)
+        assert self.pool is not None
+        async with self.pool.acquire() as conn, self._decide_lock:
+            if not self.seq_known:  # a failed decision may or may not have committed
+                await self._load_seq(conn)
+            posted_at = self._stamp()
+            stamp = rfc3339(posted_at)
+            committing = [e for e in live if e.tx.proposal is Decision.COMMIT]
+            records: list[tuple[Any, ...]] = []
+            for seq, e in enumerate(committing, start=self.seq + 1):
+                item = e.item
+                body = canonical(posted_journal(item.journal, item.journal_id, item.principal, stamp))
+                e.hash, e.posted_at = journal_digest(body, self.hash_alg), stamp
+                records.append((item.journal_id, COORDINATOR_STREAM, seq, posted_at, _effective(item),
+                                item.principal, item.idem_key, item.request_hash, item.journal.reverses,
+                                e.hash, None, body))  # fmt: skip
+            self.seq_known = False
+            try:
+                inserted = await self._write_decision(conn, records, live, posted_at, copy=True)
+            except asyncpg.UniqueViolationError as exc:
+                if exc.constraint_name not in JOURNALS_UNIQUE:
+                    raise
+                # Some journal id or key exists already (a race with another writer: rare). The COPY
+                # rolled back; the INSERT skips those rows, and their transactions abort.
+                inserted = await self._write_decision(conn, records, live, posted_at, copy=False)
+            self.seq += len(committing)
+            self.seq_known = True
         for e in live:
             decision = Decision.COMMIT if e.item.journal_id in inserted else Decision.ABORT
             e.tx.decided(decision)
             self.outcomes[str(decision)] += 1
             if decision is Decision.COMMIT:
                 e.result = Result(e.item.journal_id, True, stamp, hash=e.hash)
+
+    @staticmethod
+    async def _write_decision(
+        conn: asyncpg.Connection,
+        records: list[tuple[Any, ...]],
+        live: list[_Round],
+        posted_at: datetime,
+        *,
+        copy: bool,
+    ) -> set[str]:
+        """The decision transaction; returns the ids whose journal row went in (they commit).
+
+        With `copy`, every row goes in by COPY (an existing id or key aborts it with a unique
+        violation); otherwise by INSERT ... ON CONFLICT DO NOTHING, which skips the existing ones.
+        """
+        async with conn.transaction():
+            inserted: set[str] = set()
+            if records and copy:
+                await conn.copy_records_to_table("journals", records=records, columns=JOURNAL_COLUMNS)
+                inserted = {r[0] for r in records}
+            elif records:
+                ids, _, seqs, _, *middle, _, bodies = (list(column) for column in zip(*records, strict=True))
+                rows = await conn.fetch(
+                    _INSERT_JOURNALS, COORDINATOR_STREAM, posted_at, ids, seqs, *middle, bodies
+                )
+                inserted = {r[0] for r in rows}
+            await conn.execute(_DECIDE, list(inserted), [e.item.journal_id for e in live], posted_at)
+        return inserted
 
     async def _send_decisions(self, live: list[_Round]) -> None:
         """Send COMMIT/ABORT to every participant, retrying each shard until it acknowledges."""
@@ -367,12 +476,15 @@ class CoordinatorEngine:
     async def recover(self) -> int:
         """Finish every open transaction that no live round owns; returns how many were finished."""
         assert self.pool is not None
+        busy = set(self.in_flight)
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
                 "SELECT x.txid, x.state, x.request, j.hash, j.posted_at FROM xtx x "
                 "LEFT JOIN journals j ON j.journal_id = x.txid WHERE x.state <> 'done'"
             )
-            rows = [r for r in rows if r["txid"] not in self.in_flight]
+            # A round owning a row at any time during the read may have moved it on since: leave it.
+            busy |= self.in_flight
+            rows = [r for r in rows if r["txid"] not in busy]
             if not rows:
                 return 0
             stale = [r["txid"] for r in rows if r["state"] == Phase.PREPARING]

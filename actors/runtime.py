@@ -70,8 +70,8 @@ class RayShard:
     async def decide(self, payload: bytes) -> bytes:
         return await self.handle.decide.remote(payload)  # type: ignore[no-any-return]
 
-    async def create_account(self, account_id: str, no_negative: bool) -> bytes:
-        return await self.handle.create_account.remote(account_id, no_negative)  # type: ignore[no-any-return]
+    async def create_account(self, account_id: str, no_negative: bool, split: bool = False) -> bytes:
+        return await self.handle.create_account.remote(account_id, no_negative, split)  # type: ignore[no-any-return]
 
     async def status(self) -> dict[str, Any]:
         return await self.handle.status.remote()  # type: ignore[no-any-return]

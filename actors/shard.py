@@ -77,9 +77,9 @@ class ShardActor:
         await self.lazy.ready(self.engine.start)
         return await self.engine.decide(payload)
 
-    async def create_account(self, account_id: str, no_negative: bool) -> bytes:
+    async def create_account(self, account_id: str, no_negative: bool, split: bool = False) -> bytes:
         await self.lazy.ready(self.engine.start)
-        return await self.engine.create_account(account_id, no_negative)
+        return await self.engine.create_account(account_id, no_negative, split)
 
     async def status(self) -> dict[str, Any]:
         await self.lazy.ready(self.engine.start)

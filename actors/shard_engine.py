@@ -198,9 +198,9 @@ class ShardEngine:
         """Apply (commit) or release (abort) parts; msgpack list of acks (all True on return)."""
         return ENCODER.encode(await self._submit("decide", DECIDE_ITEMS.decode(payload)))
 
-    async def create_account(self, account_id: str, no_negative: bool) -> bytes:
+    async def create_account(self, account_id: str, no_negative: bool, split: bool = False) -> bytes:
         """Create an account explicitly with its policy; a `Result` (journal_id = account_id)."""
-        return ENCODER.encode(await self._submit("account", [(account_id, no_negative)]))
+        return ENCODER.encode(await self._submit("account", [(account_id, no_negative, split)]))
 
     def status(self) -> dict[str, Any]:
         """Queue depth and counters for /ready and /metrics."""
@@ -296,30 +296,25 @@ class ShardEngine:
             item.txid, False, code=rejection.code, message=rejection.message, details=rejection.details
         )
 
-    async def _create_account(self, account_id: str, no_negative: bool) -> Result:
+    async def _create_account(self, account_id: str, no_negative: bool, split: bool) -> Result:
         account_type = account_type_of(account_id)
         check(account_type is not None, f"create_account got a malformed id {account_id}")
+        check(not (split and no_negative), "a split account cannot be overdraft-guarded")
         assert account_type is not None
-        known = self.book.account(account_id)
-        if known is not None:
-            return self._account_result(account_id, known.no_negative, no_negative, created=False)
         assert self.pool is not None
-        async with self.pool.acquire() as conn:
-            created, stored = await repository.create_account(
-                conn, account_id, str(account_type), slot_of(account_id), no_negative
+        async with self.pool.acquire() as conn:  # the store knows `split`, the book does not
+            created, stored, stored_split = await repository.create_account(
+                conn, account_id, str(account_type), slot_of(account_id), no_negative, split
             )
-        self.book.load_account(account_id, account_type, stored)
-        return self._account_result(account_id, stored, no_negative, created)
-
-    @staticmethod
-    def _account_result(account_id: str, stored: bool, wanted: bool, created: bool) -> Result:
-        if stored != wanted:
+        if self.book.account(account_id) is None:
+            self.book.load_account(account_id, account_type, stored)
+        if (stored, stored_split) != (no_negative, split):
             return Result(
                 account_id,
                 False,
                 code=ErrorCode.IDEMPOTENCY_CONFLICT,
                 message=f"account {account_id} exists with a different policy",
-                details={"account_id": account_id, "no_negative": stored},
+                details={"account_id": account_id, "no_negative": stored, "split": stored_split},
             )
         return Result(account_id, True, details={"created": created})
 

@@ -15,7 +15,10 @@ store/audit.py). `cursor` is opaque (URL-safe base64 of the last seq returned); 
 present on every page, an empty one included, so a client can poll for new events with it.
 
 Recording (`audit_post`, `audit_post_batch`, `audit_account_create`, `audit_event`) happens after
-the ledger acknowledged the change. A failure to record is logged and counted in
+the ledger acknowledged the change: the event is queued in order before the response is sent and
+committed by the audit writer's next group commit (the response waits for that commit only with
+`LEDGER_AUDIT_WAIT=1`); `GET /audit/events` waits for the queue first, so a client reads the events
+of the calls it was answered. A failure to record is logged and counted in
 ``ledger_audit_failures_total`` and never changes the response (see store/audit.py).
 """
 
@@ -246,8 +249,15 @@ def post_batch_payload(posted: list[str], count: int, hashes: dict[str, str]) ->
 
 
 async def audit_account_create(
-    request: web.Request, account_id: str, no_negative: bool, created: bool
+    request: web.Request, account_id: str, no_negative: bool, created: bool, split: bool = False
 ) -> None:
-    """`account.create` when the account was created (a replay of an existing one changes nothing)."""
+    """`account.create` when the account was created (a replay of an existing one changes nothing).
+
+    The payload names `split` only for split accounts, so events of ordinary accounts keep the
+    shape (and hash input) they had before split accounts existed.
+    """
     if created:
-        await audit_event(request, "account.create", {"account_id": account_id, "no_negative": no_negative})
+        payload: dict[str, Any] = {"account_id": account_id, "no_negative": no_negative}
+        if split:
+            payload["split"] = True
+        await audit_event(request, "account.create", payload)

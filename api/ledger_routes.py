@@ -423,7 +423,7 @@ async def get_balances(request: web.Request) -> web.Response:
     return ok(
         account_id=account_id,
         account_type=str(account_type),
-        policy={"no_negative": account["no_negative"]},
+        policy={"no_negative": account["no_negative"], "split": account["split"]},
         as_of=request.query.get("as_of"),
         balances=balances,
     )
@@ -444,17 +444,25 @@ async def create_account(request: web.Request) -> web.Response:
             "account_id must be `type:rest` (asset|liability|equity|revenue|expense) of [A-Za-z0-9:._-]",
             "$.account_id",
         )
+    policy = account.policy
+    if policy.split and policy.no_negative:
+        raise validation_error(
+            "a split account is booked by every shard and cannot have the overdraft guard (no_negative)",
+            "$.policy.split",
+        )
     shard = svc.slot_map.shard_of(account.account_id)
-    raw = await svc.shards[shard].create_account(account.account_id, account.policy.no_negative)
+    raw = await svc.shards[shard].create_account(account.account_id, policy.no_negative, policy.split)
     (result,) = RESULTS.decode(raw)
     if not result.ok:
         return error_response(_result_error(result))
+    if policy.split:
+        svc.poster.add_split(account.account_id)
     created = bool((result.details or {}).get("created"))
-    await audit_account_create(request, account.account_id, account.policy.no_negative, created)
+    await audit_account_create(request, account.account_id, policy.no_negative, created, policy.split)
     return ok(
         201 if created else 200,
         account_id=account.account_id,
-        policy={"no_negative": account.policy.no_negative},
+        policy={"no_negative": policy.no_negative, "split": policy.split},
         created=created,
     )
 

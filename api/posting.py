@@ -9,9 +9,10 @@ load every Ray call carries many journals (one call per batch, never one per jou
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
@@ -26,7 +27,7 @@ from sharding.slots import SlotMap
 from signer.canonical import request_hash
 
 BATCH_ITEMS_MAX: Final = 8192
-IN_FLIGHT_MAX: Final = 2
+IN_FLIGHT_MAX: Final = int(os.environ.get("LEDGER_FRONTEND_IN_FLIGHT", "2"))
 
 Send = Callable[[bytes], Awaitable[bytes]]
 
@@ -112,6 +113,30 @@ class Submission(msgspec.Struct, frozen=True, gc=False):
 COORDINATOR: Final = -1
 """The destination key of cross-shard journals in `route`'s answer (shard ids are >= 0)."""
 
+ANY: Final = -2
+"""What a split-aware `shard_of` answers for a split (hot) account: booked by whichever shard
+the journal's other lines live on (migration 0005, docs/ARCHITECTURE.md "Hot accounts")."""
+
+
+def place(
+    lines: tuple[Line, ...], shard_of: Callable[[str], int], anchor: int
+) -> tuple[int, dict[int, tuple[Line, ...]] | None]:
+    """Destination of a journal whose lines may include split accounts: (shard, None) or (COORDINATOR, parts).
+
+    Lines of split accounts follow the others: to their shard when they share one, else to the
+    lowest participant shard; a journal of split accounts only goes to `anchor`.
+    """
+    shards = [shard_of(line.account_id) for line in lines]
+    fixed = sorted({s for s in shards if s != ANY})
+    if not fixed:
+        return anchor, None
+    if len(fixed) == 1:
+        return fixed[0], None
+    parts: dict[int, list[Line]] = {}
+    for line, shard in zip(lines, shards, strict=True):
+        parts.setdefault(fixed[0] if shard == ANY else shard, []).append(line)
+    return COORDINATOR, {shard: tuple(group) for shard, group in parts.items()}
+
 
 def destination(journal: Journal, shard_of: Callable[[str], int]) -> dict[int, tuple[Line, ...]]:
     """Lines per shard (the common case, every line on one shard, builds no lists)."""
@@ -135,12 +160,15 @@ def _single_shard(lines: tuple[Line, ...], shard_of: Callable[[str], int]) -> in
 
 
 def route(
-    submissions: list[Submission], shard_of: Callable[[str], int]
+    submissions: list[Submission],
+    shard_of: Callable[[str], int],
+    anchor: Callable[[str], int] | None = None,
 ) -> dict[int, tuple[list[int], list[Any]]]:
     """Group submissions per destination (a shard id, or `COORDINATOR`): their indexes and items.
 
     Pure (no Ray, no I/O): the per-journal part of `Poster.post`, so it can be timed alone.
-    A journal without a client id gets `jrn-<uuid4 hex>`.
+    A journal without a client id gets `jrn-<uuid4 hex>`. `shard_of` may answer `ANY` for split
+    accounts (see `place`); `anchor(journal_id)` then picks the shard of a journal made only of them.
     """
     groups: dict[int, tuple[list[int], list[Any]]] = {}
     for index, sub in enumerate(submissions):
@@ -153,11 +181,19 @@ def route(
             dest = shard_of(lines[0].account_id)
             other = shard_of(lines[1].account_id)
             if other != dest:  # what destination() answers for two lines on two shards
-                parts = {dest: (lines[0],), other: (lines[1],)}
+                if dest == ANY:  # a split account follows the other line
+                    dest = other
+                elif other != ANY:
+                    parts = {dest: (lines[0],), other: (lines[1],)}
+            elif dest == ANY:
+                dest = anchor(journal_id) if anchor is not None else 0
         else:
             single = _single_shard(lines, shard_of)
-            if single is None:
-                parts = destination(journal, shard_of)
+            if single is None or single == ANY:
+                if anchor is None:
+                    parts = destination(journal, shard_of)
+                else:
+                    dest, parts = place(lines, shard_of, anchor(journal_id))
             else:
                 dest = single
         if parts is None:
@@ -176,10 +212,24 @@ def route(
 class Poster:
     """Routes journals to shards or the coordinator and gathers their results in order."""
 
-    def __init__(self, slot_map: SlotMap, shards: dict[int, ShardPort], coordinator: CoordinatorPort) -> None:
+    def __init__(
+        self,
+        slot_map: SlotMap,
+        shards: dict[int, ShardPort],
+        coordinator: CoordinatorPort,
+        split_accounts: Iterable[str] = (),
+    ) -> None:
         self.slot_map = slot_map
         self.shards = {shard_id: Batcher(f"shard {shard_id}", port.post) for shard_id, port in shards.items()}
         self.coordinator = Batcher("coordinator", coordinator.submit)
+        self.split: set[str] = set(split_accounts)
+
+    def add_split(self, account_id: str) -> None:
+        """Route an account split from now on (after `POST /accounts` made it so)."""
+        self.split.add(account_id)
+
+    def _split_shard_of(self, account_id: str) -> int:
+        return ANY if account_id in self.split else self.slot_map.shard_of(account_id)
 
     def destination(self, journal: Journal) -> dict[int, tuple[Line, ...]]:
         """Lines per shard (the common case, every line on one shard, builds no lists)."""
@@ -187,7 +237,10 @@ class Poster:
 
     async def post(self, submissions: list[Submission]) -> list[Result]:
         """Post journals; one result per submission, in order."""
-        groups = route(submissions, self.slot_map.shard_of)
+        if self.split:
+            groups = route(submissions, self._split_shard_of, self.slot_map.shard_of)
+        else:
+            groups = route(submissions, self.slot_map.shard_of)
         batchers = [self.coordinator if dest == COORDINATOR else self.shards[dest] for dest in groups]
         answers = await asyncio.gather(
             *(batcher.submit(items) for batcher, (_, items) in zip(batchers, groups.values(), strict=True))

@@ -29,9 +29,15 @@ class AccountType(enum.StrEnum):
 
 
 class AccountPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Per-account policy. `no_negative`: the normal-side balance may not go below zero."""
+    """Per-account policy.
+
+    `no_negative`: the normal-side balance may not go below zero (the overdraft guard).
+    `split`: a hot account booked by every shard (the shard of each journal's other lines), so it
+    never funnels traffic through one shard; it cannot also be guarded (migration 0005).
+    """
 
     no_negative: bool = False
+    split: bool = False
 
 
 _TYPE_CACHE_MAX: Final = 1 << 18

@@ -72,6 +72,7 @@ class Node:
             except SettingsError as exc:
                 raise StartupError(str(exc)) from None
             slot_map = await self._slot_map(conn)
+            split = await repository.split_accounts(conn)
         log.info("ledger hash algorithm: %s", hash_alg)
         actor_runtime.start_ray(config.ray_address, config.ray_num_cpus)
         prefix = f"{config.actor_prefix}-{uuid.uuid4().hex[:8]}"
@@ -83,7 +84,7 @@ class Node:
         coordinator = actor_runtime.spawn_coordinator(prefix, self.dsn, shards, config.batch_max, hash_alg)
         self.ports.extend([*shards.values(), coordinator])
         await actor_runtime.wait_ready(self.ports)
-        poster = Poster(slot_map, dict(shards), coordinator)
+        poster = Poster(slot_map, dict(shards), coordinator, split)
         self.services = Services(
             self.pool,
             slot_map,

@@ -199,33 +199,46 @@ async def journal_exists(conn: asyncpg.Connection, journal_id: str) -> bool:
 
 # -- accounts ------------------------------------------------------------------------------
 async def create_account(
-    conn: asyncpg.Connection, account_id: str, account_type: str, slot: int, no_negative: bool
-) -> tuple[bool, bool]:
-    """Insert an account; returns (created, stored no_negative)."""
+    conn: asyncpg.Connection,
+    account_id: str,
+    account_type: str,
+    slot: int,
+    no_negative: bool,
+    split: bool = False,
+) -> tuple[bool, bool, bool]:
+    """Insert an account; returns (created, stored no_negative, stored split)."""
     row = await conn.fetchrow(
         """
         WITH ins AS (
-            INSERT INTO accounts (account_id, account_type, slot, no_negative) VALUES ($1, $2, $3, $4)
-            ON CONFLICT (account_id) DO NOTHING RETURNING no_negative
+            INSERT INTO accounts (account_id, account_type, slot, no_negative, split)
+            VALUES ($1, $2, $3, $4, $5)
+            ON CONFLICT (account_id) DO NOTHING RETURNING no_negative, split
         )
-        SELECT true AS created, no_negative FROM ins
+        SELECT true AS created, no_negative, split FROM ins
         UNION ALL
-        SELECT false, no_negative FROM accounts WHERE account_id = $1 AND NOT EXISTS (SELECT 1 FROM ins)
+        SELECT false, no_negative, split FROM accounts
+         WHERE account_id = $1 AND NOT EXISTS (SELECT 1 FROM ins)
         """,
         account_id,
         account_type,
         slot,
         no_negative,
+        split,
     )
     check(row is not None, f"account {account_id} neither inserted nor found")
     assert row is not None
-    return bool(row["created"]), bool(row["no_negative"])
+    return bool(row["created"]), bool(row["no_negative"]), bool(row["split"])
+
+
+async def split_accounts(conn: asyncpg.Connection) -> list[str]:
+    """Ids of the split (hot) accounts, which every shard books (migration 0005)."""
+    return [r[0] for r in await conn.fetch("SELECT account_id FROM accounts WHERE split ORDER BY account_id")]
 
 
 async def account_row(conn: asyncpg.Connection, account_id: str) -> asyncpg.Record | None:
     """The account row, or None."""
     return await conn.fetchrow(
-        "SELECT account_id, account_type, no_negative, created_at FROM accounts WHERE account_id = $1",
+        "SELECT account_id, account_type, no_negative, split, created_at FROM accounts WHERE account_id = $1",
         account_id,
     )
 

@@ -92,7 +92,7 @@ ON CONFLICT DO NOTHING
 RETURNING journal_id
 """
 
-_JOURNAL_COLUMNS = (
+JOURNAL_COLUMNS = (  # the column order of journal records written by COPY
     "journal_id",
     "stream_id",
     "stream_seq",
@@ -185,7 +185,7 @@ async def _copy_journals(conn: asyncpg.Connection, rows: BatchRows) -> None:
         rows.j_body,
         strict=True,
     )
-    await conn.copy_records_to_table("journals", records=records, columns=_JOURNAL_COLUMNS)
+    await conn.copy_records_to_table("journals", records=records, columns=JOURNAL_COLUMNS)
 
 
 async def _insert_journals(conn: asyncpg.Connection, rows: BatchRows) -> None:

@@ -648,7 +648,7 @@ def test_create_account_is_idempotent(node: NodeHarness) -> None:
     async def flow(c: Client) -> None:
         acct = "liability:acct-create"
         body = expect_ok(await c.create_account(acct), 201)
-        assert body["created"] is True and body["policy"] == {"no_negative": True}
+        assert body["created"] is True and body["policy"] == {"no_negative": True, "split": False}
         body = expect_ok(await c.create_account(acct))
         assert body["created"] is False and body["account_id"] == acct
         details = expect_error(await c.create_account(acct, no_negative=False), 409, "IDEMPOTENCY_CONFLICT")
@@ -658,7 +658,7 @@ def test_create_account_is_idempotent(node: NodeHarness) -> None:
         expect_ok(await c.post(journal("acct-auto", "asset:acct-auto", "revenue:acct-auto")))
         assert expect_ok(await c.create_account("asset:acct-auto", no_negative=False))["created"] is False
         expect_error(await c.create_account("asset:acct-auto"), 409, "IDEMPOTENCY_CONFLICT")
-        assert (await c.balances(acct)).body["policy"] == {"no_negative": True}
+        assert (await c.balances(acct)).body["policy"] == {"no_negative": True, "split": False}
 
     run(node, flow)
 
@@ -850,7 +850,10 @@ def test_balances_sign_rules_and_as_of(node: NodeHarness) -> None:
         assert await c.balance(expense) == {"debits_posted": 70, "credits_posted": 0, "balance": 70}
         assert await c.balance(liability) == {"debits_posted": 0, "credits_posted": 70, "balance": 70}
         body = expect_ok(await c.balances(liability))
-        assert body["account_type"] == "liability" and body["policy"] == {"no_negative": False}
+        assert body["account_type"] == "liability" and body["policy"] == {
+            "no_negative": False,
+            "split": False,
+        }
 
         before = expect_ok(await c.balances(asset, as_of=_shift(first["posted_at"], -1)))
         assert all(b["debits_posted"] == b["credits_posted"] == b["balance"] == 0 for b in before["balances"])

@@ -223,7 +223,7 @@ def test_overdraft_guard_under_concurrency(node: NodeHarness) -> None:
             assert low[0] >= 0
             final = await _balance(http, node.url, WALLET)
             assert final["balances"][0]["balance"] == 0, final
-            assert final["policy"] == {"no_negative": True}
+            assert final["policy"] == {"no_negative": True, "split": False}
 
     asyncio.run(scenario())
     assert asyncio.run(wait_xtx_done(node.dsn)) == 0
@@ -271,7 +271,10 @@ def test_restart_keeps_state(node: NodeHarness) -> None:
     async def after_restart() -> None:
         async with aiohttp.ClientSession() as http, Client(node.url, tries=1) as client:
             wallet = await _balance(http, node.url, WALLET)
-            assert wallet["balances"][0]["balance"] == 0 and wallet["policy"] == {"no_negative": True}
+            assert wallet["balances"][0]["balance"] == 0 and wallet["policy"] == {
+                "no_negative": True,
+                "split": False,
+            }
             over = {
                 "journal_id": "rst-overdraft",
                 "entries": [entry(WALLET, "debit", 1, "USD"), entry(probe.assets[0][0], "credit", 1, "USD")],

@@ -297,7 +297,7 @@ def test_lean_writes_migration_applies_to_a_ledger_holding_data(admin_dsn: str) 
             await _post_by_sql(conn, f"old-{seq}", seq, 10 * seq)
         lines_before = await conn.fetch("SELECT * FROM journal_lines ORDER BY journal_id, line_no")
 
-        assert await apply_migrations(conn) == [4]
+        assert await apply_migrations(conn, load_migrations()[:4]) == [4]
         assert await conn.fetch("SELECT * FROM journal_lines ORDER BY journal_id, line_no") == lines_before
         assert await conn.fetchval("SELECT count(*) FROM journals") == 50
         assert await run_check(conn) == []
@@ -329,6 +329,17 @@ def test_lean_writes_migration_applies_to_a_ledger_holding_data(admin_dsn: str) 
         assert await run_check(conn) == []
         total = await conn.fetchval("SELECT debits_posted FROM balances WHERE account_id = 'asset:cash'")
         assert total == sum(10 * s for s in range(1, 51)) + 3
+
+        # 0005 (split accounts) on the same ledger: existing accounts stay unsplit, and a split
+        # account cannot be overdraft-guarded.
+        assert await apply_migrations(conn) == [5]
+        assert await conn.fetchval("SELECT count(*) FROM accounts WHERE split") == 0
+        with pytest.raises(asyncpg.exceptions.CheckViolationError, match="accounts_split_unguarded"):
+            await conn.execute(
+                "INSERT INTO accounts (account_id, account_type, slot, no_negative, split)"
+                " VALUES ('revenue:fee', 'revenue', 3, true, true)"
+            )
+        assert await run_check(conn) == []
 
     on_fresh_database(admin_dsn, body)
 

@@ -151,3 +151,27 @@ def test_route_generates_an_id_only_when_the_client_gave_none() -> None:
     first, second = groups[0][1]
     assert isinstance(first, PostItem) and re.fullmatch(r"jrn-[0-9a-f]{32}", first.journal_id)
     assert second.journal_id == "fp-4"
+
+
+def test_place_sends_split_lines_with_the_others() -> None:
+    """Tried: split lines beside lines of one shard, of two shards, and alone (see api.posting.place)."""
+    from api.posting import ANY, COORDINATOR, place
+    from ledger.accounts import AccountType
+    from ledger.journal import Line
+
+    homes = {"asset:a": 1, "asset:b": 2, "revenue:fee": ANY, "liability:pool": ANY}
+
+    def line(account: str, side: str = "debit") -> Line:
+        kind = AccountType(account.split(":", maxsplit=1)[0])
+        return Line(0, account, kind, side, 100, "USD", {})  # type: ignore[arg-type]
+
+    assert place((line("asset:a"), line("revenue:fee", "credit")), homes.__getitem__, 3) == (1, None)
+    dest, parts = place(
+        (line("asset:b"), line("asset:a"), line("revenue:fee", "credit")), homes.__getitem__, 3
+    )
+    assert dest == COORDINATOR and parts is not None
+    assert {shard: [ln.account_id for ln in group] for shard, group in parts.items()} == {
+        2: ["asset:b"],
+        1: ["asset:a", "revenue:fee"],
+    }
+    assert place((line("liability:pool"), line("revenue:fee", "credit")), homes.__getitem__, 3) == (3, None)
