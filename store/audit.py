@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 
 AUDIT_STREAM: Final = -2  # shard_id of audit batches in `batches`, and the writer-lock id
 QUEUE_MAX: Final = 100_000
+LINGER_S: Final = 0.01  # how long a batch waits for more events when no caller waits for it
 BATCH_MAX: Final = 4096
 SIGN_TIMEOUT_S: Final = 30.0
 HASH_ALG: Final = "sha256"
@@ -187,6 +188,7 @@ class AuditWriter:
         self.hash_alg = hash_alg
         # Policy for the HTTP layer: wait for an event's commit before answering the call it records.
         self.answer_after_commit = answer_after_commit
+        self.linger_s = LINGER_S
         self.signer = signer
         self.clock = clock
         self.batch_max = batch_max
@@ -303,6 +305,10 @@ class AuditWriter:
     async def _run(self) -> None:
         while True:
             batch = [await self.queue.get()]
+            if not self.answer_after_commit and self.linger_s > 0:
+                # Nobody waits for this commit (the HTTP layer answered already): let more events
+                # join it, so a busy node signs and commits its audit stream in fewer, larger batches.
+                await asyncio.sleep(self.linger_s)
             while len(batch) < self.batch_max and not self.queue.empty():
                 batch.append(self.queue.get_nowait())
             try:

@@ -467,3 +467,27 @@ def test_enqueue_returns_before_commit_and_flush_waits_for_it() -> None:
             assert await verify_audit_chain(env.conn) == []
 
     asyncio.run(scenario())
+
+
+def test_unawaited_writer_lingers_to_batch_events() -> None:
+    """Tried: a writer whose callers do not wait (answer_after_commit=False) takes one event, then
+    four more arrive while it lingers -> all five are committed in one signed batch; the chain verifies."""
+
+    async def scenario() -> None:
+        async with environment() as env:
+            writer = AuditWriter(env.dsn, env.port, answer_after_commit=False)
+            await writer.start()
+            try:
+                await writer.enqueue("service:t", "test.event", {"n": 0})
+                for _ in range(5):
+                    await asyncio.sleep(0)  # the writer takes the first event and starts lingering
+                assert writer.queue.qsize() == 0
+                for n in range(1, 5):
+                    await writer.enqueue("service:t", "test.event", {"n": n})
+                await asyncio.wait_for(writer.flush(), 10)
+                assert await _counts(env.conn) == (5, 1)
+            finally:
+                await writer.close()
+            assert await verify_audit_chain(env.conn) == []
+
+    asyncio.run(scenario())
