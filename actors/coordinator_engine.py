@@ -23,16 +23,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import msgspec
 
 from actors.messages import (
+    CROSS_ITEM,
     CROSS_ITEMS,
     ENCODER,
+    MSGPACK_ONE_ITEM_ARRAY,
+    RAW_ITEMS,
     RESULTS,
     CrossItem,
     DecideItem,
@@ -47,7 +52,7 @@ from ledger.timestamps import parse_rfc3339, rfc3339
 from sharding.twophase import CoordinatorTx, Decision, Phase, recovery_decision
 from signer.canonical import canonical, journal_digest, posted_journal
 from store import repository
-from store.repository import COORDINATOR_STREAM, find_existing, hold_writer_lock
+from store.repository import COORDINATOR_STREAM, Existing, find_existing, hold_writer_lock
 from store.writer import JOURNAL_COLUMNS, JOURNALS_UNIQUE
 
 log = logging.getLogger(__name__)
@@ -81,12 +86,15 @@ UPDATE xtx SET state = CASE WHEN txid = ANY($1::text[]) THEN 'commit' ELSE 'abor
  WHERE txid = ANY($2::text[]) AND state = 'preparing'
 """
 
+_MARK_DONE = "UPDATE xtx SET state = 'done' WHERE txid = ANY($1::text[]) AND state IN ('commit', 'abort')"
+
 
 @dataclass(slots=True)
 class _Round:
-    """One cross-shard journal inside a round."""
+    """One cross-shard journal inside a round (`raw`: its msgpack bytes as the caller sent them)."""
 
     item: CrossItem
+    raw: msgspec.Raw
     tx: CoordinatorTx
     result: Result | None = None
     hash: bytes = b""
@@ -94,13 +102,14 @@ class _Round:
 
 
 IdemKey = tuple[str, str]
+_Call = tuple[list[tuple[CrossItem, msgspec.Raw]], asyncio.Future[list[Result]]]
 
 
 @dataclass(slots=True)
 class _Work:
     """One round as `_run` opens it: the queued calls, their entries, and what this round owns."""
 
-    calls: list[tuple[list[CrossItem], asyncio.Future[list[Result]]]]
+    calls: list[_Call]
     entries: list[_Round]
     later: list[_Round]
     ids: set[str]
@@ -135,7 +144,7 @@ class CoordinatorEngine:
         self.seq = 0
         self.seq_known = False  # False after a failed decision: reload the position before the next one
         self.last_posted_at = datetime.min.replace(tzinfo=UTC)
-        self.queue: asyncio.Queue[tuple[list[CrossItem], asyncio.Future[list[Result]]]] = asyncio.Queue()
+        self.queue: asyncio.Queue[_Call] = asyncio.Queue()
         self.in_flight: set[str] = set()  # journal ids owned by live rounds
         self.keys_in_flight: set[IdemKey] = set()  # (principal, idempotency key) owned by live rounds
         self.rounds: set[asyncio.Task[None]] = set()
@@ -144,6 +153,15 @@ class CoordinatorEngine:
         self.lock_conn: asyncpg.Connection | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.outcomes = {"commit": 0, "abort": 0, "recovered_commit": 0, "recovered_abort": 0}
+        self.phase_s: dict[str, float] = {}  # wall time per round phase, summed over rounds
+
+    @contextlib.contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_s[phase] = self.phase_s.get(phase, 0.0) + time.perf_counter() - started
 
     async def start(self) -> None:
         """Connect, load the stream position, start the round loop and the recovery loop."""
@@ -171,8 +189,13 @@ class CoordinatorEngine:
     async def submit(self, payload: bytes) -> bytes:
         """Post a batch of cross-shard journals; msgpack list of `Result` in order."""
         future: asyncio.Future[list[Result]] = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait((CROSS_ITEMS.decode(payload), future))
-        return ENCODER.encode(await future)
+        with self._timed("decode"):
+            # Item by item, keeping each item's bytes: the intent logs them as they came.
+            items = [(CROSS_ITEM.decode(raw), raw) for raw in RAW_ITEMS.decode(payload)]
+        self.queue.put_nowait((items, future))
+        results = await future
+        with self._timed("encode"):
+            return ENCODER.encode(results)
 
     def status(self) -> dict[str, Any]:
         """Queue depth and 2PC outcome counters."""
@@ -199,12 +222,12 @@ class CoordinatorEngine:
             self.rounds.add(task)
             task.add_done_callback(finished)
 
-    def _open(self, calls: list[tuple[list[CrossItem], asyncio.Future[list[Result]]]]) -> _Work:
+    def _open(self, calls: list[_Call]) -> _Work:
         """Build a round and claim its journal ids and keys (see `_dedupe`)."""
         entries = [
-            _Round(item, CoordinatorTx(item.journal_id, frozenset(item.parts)))
+            _Round(item, raw, CoordinatorTx(item.journal_id, frozenset(item.parts)))
             for batch, _ in calls
-            for item in batch
+            for item, raw in batch
         ]
         work = _Work(calls, entries, [], set(), set(), [])
         deferred = self._dedupe(work)
@@ -232,28 +255,36 @@ class CoordinatorEngine:
             offset += len(batch)
 
     async def _round(self, work: _Work) -> list[Result]:
+        """Log, prepare, decide and send; then answer replays and conflicts from the store.
+
+        Nothing is looked up before the intents: a replayed cross-shard id already has its `xtx`
+        row (the intents INSERT skips it), and an id or key of another stored journal makes its
+        journal row conflict at the decision (it aborts). Whatever did not commit in this round
+        is looked up once at the end (`_answer_existing`).
+        """
         assert self.pool is not None
         entries = work.entries
         later = {id(e) for e in work.later}
         async with self.pool.acquire() as conn:
-            await self._answer_existing(conn, [e for e in entries if id(e) not in later])
-            live = [e for e in entries if e.result is None and id(e) not in later]
-            live = await self._log_intents(conn, live)
-        await self._prepare(live)
-        await self._decide(live)
-        await self._send_decisions(live)
+            with self._timed("intents"):
+                live = await self._log_intents(conn, [e for e in entries if id(e) not in later])
+        with self._timed("prepare"):
+            await self._prepare(live)
+        with self._timed("decide"):
+            await self._decide(live)
+        with self._timed("send"):
+            await self._send_decisions(live)
         async with self.pool.acquire() as conn:
             done = [e.item.journal_id for e in live if not e.tx.unacked()]
-            await conn.execute(
-                "UPDATE xtx SET state = 'done' WHERE txid = ANY($1::text[]) AND state IN ('commit', 'abort')",
-                done,
-            )
+            with self._timed("done"):
+                await conn.execute(_MARK_DONE, done)
             if not work.earlier:
-                await self._answer_existing(conn, [e for e in entries if e.result is None])
+                with self._timed("answer"):
+                    await self._answer_existing(conn, entries)
         if work.earlier:  # entries left to earlier rounds are answered once those are over
             await asyncio.wait(work.earlier)
             async with self.pool.acquire() as conn:
-                await self._answer_existing(conn, [e for e in entries if e.result is None])
+                await self._answer_existing(conn, entries)
         return [e.result or unavailable(e.item.journal_id, "not posted; retry") for e in entries]
 
     def _dedupe(self, work: _Work) -> bool:
@@ -284,7 +315,18 @@ class CoordinatorEngine:
         return deferred
 
     async def _answer_existing(self, conn: asyncpg.Connection, entries: list[_Round]) -> None:
-        pending = [e for e in entries if e.result is None]
+        """Answer every entry that did not commit in this round and collides with a stored journal.
+
+        One look-up for all of them (NO votes, aborts, ids whose `xtx` row exists, entries left to
+        an earlier round): a stored journal with the same id or (principal, key) answers with its
+        stored result (a replay) or IDEMPOTENCY_CONFLICT. A replay of a cross-shard journal whose
+        transaction is not finished yet (some part not applied) answers "retry" instead.
+        """
+        pending = [
+            e
+            for e in entries
+            if e.tx.decision is not Decision.COMMIT and (e.result is None or not e.result.ok)
+        ]
         if not pending:
             return
         keyed = [e.item for e in pending if e.item.idem_key is not None]
@@ -294,8 +336,11 @@ class CoordinatorEngine:
             [i.principal for i in keyed],
             [i.idem_key for i in keyed if i.idem_key is not None],
         )
+        if not existing:
+            return
         by_id = {x.journal_id: x for x in existing}
         by_key = {(x.principal, x.idem_key): x for x in existing if x.idem_key is not None}
+        replays: list[tuple[_Round, Existing]] = []
         for e in pending:
             item = e.item
             found = by_key.get((item.principal, item.idem_key)) if item.idem_key is not None else None
@@ -303,7 +348,7 @@ class CoordinatorEngine:
             if found is None:
                 continue
             if found.request_hash == item.request_hash and found.principal == item.principal:
-                e.result = Result(found.journal_id, True, rfc3339(found.posted_at), hash=found.hash)
+                replays.append((e, found))
             else:
                 e.result = Result(
                     item.journal_id,
@@ -312,15 +357,31 @@ class CoordinatorEngine:
                     message="journal_id or Idempotency-Key already used with a different payload",
                     details={"journal_id": found.journal_id},
                 )
+        if not replays:
+            return
+        unfinished = {
+            r[0]
+            for r in await conn.fetch(
+                "SELECT txid FROM xtx WHERE txid = ANY($1::text[]) AND state <> 'done'",
+                [found.journal_id for _, found in replays],
+            )
+        }
+        for e, found in replays:
+            if found.journal_id in unfinished:
+                e.result = unavailable(e.item.journal_id, "a previous attempt is being resolved; retry")
+            else:
+                e.result = Result(found.journal_id, True, rfc3339(found.posted_at), hash=found.hash)
 
     async def _log_intents(self, conn: asyncpg.Connection, live: list[_Round]) -> list[_Round]:
+        """Log the intents; an id whose `xtx` row exists (a replay, or an unfinished attempt) is skipped."""
         if not live:
             return live
         inserted = await conn.fetch(
             _INSERT_INTENTS,
             [e.item.journal_id for e in live],
             [",".join(str(s) for s in sorted(e.item.parts)) for e in live],
-            [ENCODER.encode([e.item]) for e in live],
+            # As `ENCODER.encode([e.item])`, without encoding again: the item's bytes as they came.
+            [MSGPACK_ONE_ITEM_ARRAY + e.raw for e in live],
         )
         logged = {r[0] for r in inserted}
         for e in live:
@@ -387,15 +448,8 @@ class CoordinatorEngine:
                                 item.principal, item.idem_key, item.request_hash, item.journal.reverses,
                                 e.hash, None, body))  # fmt: skip
             self.seq_known = False
-            try:
-                inserted = await self._write_decision(conn, records, live, posted_at, copy=True)
-            except asyncpg.UniqueViolationError as exc:
-                if exc.constraint_name not in JOURNALS_UNIQUE:
-                    raise
-                # Some journal id or key exists already (a race with another writer: rare). The COPY
-                # rolled back; the INSERT skips those rows, and their transactions abort.
-                inserted = await self._write_decision(conn, records, live, posted_at, copy=False)
-            self.seq += len(committing)
+            inserted, positions = await self._commit_point(conn, records, live, posted_at)
+            self.seq += positions
             self.seq_known = True
         for e in live:
             decision = Decision.COMMIT if e.item.journal_id in inserted else Decision.ABORT
@@ -403,6 +457,37 @@ class CoordinatorEngine:
             self.outcomes[str(decision)] += 1
             if decision is Decision.COMMIT:
                 e.result = Result(e.item.journal_id, True, stamp, hash=e.hash)
+
+    async def _commit_point(
+        self,
+        conn: asyncpg.Connection,
+        records: list[tuple[Any, ...]],
+        live: list[_Round],
+        posted_at: datetime,
+    ) -> tuple[set[str], int]:
+        """Write the decision; returns the committed ids and how many stream positions were used.
+
+        A journal row whose id or key is stored already (a replay with a new server id and the same
+        key, an id of a single-shard journal, a race with another writer) fails the COPY. Those rows
+        are then looked up and left out (their transactions abort; the round answers them from the
+        store), and the rest get their positions again, so the coordinator stream stays gap-free.
+        If rows keep colliding, the INSERT ... ON CONFLICT DO NOTHING skips them (leaving gaps).
+        """
+        for _attempt in range(3):
+            try:
+                return await self._write_decision(conn, records, live, posted_at, copy=True), len(records)
+            except asyncpg.UniqueViolationError as exc:
+                if exc.constraint_name not in JOURNALS_UNIQUE:
+                    raise
+            keyed = [r for r in records if r[6] is not None]
+            existing = await find_existing(
+                conn, [r[0] for r in records], [r[5] for r in keyed], [r[6] for r in keyed]
+            )
+            ids = {x.journal_id for x in existing}
+            keys = {(x.principal, x.idem_key) for x in existing if x.idem_key is not None}
+            kept = [r for r in records if r[0] not in ids and (r[5], r[6]) not in keys]
+            records = [(r[0], r[1], seq, *r[3:]) for seq, r in enumerate(kept, start=self.seq + 1)]
+        return await self._write_decision(conn, records, live, posted_at, copy=False), len(records)
 
     @staticmethod
     async def _write_decision(
@@ -504,10 +589,7 @@ class CoordinatorEngine:
                 finished.append(item.journal_id)
                 self.outcomes[f"recovered_{decision}"] += 1
         async with self.pool.acquire() as conn:
-            await conn.execute(
-                "UPDATE xtx SET state = 'done' WHERE txid = ANY($1::text[]) AND state IN ('commit', 'abort')",
-                finished,
-            )
+            await conn.execute(_MARK_DONE, finished)
         return len(finished)
 
     async def _resend(self, item: CrossItem, decision: Decision, hashed: bytes | None, posted: Any) -> bool:

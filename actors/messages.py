@@ -71,3 +71,7 @@ PREPARE_ITEMS: Final = msgspec.msgpack.Decoder(list[PrepareItem])
 DECIDE_ITEMS: Final = msgspec.msgpack.Decoder(list[DecideItem])
 RESULTS: Final = msgspec.msgpack.Decoder(list[Result])
 ACKS: Final = msgspec.msgpack.Decoder(list[bool])
+# A coordinator call item by item: each item's msgpack bytes (kept for the `xtx` log), then decoded.
+RAW_ITEMS: Final = msgspec.msgpack.Decoder(list[msgspec.Raw])
+CROSS_ITEM: Final = msgspec.msgpack.Decoder(CrossItem)
+MSGPACK_ONE_ITEM_ARRAY: Final = b"\x91"  # msgpack fixarray header of a one-element array
