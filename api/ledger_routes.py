@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Final, cast
+from typing import Any, Final, TypeVar, cast
 
 import msgspec
 from aiohttp import web
@@ -222,13 +222,21 @@ def _add_wire(batch: DecodedBatch, index: int, wire: JournalWire, who: str, key:
         batch.add(index, _detailed_item(index, journal_in_of(wire), who, key), wire.journal_id)
 
 
+T = TypeVar("T")
+
+
+def _decode_or_none(decoder: msgspec.json.Decoder[T], data: bytes | msgspec.Raw) -> T | None:
+    """The fast shape, or None when the input does not fit it (the detailed path then explains why)."""
+    try:
+        return decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+
+
 def _add_raw(batch: DecodedBatch, index: int, raw: msgspec.Raw, who: str, key: str | None) -> None:
     """A journal of a batch that did not decode as a whole: each one decoded on its own."""
-    try:
-        wire = _wire_decoder.decode(raw)
-    except msgspec.ValidationError:
-        pass
-    else:
+    wire = _decode_or_none(_wire_decoder, raw)
+    if wire is not None:
         _add_wire(batch, index, wire, who, key)
         return
     try:
@@ -248,11 +256,9 @@ def decode_batch(body: bytes, who: str, key: str | None) -> DecodedBatch:
     raw journals and each journal decoded on its own, to find which ones are malformed; only a
     journal failing a check goes through `JournalIn` and `validate_journal`, whose error it gets.
     """
-    try:
-        wires = _wire_batch_decoder.decode(body).journals
-    except (msgspec.ValidationError, msgspec.DecodeError):
-        pass
-    else:
+    whole = _decode_or_none(_wire_batch_decoder, body)
+    if whole is not None:
+        wires = whole.journals
         _check_batch_size(len(wires))
         batch = DecodedBatch([])
         append = batch.subs.append
