@@ -1,0 +1,91 @@
+"""Outbound calls to Stripe through the official SDK (`stripe.StripeClient`, async over aiohttp).
+
+`STRIPE_API_BASE` points the SDK at Stripe or, in tests, at the Stripe-compatible server on loopback
+(`tests/support/stripe_server.py`). Every call carries an idempotency key derived from the ledger's
+own ids, so a retry (the SDK's bounded network retries, or ours after a crash) never moves money
+twice: Stripe answers a repeated key with the first result.
+
+Errors are classified for the callers: `TransientProviderError` (network, 429, 5xx: retry later with
+the same key) and `PermanentProviderError` (4xx: the request itself is wrong; record the reason).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Final
+
+import msgspec
+import stripe
+
+DEFAULT_API_BASE: Final = "https://api.stripe.com"
+NETWORK_RETRIES: Final = 2
+
+
+class ProviderError(Exception):
+    """A call to the payment provider failed."""
+
+
+class TransientProviderError(ProviderError):
+    """Worth retrying later with the same idempotency key."""
+
+
+class PermanentProviderError(ProviderError):
+    """The provider refused the request; retrying it unchanged will not help."""
+
+
+class RefundResult(msgspec.Struct, frozen=True):
+    """A refund as the provider recorded it."""
+
+    refund_id: str
+    payment_intent: str
+    amount: int
+    currency: str
+    status: str
+
+
+class StripeGateway:
+    """The provider calls the finance flows make (refunds now; transfers with payouts)."""
+
+    def __init__(
+        self, api_key: str, api_base: str = DEFAULT_API_BASE, network_retries: int = NETWORK_RETRIES
+    ):
+        self.http = stripe.AIOHTTPClient()
+        self.client = stripe.StripeClient(
+            api_key,
+            base_addresses={"api": api_base},
+            http_client=self.http,
+            max_network_retries=network_retries,
+        )
+
+    @classmethod
+    def from_env(cls) -> StripeGateway | None:
+        """From `STRIPE_API_KEY` and `STRIPE_API_BASE`; None without a key (no outbound calls configured)."""
+        key = os.environ.get("STRIPE_API_KEY")
+        if not key:
+            return None
+        return cls(key, os.environ.get("STRIPE_API_BASE") or DEFAULT_API_BASE)
+
+    async def refund(self, payment_intent: str, amount: int, idempotency_key: str) -> RefundResult:
+        """Refund `amount` minor units of a payment intent; the same key always names the same refund."""
+        try:
+            refund = await self.client.v1.refunds.create_async(
+                params={"payment_intent": payment_intent, "amount": amount},
+                options={"idempotency_key": idempotency_key},
+            )
+        except (stripe.APIConnectionError, stripe.RateLimitError) as exc:
+            raise TransientProviderError(f"{type(exc).__name__}: {exc.user_message or exc}") from exc
+        except stripe.StripeError as exc:
+            status = exc.http_status or 0
+            kind = TransientProviderError if status >= 500 else PermanentProviderError
+            raise kind(f"{type(exc).__name__} ({status}): {exc.user_message or exc}") from exc
+        return RefundResult(
+            str(refund.id),
+            str(refund.payment_intent),
+            int(refund.amount),
+            str(refund.currency).upper(),
+            str(refund.status),
+        )
+
+    async def close(self) -> None:
+        """Release the HTTP session."""
+        await self.http.close_async()  # type: ignore[no-untyped-call]

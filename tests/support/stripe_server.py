@@ -1,0 +1,141 @@
+"""A small Stripe-compatible HTTP server on loopback for the endpoints the node calls.
+
+The real API is unreachable here, so tests point the official `stripe` SDK at this server
+(`STRIPE_API_BASE`). It speaks what the SDK sends: form-encoded bodies, Bearer keys, the
+`Idempotency-Key` header (a repeated key answers the first response, as Stripe does; the same key
+with different parameters is a 400 `idempotency_error`), and Stripe's error envelope. Tests can
+make the next calls fail (`fail_next`) with a status to exercise retries and error classes.
+
+Endpoints: `POST /v1/refunds` (refunds a known payment intent; more than remains -> 400
+`charge_already_refunded`-style error), `POST /v1/payment_intents` (test setup), `POST /v1/transfers`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+Answer = tuple[int, dict[str, Any]]
+
+
+def _error(status: int, code: str, message: str, kind: str = "invalid_request_error") -> Answer:
+    return status, {"error": {"type": kind, "code": code, "message": message}}
+
+
+@dataclass
+class StripeState:
+    """Everything the fake provider knows, inspectable by tests."""
+
+    intents: dict[str, dict[str, Any]] = field(default_factory=dict)
+    refunds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    transfers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seen_keys: dict[str, tuple[str, dict[str, str], Answer]] = field(default_factory=dict)
+    calls: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    failures: list[int] = field(default_factory=list)
+    ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+
+class StripeServer:
+    """Start with `await server.start()`; `server.base` is the API base for the SDK."""
+
+    def __init__(self, api_key: str = "sk_test_ledger") -> None:
+        self.api_key = api_key
+        self.state = StripeState()
+        self.runner: web.AppRunner | None = None
+        self.base = ""
+
+    def fail_next(self, *statuses: int) -> None:
+        """The next calls answer these HTTP statuses (e.g. 500, 429), one each, before working again."""
+        self.state.failures.extend(statuses)
+
+    async def start(self) -> StripeServer:
+        app = web.Application()
+        app.router.add_post("/v1/refunds", self._refund)
+        app.router.add_post("/v1/payment_intents", self._intent)
+        app.router.add_post("/v1/transfers", self._transfer)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+        self.base = f"http://127.0.0.1:{port}"
+        return self
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    # -- handlers ------------------------------------------------------------------------------
+    async def _guard(self, request: web.Request) -> tuple[dict[str, str], Answer | None]:
+        if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return {}, _error(401, "api_key_invalid", "Invalid API Key provided", "invalid_request_error")
+        params = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
+        self.state.calls.append((request.path, params))
+        if self.state.failures:
+            status = self.state.failures.pop(0)
+            return params, _error(status, "injected", f"injected failure {status}", "api_error")
+        return params, None
+
+    async def _serve(self, request: web.Request, make: Callable[[dict[str, str]], Answer]) -> web.Response:
+        """Authenticate, apply injected failures, then answer once per idempotency key."""
+        params, failed = await self._guard(request)
+        answer = failed if failed is not None else self._idempotent(request, params, make)
+        return web.json_response(answer[1], status=answer[0])
+
+    def _idempotent(
+        self, request: web.Request, params: dict[str, str], make: Callable[[dict[str, str]], Answer]
+    ) -> Answer:
+        key = request.headers.get("Idempotency-Key")
+        if key is not None and key in self.state.seen_keys:
+            path, first_params, answer = self.state.seen_keys[key]
+            if (path, first_params) != (request.path, params):
+                return _error(400, "idempotency_error", "Keys can only be reused with the same parameters")
+            return answer
+        answer = make(params)
+        if key is not None and answer[0] < 500:
+            self.state.seen_keys[key] = (request.path, params, answer)
+        return answer
+
+    async def _intent(self, request: web.Request) -> web.Response:
+        def make(p: dict[str, str]) -> Answer:
+            intent_id = f"pi_{next(self.state.ids)}"
+            intent = {"id": intent_id, "object": "payment_intent", "amount": int(p["amount"]),
+                      "currency": p["currency"], "status": "succeeded", "refunded": 0}  # fmt: skip
+            self.state.intents[intent_id] = intent
+            return 200, intent
+
+        return await self._serve(request, make)
+
+    async def _refund(self, request: web.Request) -> web.Response:
+        def make(p: dict[str, str]) -> Answer:
+            intent = self.state.intents.get(p.get("payment_intent", ""))
+            if intent is None:
+                return _error(404, "resource_missing", f"No such payment_intent: {p.get('payment_intent')}")
+            amount = int(p.get("amount", intent["amount"] - intent["refunded"]))
+            if amount <= 0 or intent["refunded"] + amount > intent["amount"]:
+                return _error(400, "amount_too_large", "Refund amount exceeds what remains of the charge")
+            intent["refunded"] += amount
+            refund_id = f"re_{next(self.state.ids)}"
+            refund = {"id": refund_id, "object": "refund", "amount": amount, "currency": intent["currency"],
+                      "payment_intent": intent["id"], "status": "succeeded"}  # fmt: skip
+            self.state.refunds[refund_id] = refund
+            return 200, refund
+
+        return await self._serve(request, make)
+
+    async def _transfer(self, request: web.Request) -> web.Response:
+        def make(p: dict[str, str]) -> Answer:
+            transfer_id = f"tr_{next(self.state.ids)}"
+            transfer = {"id": transfer_id, "object": "transfer", "amount": int(p["amount"]),
+                        "currency": p["currency"], "destination": p.get("destination")}  # fmt: skip
+            self.state.transfers[transfer_id] = transfer
+            return 200, transfer
+
+        return await self._serve(request, make)
