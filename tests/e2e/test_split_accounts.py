@@ -9,11 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import asyncpg
-
-from store.check import run_check
 from tests.e2e.test_errors import Client, expect_error, expect_ok, lines, on_shard, run
-from tests.support.node import NodeHarness, journal
+from tests.support.node import NodeHarness, check_store, journal
 
 FEE = "revenue:split-fee"
 
@@ -70,7 +67,7 @@ def test_split_account_is_booked_by_every_shard(node: NodeHarness) -> None:
         )
 
     run(node, flow)
-    assert node.run(_check(node.dsn)) == []
+    assert node.run(check_store(node.dsn)) == []
 
 
 def test_split_account_in_cross_shard_and_split_only_journals(node: NodeHarness) -> None:
@@ -95,7 +92,7 @@ def test_split_account_in_cross_shard_and_split_only_journals(node: NodeHarness)
         assert (await c.balance(pool))["debits_posted"] == 70
 
     run(node, flow)
-    assert node.run(_check(node.dsn)) == []
+    assert node.run(check_store(node.dsn)) == []
 
 
 def test_split_policy_errors(node: NodeHarness) -> None:
@@ -121,11 +118,3 @@ def test_split_policy_errors(node: NodeHarness) -> None:
         assert details == {"account_id": plain, "no_negative": False, "split": False}
 
     run(node, flow)
-
-
-async def _check(dsn: str) -> list[Any]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await run_check(conn)
-    finally:
-        await conn.close()

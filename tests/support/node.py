@@ -121,3 +121,16 @@ def accounts_on_shard(shard: int, count: int, prefix: str, shards: int = 4) -> l
             found.append(account)
         n += 1
     return found
+
+
+async def check_store(dsn: str) -> list[Any]:
+    """`ledger-node check`'s findings on a node's database (an empty list when all is well)."""
+    import asyncpg
+
+    from store.check import run_check
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await run_check(conn)
+    finally:
+        await conn.close()

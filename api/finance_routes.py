@@ -1,0 +1,312 @@
+"""Finance endpoints: invoices, their lifecycle steps, payments, settlements, recorded invoices.
+
+Writes (service, operator, admin) accept an `Idempotency-Key` (per principal, compared on the
+decoded canonical payload and the endpoint: an exact replay answers the original answer, a
+different payload 409 IDEMPOTENCY_CONFLICT) and record an audit event after success. The work is
+done by `finance.service.FinanceService`; journals go through the node's `Poster` (`LedgerJournals`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, TypeVar
+
+import msgspec
+from aiohttp import web
+
+from api.audit_log import audit_event
+from api.auth import PRINCIPAL, READERS, WRITERS, Role
+from api.posting import Poster, Submission
+from api.requests import idempotency_key, json_body
+from api.services import SERVICES
+from finance.service import (
+    ExternalInvoiceRequest,
+    FinanceService,
+    InvoiceRequest,
+    PaymentRequest,
+    Posted,
+    one_id,
+    request_digest,
+)
+from ledger.errors import ErrorCode, Rejection, validation_error
+from ledger.journal import Journal, rejection_from_msgspec
+from store import finance_repo
+
+FINANCE: Final = web.AppKey("finance", FinanceService)
+T = TypeVar("T")
+
+
+class LedgerJournals:
+    """`finance.service.JournalPoster` over the node's poster (shards and coordinator)."""
+
+    def __init__(self, poster: Poster) -> None:
+        self.poster = poster
+
+    async def post_journals(self, journals: list[Journal], principal: str) -> list[Posted]:
+        """Post through the ledger; one answer per journal, in order."""
+        results = await self.poster.post([Submission(j, principal, None) for j in journals])
+        return [Posted(r.journal_id, r.ok, r.posted_at, r.code, r.message, r.details) for r in results]
+
+
+def install(app: web.Application) -> None:
+    """Attach the finance service to the application (before it starts)."""
+    svc = app[SERVICES]
+    app[FINANCE] = FinanceService(svc.pool, LedgerJournals(svc.poster))
+
+
+class SettlementPayment(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The `payment` object of `POST /settlement`."""
+
+    provider: str
+    reference: str
+    amount_cents: int
+    currency: str
+
+
+class SettlementRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """`POST /settlement` (the seed's shape)."""
+
+    settlement_id: str
+    invoice_id: str
+    payment: SettlementPayment
+    context: dict[str, Any] = {}
+
+
+class FulfilRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """`POST /finance/fulfill`."""
+
+    invoiceId: str | None = None
+    invoice_id: str | None = None
+    context: dict[str, Any] = {}
+
+
+class EmptyRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """A step endpoint's (optional) body."""
+
+    reason: str | None = None
+
+
+def _decode(body: bytes, kind: type[T]) -> T:
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        raise rejection_from_msgspec(exc) from None
+    except msgspec.DecodeError as exc:
+        raise validation_error(f"malformed JSON: {exc}", "$") from None
+
+
+def _finance(request: web.Request) -> FinanceService:
+    return request.app[FINANCE]
+
+
+def _who(request: web.Request) -> str:
+    return str(request[PRINCIPAL].name)
+
+
+def _answer(http_status: int, answer: dict[str, Any]) -> web.Response:
+    """`ok()` for answers that carry their own `status` field (the invoice status)."""
+    body = msgspec.json.encode({"ok": True, **answer})
+    return web.Response(body=body, status=http_status, content_type="application/json")
+
+
+Work = Callable[[], Awaitable[tuple[int, dict[str, Any]]]]
+
+
+async def _idempotent(request: web.Request, endpoint: str, decoded: Any, work: Work) -> web.Response:
+    """Run `work` once per (principal, Idempotency-Key); a replay answers the remembered answer."""
+    key = idempotency_key(request)
+    if key is None:
+        status, answer = await work()
+        return _answer(status, answer)
+    who = _who(request)
+    digest = request_digest({"endpoint": endpoint, "body": msgspec.to_builtins(decoded)})
+    pool = request.app[SERVICES].pool
+    async with pool.acquire() as conn:
+        found = await finance_repo.finance_request(conn, who, key)
+    if found is not None:
+        if found["endpoint"] != endpoint or found["request_hash"] != digest:
+            raise Rejection(
+                ErrorCode.IDEMPOTENCY_CONFLICT,
+                "Idempotency-Key already used with a different payload",
+                {"endpoint": found["endpoint"]},
+            )
+        stored = msgspec.json.decode(found["answer"])
+        return _answer(stored.pop("_status", 200), stored)
+    status, answer = await work()
+    async with pool.acquire() as conn:
+        await finance_repo.remember_request(
+            conn, who, key, endpoint, digest, msgspec.json.encode({**answer, "_status": status}).decode()
+        )
+    return _answer(status, answer)
+
+
+def _new_invoice_id(request: web.Request) -> str:
+    """The id of an invoice sent without one: derived from (principal, Idempotency-Key) when a key
+    is given, so concurrent retries under one key land on one invoice; random otherwise."""
+    key = idempotency_key(request)
+    if key is None:
+        return f"inv-{uuid.uuid4().hex}"
+    return "inv-" + hashlib.sha256(f"{_who(request)}\x00{key}".encode()).hexdigest()[:32]
+
+
+async def create_invoice(request: web.Request) -> web.Response:
+    """POST /finance/invoice: price, store and issue (unless `draft`) an invoice."""
+    decoded = _decode(await json_body(request), InvoiceRequest)
+
+    async def work() -> tuple[int, dict[str, Any]]:
+        view, created = await _finance(request).create(decoded, _new_invoice_id(request), _who(request))
+        if created:
+            payload = {k: view[k] for k in ("invoice_id", "status", "total", "currency", "document_hash")}
+            await audit_event(request, "invoice.created", payload)
+            if view["status"] == "issued":
+                await audit_event(request, "invoice.issued", {**payload, "journal_ids": view["journal_ids"]})
+        return (201 if created else 200), view
+
+    return await _idempotent(request, "invoice.create", decoded, work)
+
+
+def _step_handler(name: str, event: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        decoded = _decode(await json_body(request), EmptyRequest) if request.can_read_body else EmptyRequest()
+        invoice_id = request.match_info["invoice_id"]
+
+        async def work() -> tuple[int, dict[str, Any]]:
+            view, journal_id = await _finance(request).step(invoice_id, name, _who(request))
+            payload = {"invoice_id": invoice_id, "status": view["status"], "journal_id": journal_id}
+            if decoded.reason is not None:
+                payload["reason"] = decoded.reason
+            await audit_event(request, event, payload)
+            return 200, {**view, "journal_id": journal_id}
+
+        return await _idempotent(request, f"invoice.{name}:{invoice_id}", decoded, work)
+
+    handler.__doc__ = f"POST /finance/invoice/{{id}}/{name}: the {name} step (D7)."
+    return handler
+
+
+issue_invoice = _step_handler("issue", "invoice.issued")
+void_invoice = _step_handler("void", "invoice.voided")
+close_invoice = _step_handler("close", "invoice.closed")
+
+
+async def fulfil_invoice(request: web.Request) -> web.Response:
+    """POST /finance/fulfill: recognise revenue (deferred revenue -> revenue)."""
+    decoded = _decode(await json_body(request), FulfilRequest)
+    invoice_id = one_id(decoded.invoiceId, decoded.invoice_id, "$.invoiceId")
+    if invoice_id is None:
+        raise validation_error("invoiceId is required", "$.invoiceId")
+
+    async def work() -> tuple[int, dict[str, Any]]:
+        view, journal_id = await _finance(request).step(invoice_id, "fulfil", _who(request))
+        payload = {"invoice_id": invoice_id, "status": view["status"], "journal_id": journal_id}
+        await audit_event(request, "invoice.fulfilled", payload)
+        return 200, {**view, "journal_id": journal_id}
+
+    return await _idempotent(request, "invoice.fulfil", decoded, work)
+
+
+async def get_invoice(request: web.Request) -> web.Response:
+    """GET /finance/invoice/{id}: the invoice, its amounts, tax evidence and journal ids."""
+    return _answer(200, await _finance(request).view(request.match_info["invoice_id"]))
+
+
+async def _payment(
+    request: web.Request, decoded: PaymentRequest, settlement_id: str | None
+) -> dict[str, Any]:
+    answer, posted = await _finance(request).pay(decoded, _who(request), settlement_id)
+    if posted:
+        payload = {
+            k: answer[k] for k in ("payment_id", "invoice_id", "journal_id", "amount", "currency", "status")
+        }
+        await audit_event(request, "payment.received", {**payload, "settlement_id": settlement_id})
+    return answer
+
+
+async def create_payment(request: web.Request) -> web.Response:
+    """POST /finance/payment: debit cash, credit AR (overpayment -> customer credit)."""
+    decoded = _decode(await json_body(request), PaymentRequest)
+
+    async def work() -> tuple[int, dict[str, Any]]:
+        return 200, await _payment(request, decoded, None)
+
+    return await _idempotent(request, "payment", decoded, work)
+
+
+async def create_refund(request: web.Request) -> web.Response:
+    """POST /finance/refund: return money (customer credit first); reversing journal through the ledger."""
+    decoded = _decode(await json_body(request), PaymentRequest)
+
+    async def work() -> tuple[int, dict[str, Any]]:
+        answer, posted = await _finance(request).refund(decoded, _who(request))
+        if posted:
+            payload = {
+                k: answer[k]
+                for k in ("refund_id", "invoice_id", "journal_id", "amount", "currency", "status")
+            }
+            await audit_event(request, "refund.issued", payload)
+        return 200, answer
+
+    return await _idempotent(request, "refund", decoded, work)
+
+
+async def settle(request: web.Request) -> web.Response:
+    """POST /settlement: the seed's settlement, mapped onto the payment path."""
+    decoded = _decode(await json_body(request), SettlementRequest)
+    payment = PaymentRequest(
+        amount=decoded.payment.amount_cents,
+        currency=decoded.payment.currency,
+        payment_provider=decoded.payment.provider,
+        provider_reference=decoded.payment.reference,
+        invoice_id=decoded.invoice_id,
+    )
+
+    async def work() -> tuple[int, dict[str, Any]]:
+        answer = await _payment(request, payment, decoded.settlement_id)
+        return 200, {
+            "settlement_id": decoded.settlement_id,
+            "status": "posted",
+            "journal_id": answer["journal_id"],
+            "paymentId": answer["payment_id"],
+            "payment_id": answer["payment_id"],
+            "invoice_status": answer["status"],
+            "amount_due": answer["amount_due"],
+        }
+
+    return await _idempotent(request, "settlement", decoded, work)
+
+
+async def record_invoice(request: web.Request) -> web.Response:
+    """POST /invoices: record an issued invoice referring to an existing journal; posts nothing."""
+    decoded = _decode(await json_body(request), ExternalInvoiceRequest)
+
+    async def work() -> tuple[int, dict[str, Any]]:
+        created = await _finance(request).record_external(decoded, _who(request))
+        if created:
+            payload = {
+                "invoice_id": decoded.invoice_id,
+                "journal_ref": decoded.journal_ref,
+                "amount_cents": decoded.amount_cents,
+                "currency": decoded.currency,
+            }
+            await audit_event(request, "invoice.recorded", payload)
+        return (201 if created else 200), {"invoice_id": decoded.invoice_id, "invoiceId": decoded.invoice_id}
+
+    return await _idempotent(request, "invoices.record", decoded, work)
+
+
+ROUTES: Final[
+    list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]], frozenset[Role]]]
+] = [
+    ("POST", "/finance/invoice", create_invoice, WRITERS),
+    ("GET", "/finance/invoice/{invoice_id}", get_invoice, READERS),
+    ("POST", "/finance/invoice/{invoice_id}/issue", issue_invoice, WRITERS),
+    ("POST", "/finance/invoice/{invoice_id}/void", void_invoice, WRITERS),
+    ("POST", "/finance/invoice/{invoice_id}/close", close_invoice, WRITERS),
+    ("POST", "/finance/payment", create_payment, WRITERS),
+    ("POST", "/finance/fulfill", fulfil_invoice, WRITERS),
+    ("POST", "/finance/refund", create_refund, WRITERS),
+    ("POST", "/settlement", settle, WRITERS),
+    ("POST", "/invoices", record_invoice, WRITERS),
+]

@@ -1,0 +1,189 @@
+"""Invoices, payments and finance idempotency keys in PostgreSQL (migration 0006).
+
+Rows only: no balances are written here (journals go through the ledger). Every invoice
+UPDATE checks and bumps `version`; `update_invoice` answers False when the row changed since
+it was read, and the caller reports a concurrent change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+
+import asyncpg
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InvoiceRow:
+    """Columns of a new or changed invoice row (JSON values already encoded as text)."""
+
+    buyer: str
+    currency: str
+    status: str
+    subtotal: int
+    tax: int
+    total: int
+    body: str
+    amount_paid: int = 0
+    amount_refunded: int = 0
+    customer_credit: int = 0
+
+
+_INSERT_INVOICE = """
+INSERT INTO invoices (invoice_id, kind, principal, buyer, currency, status, subtotal, tax, total,
+                      body, document_hash, request_hash, journal_ref, due_date, terms, issued_at)
+VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10::jsonb, $11, $12, $13, $14, $15,
+        CASE WHEN $6 = 'issued' THEN now() END)
+ON CONFLICT (invoice_id) DO NOTHING
+"""
+
+
+async def insert_invoice(
+    conn: asyncpg.Connection,
+    invoice_id: str,
+    kind: str,
+    principal: str,
+    row: InvoiceRow,
+    *,
+    document_hash: str,
+    request_hash: str,
+    journal_ref: str | None = None,
+    due_date: str | None = None,
+    terms: str | None = None,
+) -> bool:
+    """Insert a new invoice; False when the id is taken (the caller compares `request_hash`)."""
+    status = await conn.execute(
+        _INSERT_INVOICE,
+        invoice_id,
+        kind,
+        principal,
+        row.buyer,
+        row.currency,
+        row.status,
+        row.subtotal,
+        row.tax,
+        row.total,
+        row.body,
+        document_hash,
+        request_hash,
+        journal_ref,
+        due_date,
+        terms,
+    )
+    return bool(status == "INSERT 0 1")
+
+
+async def invoice_row(conn: asyncpg.Connection, invoice_id: str) -> asyncpg.Record | None:
+    """The invoice row, or None."""
+    return await conn.fetchrow("SELECT * FROM invoices WHERE invoice_id = $1", invoice_id)
+
+
+_UPDATE_INVOICE = """
+UPDATE invoices SET
+    status = $3, amount_paid = $4, amount_refunded = $5, customer_credit = $6, body = $7::jsonb,
+    journal_ids = CASE WHEN $8::text IS NULL OR $8 = ANY(journal_ids) THEN journal_ids
+                       ELSE array_append(journal_ids, $8) END,
+    version = version + 1, updated_at = now(),
+    issued_at = COALESCE(issued_at, CASE WHEN $3 = 'issued' THEN now() END),
+    paid_at = COALESCE(paid_at, CASE WHEN $3 = 'paid' THEN now() END),
+    fulfilled_at = COALESCE(fulfilled_at, CASE WHEN $3 = 'fulfilled' THEN now() END),
+    closed_at = COALESCE(closed_at, CASE WHEN $3 = 'closed' THEN now() END),
+    voided_at = COALESCE(voided_at, CASE WHEN $3 = 'voided' THEN now() END),
+    refunded_at = COALESCE(refunded_at, CASE WHEN $3 = 'refunded' THEN now() END)
+WHERE invoice_id = $1 AND version = $2
+"""
+
+
+async def update_invoice(
+    conn: asyncpg.Connection, invoice_id: str, version: int, row: InvoiceRow, journal_id: str | None
+) -> bool:
+    """Apply a step's new state if the row is still at `version`; False when it moved on."""
+    status = await conn.execute(
+        _UPDATE_INVOICE,
+        invoice_id,
+        version,
+        row.status,
+        row.amount_paid,
+        row.amount_refunded,
+        row.customer_credit,
+        row.body,
+        journal_id,
+    )
+    return bool(status == "UPDATE 1")
+
+
+MONEY_TABLES: Final = {"payment": ("payments", "payment_id"), "refund": ("refunds", "refund_id")}
+"""Money movement kind -> (table, id column); both tables have the same shape (migration 0006)."""
+
+
+async def money_by_reference(
+    conn: asyncpg.Connection, kind: str, provider: str, provider_reference: str
+) -> asyncpg.Record | None:
+    """The payment or refund recorded for a provider's reference (its id as `id`), or None."""
+    table, id_column = MONEY_TABLES[kind]
+    return await conn.fetchrow(
+        f"SELECT {id_column} AS id, * FROM {table} WHERE provider = $1 AND provider_reference = $2",
+        provider,
+        provider_reference,
+    )
+
+
+async def insert_money(conn: asyncpg.Connection, kind: str, values: dict[str, Any]) -> None:
+    """Record a payment or refund (inside the caller's transaction, with the invoice update)."""
+    table, id_column = MONEY_TABLES[kind]
+    settlement = ", settlement_id" if kind == "payment" else ""
+    names = f"{id_column}, invoice_id, provider, provider_reference, amount, currency, journal_id"
+    names += ", principal, answer"
+    params = [
+        values["id"],
+        values["invoice_id"],
+        values["provider"],
+        values["provider_reference"],
+        values["amount"],
+        values["currency"],
+        values["journal_id"],
+        values["principal"],
+        values["answer"],
+    ]
+    placeholders = "$1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb"
+    if settlement:
+        params.append(values.get("settlement_id"))
+        placeholders += ", $10"
+    await conn.execute(
+        f"INSERT INTO {table} ({names}{settlement}) VALUES ({placeholders})",
+        *params,
+    )
+
+
+async def money_ids(conn: asyncpg.Connection, kind: str, invoice_id: str) -> list[str]:
+    """The invoice's payment (or refund) ids, oldest first."""
+    table, id_column = MONEY_TABLES[kind]
+    rows = await conn.fetch(
+        f"SELECT {id_column} FROM {table} WHERE invoice_id = $1 ORDER BY created_at, {id_column}",
+        invoice_id,
+    )
+    return [r[id_column] for r in rows]
+
+
+async def finance_request(conn: asyncpg.Connection, principal: str, idem_key: str) -> asyncpg.Record | None:
+    """A remembered finance write for (principal, Idempotency-Key), or None."""
+    return await conn.fetchrow(
+        "SELECT endpoint, request_hash, answer FROM finance_requests WHERE principal = $1 AND idem_key = $2",
+        principal,
+        idem_key,
+    )
+
+
+async def remember_request(
+    conn: asyncpg.Connection, principal: str, idem_key: str, endpoint: str, request_hash: str, answer: str
+) -> None:
+    """Remember a finance write's answer under its key (the first one wins)."""
+    await conn.execute(
+        "INSERT INTO finance_requests (principal, idem_key, endpoint, request_hash, answer)"
+        " VALUES ($1, $2, $3, $4, $5::jsonb) ON CONFLICT DO NOTHING",
+        principal,
+        idem_key,
+        endpoint,
+        request_hash,
+        answer,
+    )
