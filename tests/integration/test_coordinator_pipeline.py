@@ -259,8 +259,9 @@ async def _pipelined_scenario(dsn: str) -> None:
         await asyncio.gather(following, watching)
         conn = await asyncpg.connect(dsn)
         try:
-            while await reader.read_once(conn):  # catch up with the end of the stream
-                pass
+            more = True
+            while more:  # catch up with the end of the stream
+                more = await reader.read_once(conn)
         finally:
             await conn.close()
     finally:
