@@ -8,7 +8,10 @@ done by `finance.service.FinanceService`; journals go through the node's `Poster
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
+import os
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
@@ -16,8 +19,8 @@ from typing import Any, Final, TypeVar
 import msgspec
 from aiohttp import web
 
-from api.audit_log import audit_event
-from api.auth import PRINCIPAL, READERS, WRITERS, Role
+from api.audit_log import AUDIT_WRITER, audit_event, audit_failures
+from api.auth import PRINCIPAL, PUBLIC, READERS, WRITERS, Role
 from api.posting import Poster, Submission
 from api.requests import idempotency_key, json_body
 from api.services import SERVICES
@@ -27,14 +30,20 @@ from finance.service import (
     InvoiceRequest,
     PaymentRequest,
     Posted,
+    StripeApplied,
     one_id,
     request_digest,
 )
-from ledger.errors import ErrorCode, Rejection, validation_error
+from finance.stripe_events import DisputeOpened, PaymentSucceeded, verify_event
+from ledger.errors import ErrorCode, LedgerError, Rejection, validation_error
 from ledger.journal import Journal, rejection_from_msgspec
 from store import finance_repo
 
 FINANCE: Final = web.AppKey("finance", FinanceService)
+STRIPE_SECRET_ENV: Final = "STRIPE_WEBHOOK_SECRET"
+STRIPE_ACTOR: Final = "stripe:webhook"
+"""The audit actor and posting principal of `POST /webhooks/stripe` (authenticated by signature, D5)."""
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -296,6 +305,69 @@ async def record_invoice(request: web.Request) -> web.Response:
     return await _idempotent(request, "invoices.record", decoded, work)
 
 
+async def audit_as(request: web.Request, actor_id: str, event_type: str, payload: dict[str, Any]) -> None:
+    """`audit_event` for a request without a bearer principal (the Stripe webhook): `actor_id` acts."""
+    writer = request.app.get(AUDIT_WRITER)
+    if writer is None:
+        return
+    metrics = request.app[SERVICES].metrics
+    try:
+        future = await writer.enqueue(actor_id, event_type, payload)
+    except Exception:
+        log.exception("audit event %s not recorded", event_type)
+        audit_failures(metrics).labels(event_type).inc()
+        return
+
+    def settled(done: asyncio.Future[Any]) -> None:
+        if not done.cancelled() and done.exception() is not None:
+            log.error("audit event %s not recorded: %s", event_type, done.exception())
+            audit_failures(metrics).labels(event_type).inc()
+
+    future.add_done_callback(settled)
+    if writer.answer_after_commit:
+        await asyncio.wait([future])
+
+
+async def _audit_stripe(request: web.Request, done: StripeApplied) -> None:
+    """The audit event of one applied webhook action (a replayed payment or refund records none)."""
+    action, answer = done.action, done.answer
+    if isinstance(action, DisputeOpened):
+        await audit_as(request, STRIPE_ACTOR, "payment.disputed", answer)
+        return
+    if not done.posted:
+        return
+    kind = "payment" if isinstance(action, PaymentSucceeded) else "refund"
+    payload = {
+        k: answer[k] for k in (f"{kind}_id", "invoice_id", "journal_id", "amount", "currency", "status")
+    }
+    payload["event_id"] = action.event_id
+    await audit_as(
+        request, STRIPE_ACTOR, "payment.received" if kind == "payment" else "refund.issued", payload
+    )
+
+
+async def stripe_webhook(request: web.Request) -> web.Response:
+    """POST /webhooks/stripe: a signed Stripe event applied to the ledger exactly once (D5, D6)."""
+    secret = os.environ.get(STRIPE_SECRET_ENV)
+    if not secret:
+        raise LedgerError(
+            ErrorCode.SERVICE_UNAVAILABLE, "webhooks not configured", {"env": STRIPE_SECRET_ENV}
+        )
+    body = await json_body(request)
+    try:
+        events = verify_event(body, request.headers.get("Stripe-Signature"), secret)
+    except LedgerError as exc:
+        if exc.code == ErrorCode.WEBHOOK_SIGNATURE_INVALID:
+            reason = {"reason": exc.details.get("reason"), "message": exc.message}
+            await audit_as(request, STRIPE_ACTOR, "webhook.rejected", reason)
+        raise
+    outcome, applied = await _finance(request).apply_stripe(events, STRIPE_ACTOR)
+    for done in applied:
+        await _audit_stripe(request, done)
+    event_id = events[0].event_id if events else None
+    return _answer(200, {"event_id": event_id, "outcome": outcome})
+
+
 ROUTES: Final[
     list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]], frozenset[Role]]]
 ] = [
@@ -309,4 +381,5 @@ ROUTES: Final[
     ("POST", "/finance/refund", create_refund, WRITERS),
     ("POST", "/settlement", settle, WRITERS),
     ("POST", "/invoices", record_invoice, WRITERS),
+    ("POST", "/webhooks/stripe", stripe_webhook, PUBLIC),
 ]

@@ -31,6 +31,17 @@ import msgspec
 
 from finance import invoices
 from finance.invoices import Buyer, Invoice, InvoiceStatus, LineItem, Step
+from finance.stripe_events import (
+    Action,
+    DisputeOpened,
+    Event,
+    Ignored,
+    InboxState,
+    Outcome,
+    PaymentSucceeded,
+    Refunded,
+    WebhookInbox,
+)
 from finance.tax import Seller, TaxRules, load_rules
 from ledger.errors import ErrorCode, LedgerError, Rejection, validation_error
 from ledger.journal import JOURNAL_ID_PATTERN, Journal, JournalIn, validate_journal
@@ -171,6 +182,26 @@ def not_found(invoice_id: str) -> LedgerError:
     return LedgerError(
         ErrorCode.NOT_FOUND, f"no invoice {invoice_id}", {"resource": "invoice", "id": invoice_id}
     )
+
+
+class StripeApplied(msgspec.Struct, frozen=True):
+    """One inbox action applied by `FinanceService.apply_stripe`: its answer, and whether it posted
+    (False when the payment or refund was already recorded: a replay)."""
+
+    action: Action
+    answer: dict[str, Any]
+    posted: bool
+
+
+STRIPE_EVENT_TYPES: Final = {
+    PaymentSucceeded: "payment_intent.succeeded",
+    Refunded: "charge.refunded",
+    DisputeOpened: "charge.dispute.created",
+}
+
+
+def _stripe_key(action: Refunded | DisputeOpened) -> str:
+    return action.refund_id if isinstance(action, Refunded) else action.dispute_id
 
 
 def _row_of(invoice: Invoice) -> InvoiceRow:
@@ -514,3 +545,106 @@ class FinanceService:
                         {"invoice_id": request.invoice_id},
                     )
         return created
+
+    # -- Stripe webhook --------------------------------------------------------------------------
+    async def apply_stripe(self, events: list[Event], principal: str) -> tuple[Outcome, list[StripeApplied]]:
+        """Apply one verified Stripe delivery exactly once; (outcome, the actions applied, in order).
+
+        Deliveries are serialised in this process. The inbox state this delivery needs is loaded
+        from the store (seen event id, paid intents = `payments` rows with provider 'stripe',
+        applied refunds/disputes, parked actions), `WebhookInbox.accept` decides, the actions are
+        applied through `pay` / `refund` (unique per provider reference) and only then the event
+        id, the new parked actions and the released ones are stored. A crash in between leaves the
+        event unrecorded: Stripe's retry applies it again and the references make that a replay.
+        Parked actions whose payment is already recorded (such a crash) are applied first.
+        """
+        async with self._locked("stripe:webhook"):
+            return await self._apply_stripe(events, principal)
+
+    async def _apply_stripe(self, events: list[Event], principal: str) -> tuple[Outcome, list[StripeApplied]]:
+        if not events:
+            return "ignored", []
+        event_id = events[0].event_id
+        acting = [e for e in events if not isinstance(e, Ignored)]
+        intents = sorted({e.payment_intent for e in acting})
+        keys = sorted({_stripe_key(e) for e in acting if not isinstance(e, PaymentSucceeded)})
+        async with self.pool.acquire() as conn:
+            seen = await finance_repo.stripe_event_seen(conn, event_id)
+            paid = await finance_repo.stripe_paid_intents(conn, intents)
+            applied = await finance_repo.stripe_applied_keys(conn, keys)
+            stored = await finance_repo.stripe_parked(conn, intents, keys)
+        loaded = [msgspec.json.decode(text, type=Refunded | DisputeOpened) for text in stored]
+        stuck = [p for p in loaded if p.payment_intent in paid and _stripe_key(p) not in applied]
+        waiting = [p for p in loaded if p.payment_intent not in paid and _stripe_key(p) not in applied]
+        inbox = WebhookInbox(
+            InboxState(
+                events={event_id} if seen else set(),
+                paid=set(paid),
+                applied=applied | {_stripe_key(p) for p in stuck},
+                parked=waiting,
+            )
+        )
+        outcome, accepted = inbox.accept(events)
+        actions: list[Action] = [*stuck, *accepted]
+        if stuck:
+            outcome = "applied"
+        for action in actions:
+            if isinstance(action, PaymentSucceeded) and action.invoice_id is None:
+                raise validation_error(
+                    "payment_intent.succeeded lacks metadata.invoice_id",
+                    "$.data.object.metadata.invoice_id",
+                )
+        results = [await self._apply_stripe_action(action, paid, principal) for action in actions]
+        loaded_keys = {_stripe_key(p) for p in loaded}
+        parked_keys = {_stripe_key(p) for p in inbox.state.parked}
+        new_parked = [
+            (_stripe_key(p), p.payment_intent, p.event_id, msgspec.json.encode(p).decode())
+            for p in inbox.state.parked
+            if _stripe_key(p) not in loaded_keys
+        ]
+        first = events[0]
+        kind = first.event_type if isinstance(first, Ignored) else STRIPE_EVENT_TYPES[type(first)]
+        async with self.pool.acquire() as conn:
+            await finance_repo.record_stripe_delivery(
+                conn, (event_id, kind, outcome), new_parked, sorted(loaded_keys - parked_keys)
+            )
+        return outcome, results
+
+    async def _apply_stripe_action(
+        self, action: Action, paid: dict[str, str], principal: str
+    ) -> StripeApplied:
+        """Post one inbox action; `paid` (intent -> invoice id) learns the payments made here."""
+        if isinstance(action, PaymentSucceeded):
+            invoice_id = action.invoice_id or ""
+            request = PaymentRequest(
+                amount=action.amount,
+                currency=action.currency,
+                payment_provider=finance_repo.STRIPE,
+                provider_reference=action.payment_intent,
+                invoice_id=invoice_id,
+            )
+            answer, posted = await self.pay(request, principal)
+            paid[action.payment_intent] = invoice_id
+            return StripeApplied(action, answer, posted)
+        invoice_id = paid[action.payment_intent]
+        if isinstance(action, Refunded):
+            request = PaymentRequest(
+                amount=action.amount,
+                currency=action.currency,
+                payment_provider=finance_repo.STRIPE,
+                provider_reference=action.refund_id,
+                invoice_id=invoice_id,
+            )
+            answer, posted = await self.refund(request, principal)
+            return StripeApplied(action, answer, posted)
+        values = {
+            "dispute_id": action.dispute_id,
+            "payment_intent": action.payment_intent,
+            "event_id": action.event_id,
+            "amount": action.amount,
+            "currency": action.currency,
+            "reason": action.reason,
+        }
+        async with self.pool.acquire() as conn:
+            await finance_repo.insert_stripe_dispute(conn, values)
+        return StripeApplied(action, {**values, "invoice_id": invoice_id}, True)

@@ -187,3 +187,87 @@ async def remember_request(
         request_hash,
         answer,
     )
+
+
+# -- Stripe webhook inbox (migration 0007) ---------------------------------------------------------
+STRIPE: Final = "stripe"
+"""The provider name of payments and refunds that came through the Stripe webhook."""
+
+
+async def stripe_event_seen(conn: asyncpg.Connection, event_id: str) -> bool:
+    """Whether a Stripe event id was recorded (its actions were applied)."""
+    return bool(await conn.fetchval("SELECT 1 FROM stripe_events WHERE event_id = $1", event_id))
+
+
+async def stripe_paid_intents(conn: asyncpg.Connection, intents: list[str]) -> dict[str, str]:
+    """Payment intent -> invoice id, for the intents among `intents` that were paid via Stripe."""
+    rows = await conn.fetch(
+        "SELECT provider_reference, invoice_id FROM payments"
+        " WHERE provider = $1 AND provider_reference = ANY($2::text[])",
+        STRIPE,
+        intents,
+    )
+    return {r["provider_reference"]: r["invoice_id"] for r in rows}
+
+
+async def stripe_applied_keys(conn: asyncpg.Connection, keys: list[str]) -> set[str]:
+    """The refund and dispute ids among `keys` already applied (a refunds row or a dispute row)."""
+    rows = await conn.fetch(
+        "SELECT provider_reference AS key FROM refunds WHERE provider = $1"
+        " AND provider_reference = ANY($2::text[])"
+        " UNION SELECT dispute_id FROM stripe_disputes WHERE dispute_id = ANY($2::text[])",
+        STRIPE,
+        keys,
+    )
+    return {r["key"] for r in rows}
+
+
+async def stripe_parked(conn: asyncpg.Connection, intents: list[str], keys: list[str]) -> list[str]:
+    """Parked actions (JSON text, oldest first) of the given payment intents or with the given keys."""
+    rows = await conn.fetch(
+        "SELECT action::text AS action FROM stripe_parked"
+        " WHERE payment_intent = ANY($1::text[]) OR key = ANY($2::text[]) ORDER BY parked_at, key",
+        intents,
+        keys,
+    )
+    return [r["action"] for r in rows]
+
+
+async def insert_stripe_dispute(conn: asyncpg.Connection, values: dict[str, Any]) -> None:
+    """Record an opened dispute once (a repeat is ignored)."""
+    await conn.execute(
+        "INSERT INTO stripe_disputes (dispute_id, payment_intent, event_id, amount, currency, reason)"
+        " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        values["dispute_id"],
+        values["payment_intent"],
+        values["event_id"],
+        values["amount"],
+        values["currency"],
+        values["reason"],
+    )
+
+
+async def record_stripe_delivery(
+    conn: asyncpg.Connection,
+    event: tuple[str, str, str] | None,
+    parked: list[tuple[str, str, str, str]],
+    released: list[str],
+) -> None:
+    """After a delivery's actions succeeded, in one transaction: drop the released parked keys,
+    park the new actions `(key, payment_intent, event_id, action_json)` and record the event
+    `(event_id, type, outcome)` (when it has an id)."""
+    async with conn.transaction():
+        if released:
+            await conn.execute("DELETE FROM stripe_parked WHERE key = ANY($1::text[])", released)
+        if parked:
+            await conn.executemany(
+                "INSERT INTO stripe_parked (key, payment_intent, event_id, action)"
+                " VALUES ($1, $2, $3, $4::jsonb) ON CONFLICT DO NOTHING",
+                parked,
+            )
+        if event is not None:
+            await conn.execute(
+                "INSERT INTO stripe_events (event_id, type, outcome) VALUES ($1, $2, $3)"
+                " ON CONFLICT DO NOTHING",
+                *event,
+            )
