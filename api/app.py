@@ -9,7 +9,7 @@ from typing import Any, Final
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from api import admin_routes, audit_log, finance_routes, ledger_routes, proof_routes
+from api import admin_routes, audit_log, finance_routes, fx_routes, ledger_routes, proof_routes, tax_routes
 from api.auth import PRINCIPAL, PUBLIC, Role, require
 from api.envelope import Handler, error_middleware, ok
 from api.requests import BATCH_BODY_MAX
@@ -120,6 +120,8 @@ def create_app(svc: Services) -> web.Application:
         *audit_log.ROUTES,
         *admin_routes.ROUTES,
         *finance_routes.ROUTES,
+        *fx_routes.ROUTES,
+        *tax_routes.ROUTES,
     ]
     for method, path, handler, allowed in routes:
         app.router.add_route(method, path, handler)

@@ -62,7 +62,7 @@ class LedgerJournals:
 def install(app: web.Application) -> None:
     """Attach the finance service to the application (before it starts)."""
     svc = app[SERVICES]
-    app[FINANCE] = FinanceService(svc.pool, LedgerJournals(svc.poster))
+    app[FINANCE] = FinanceService(svc.pool, LedgerJournals(svc.poster), base_currency=svc.base_currency)
 
 
 class SettlementPayment(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

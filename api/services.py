@@ -30,6 +30,7 @@ class Services:
     signer_kind: str = "none"
     mtls: bool = False
     hash_alg: str = "sha256"
+    base_currency: str = "USD"
 
     @property
     def signing_configured(self) -> bool:

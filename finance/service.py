@@ -24,12 +24,13 @@ import asyncio
 import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
 import asyncpg
 import msgspec
 
-from finance import invoices
+from finance import chart, fx, invoices
 from finance.invoices import Buyer, Invoice, InvoiceStatus, LineItem, Step
 from finance.stripe_events import (
     Action,
@@ -44,11 +45,12 @@ from finance.stripe_events import (
 )
 from finance.tax import Seller, TaxRules, load_rules
 from ledger.errors import ErrorCode, LedgerError, Rejection, validation_error
+from ledger.invariants import check
 from ledger.journal import JOURNAL_ID_PATTERN, Journal, JournalIn, validate_journal
 from ledger.money import fits_int64, is_currency
 from ledger.timestamps import rfc3339
 from signer.canonical import canonical
-from store import finance_repo, repository
+from store import finance_repo, fx_repo, repository
 from store.finance_repo import InvoiceRow
 
 REFERENCE_MAX: Final = 200
@@ -282,9 +284,14 @@ class FinanceService:
         poster: JournalPoster,
         rules: TaxRules | None = None,
         seller: Seller | None = None,
+        base_currency: str = "USD",
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
+        check(is_currency(base_currency), f"base currency {base_currency!r} is not ISO 4217")
         self.pool = pool
         self.poster = poster
+        self.base_currency = base_currency
+        self.clock = clock
         self.rules = rules or load_rules()
         self.seller = seller or Seller()
         self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
@@ -454,7 +461,10 @@ class FinanceService:
                 return _replayed(kind, existing, invoice_id, request, settlement_id), False
             requested = InvoiceStatus.PAID if kind == "payment" else InvoiceStatus.REFUNDED
             invoice, row = await self._load(invoice_id, requested)
-            if kind == "payment":
+            settled: dict[str, Any] = {}
+            if kind == "payment" and request.currency != invoice.currency:
+                step, settled = await self._settle_across(invoice, row, request)
+            elif kind == "payment":
                 step = invoices.record_payment(
                     invoice, request.amount, request.currency, request.payment_provider
                 )
@@ -477,6 +487,7 @@ class FinanceService:
                 "amount_due": step.invoice.amount_due,
                 "amount_refunded": step.invoice.refunded,
                 "customer_credit": step.invoice.customer_credit,
+                **settled,
             }
             values = {
                 "id": money_id,
@@ -493,7 +504,111 @@ class FinanceService:
             async with self.pool.acquire() as conn, conn.transaction():
                 await self._store(conn, row, step.invoice, journal_id)
                 await finance_repo.insert_money(conn, kind, values)
+                if settled:
+                    await fx_repo.record_applied(conn, money_id, settled["applied_amount"], invoice.currency)
         return answer, True
+
+    # -- FX settlement ---------------------------------------------------------------------------
+    async def _rate(self, conn: asyncpg.Connection, currency: str, when: datetime) -> fx.Rate | None:
+        """The base/`currency` rate in force at `when` (None for the base currency); FX_RATE_MISSING."""
+        if currency == self.base_currency:
+            return None
+        row = await fx_repo.rate_at(conn, self.base_currency, currency, when)
+        if row is None:
+            raise fx.fx_rate_missing(self.base_currency, currency, when)
+        return fx.Rate(*row)
+
+    async def _settle_across(
+        self, invoice: Invoice, row: asyncpg.Record, request: PaymentRequest
+    ) -> tuple[Step, dict[str, Any]]:
+        """A payment in another currency than the invoice's (DECISIONS D2, docs/accounting.md).
+
+        Both currencies are converted through the base currency at the rates in force now (the
+        payment time); the result, in the invoice's currency, is applied like a same-currency
+        payment (overpayment -> customer credit). The receivable is released at the rate in force
+        at the invoice's `issued_at` (the payment-time rate when none was stored then), so the
+        difference is realised on `revenue:fx-gain:realised` / `expense:fx-loss:realised`.
+        """
+        if request.amount <= 0 or not fits_int64(request.amount):
+            raise validation_error(
+                "amount must be a positive integer (minor units) that fits int64", "$.amount"
+            )
+        if not is_currency(request.currency):
+            raise validation_error(f"unknown currency code {request.currency!r} (ISO 4217)", "$.currency")
+        chart.check_segment(request.payment_provider, "$.payment_provider")
+        base = self.base_currency
+        when = self.clock()
+        async with self.pool.acquire() as conn:
+            paid_rate = await self._rate(conn, request.currency, when)
+            invoice_rate = await self._rate(conn, invoice.currency, when)
+            issue_rate = invoice_rate
+            if invoice.currency != base and row["issued_at"] is not None:
+                stored = await fx_repo.rate_at(conn, base, invoice.currency, row["issued_at"])
+                issue_rate = fx.Rate(*stored) if stored is not None else invoice_rate
+        paid_base = (
+            request.amount if paid_rate is None else fx.to_base(request.amount, request.currency, paid_rate)
+        )
+        converted = (
+            paid_base if invoice_rate is None else fx.from_base(paid_base, invoice.currency, invoice_rate)
+        )
+        if converted <= 0:
+            raise validation_error(
+                f"amount is less than one minor unit of {invoice.currency} at the current rate", "$.amount"
+            )
+        step = invoices.record_payment(invoice, converted, invoice.currency, request.payment_provider)
+        applied, credit = step.amounts["applied"], step.amounts["credit"]
+        buyer = invoice.buyer.buyer_id
+        cash = fx.FxLine(
+            chart.cash(request.payment_provider, request.currency), "debit", request.amount, request.currency
+        )
+        parts = [
+            (chart.receivable(buyer), applied, issue_rate),
+            (chart.customer_credit(buyer), credit, invoice_rate),
+        ]
+        kept = [(account, amount, rate) for account, amount, rate in parts if amount > 0]
+        released_base = sum(
+            amount if rate is None else fx.to_base(amount, invoice.currency, rate) for _, amount, rate in kept
+        )
+        if credit == 0:
+            completion = fx.settlement_lines(
+                base=base,
+                receivable_account=chart.receivable(buyer),
+                invoice_amount_minor=applied,
+                invoice_currency=invoice.currency,
+                invoice_rate=issue_rate,
+                cash_account=cash.account_id,
+                paid_amount_minor=request.amount,
+                paid_currency=request.currency,
+                paid_rate=paid_rate,
+            )
+        else:
+            gain_or_loss = fx.realised_fx_lines(released_base, paid_base, base)
+            lines = [cash, *(fx.FxLine(a, "credit", amount, invoice.currency) for a, amount, _ in kept)]
+            rates = [paid_rate, *(rate for _, _, rate in kept)]
+            completion = fx.complete_with_rates(
+                [*lines, *gain_or_loss], [*rates, *(None for _ in gain_or_loss)], base
+            )
+        journal = {
+            "entries": [msgspec.to_builtins(line) for line in completion.journal_lines()],
+            "memo": "invoice payment (fx)",
+            "source_ref": invoice.invoice_id,
+            "context": {"invoice_id": invoice.invoice_id, "flow": "invoice.payment", "fx": True},
+        }
+        step = msgspec.structs.replace(step, journal=journal)
+        settled = {
+            "applied_amount": converted,
+            "applied_currency": invoice.currency,
+            "fx": {
+                "base": base,
+                "paid_rate": None if paid_rate is None else msgspec.to_builtins(paid_rate),
+                "invoice_rate": None if invoice_rate is None else msgspec.to_builtins(invoice_rate),
+                "issue_rate": None if issue_rate is None else msgspec.to_builtins(issue_rate),
+                "paid_base": paid_base,
+                "released_base": released_base,
+                "realised_minor": paid_base - released_base,
+            },
+        }
+        return step, settled
 
     async def record_external(self, request: ExternalInvoiceRequest, principal: str) -> bool:
         """`POST /invoices`: store an issued invoice pointing at an existing journal; True when new."""

@@ -33,6 +33,8 @@ class NodeConfig:
     # LEDGER_AUDIT_WAIT=1: answer a state change only once its audit event is committed (one more
     # group commit of latency). Default: the event is queued in order and committed right after.
     audit_wait: bool = False
+    # LEDGER_BASE_CURRENCY: the platform's base currency (ISO 4217) for FX rates and settlement (D2).
+    base_currency: str = "USD"
 
     @classmethod
     def from_env(cls, **overrides: object) -> NodeConfig:
@@ -48,6 +50,7 @@ class NodeConfig:
             signer_env=dict(os.environ),
             hash_alg=os.environ.get("LEDGER_HASH_ALG") or None,
             audit_wait=os.environ.get("LEDGER_AUDIT_WAIT", "0") == "1",
+            base_currency=os.environ.get("LEDGER_BASE_CURRENCY") or "USD",
         )
         for name, value in overrides.items():
             if value is not None:

@@ -95,6 +95,7 @@ class Node:
             signer=signer,
             signer_kind=signer_kind,
             hash_alg=hash_alg,
+            base_currency=config.base_currency,
         )
         self.audit = AuditWriter(self.dsn, signer, hash_alg=hash_alg, answer_after_commit=config.audit_wait)
         await self.audit.start()

@@ -8,6 +8,7 @@ it was read, and the caller reports a concurrent change.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Final
 
 import asyncpg
@@ -271,3 +272,43 @@ async def record_stripe_delivery(
                 " ON CONFLICT DO NOTHING",
                 *event,
             )
+
+
+# -- tax return (GET /finance/tax/return/{period}) -------------------------------------------------
+TAX_PAYABLE_PREFIX: Final = "liability:tax-payable:"
+"""Account ids of tax collected and owed, one per jurisdiction (`finance.chart.tax_payable`)."""
+
+
+async def tax_invoices(conn: asyncpg.Connection, start: datetime, end: datetime) -> list[asyncpg.Record]:
+    """Priced invoices issued, or voided after issue, in `[start, end)`: id, currency, body (JSON
+    text), issued_at, voided_at (None unless voided)."""
+    return await conn.fetch(
+        "SELECT invoice_id, currency, body::text AS body, issued_at, voided_at FROM invoices"
+        " WHERE kind = 'priced' AND issued_at IS NOT NULL"
+        " AND ((issued_at >= $1 AND issued_at < $2) OR (voided_at >= $1 AND voided_at < $2))"
+        " ORDER BY issued_at, invoice_id",
+        start,
+        end,
+    )
+
+
+async def tax_refunds(conn: asyncpg.Connection, start: datetime, end: datetime) -> list[asyncpg.Record]:
+    """Refunds posted in `[start, end)` (the refund journal's `posted_at`, else the row's time):
+    refund id, invoice id, currency, answer and invoice body (JSON text), posted_at, and
+    `tax_lines`: the refund journal's debits per tax-payable account as `{account_id: amount}`
+    JSON text (the ledger's own figures)."""
+    return await conn.fetch(
+        "SELECT r.refund_id, r.invoice_id, r.currency, r.answer::text AS answer, i.body::text AS body,"
+        " COALESCE(j.posted_at, r.created_at) AS posted_at,"
+        " (SELECT COALESCE(jsonb_object_agg(t.account_id, t.amount), '{}'::jsonb)::text FROM"
+        "   (SELECT l.account_id, sum(l.amount)::bigint AS amount FROM journal_lines l"
+        "     WHERE l.journal_id = r.journal_id AND l.side = 'D' AND starts_with(l.account_id, $3)"
+        "     GROUP BY l.account_id) t) AS tax_lines"
+        " FROM refunds r JOIN invoices i ON i.invoice_id = r.invoice_id AND i.kind = 'priced'"
+        " LEFT JOIN journals j ON j.journal_id = r.journal_id"
+        " WHERE COALESCE(j.posted_at, r.created_at) >= $1 AND COALESCE(j.posted_at, r.created_at) < $2"
+        " ORDER BY posted_at, r.refund_id",
+        start,
+        end,
+        TAX_PAYABLE_PREFIX,
+    )

@@ -273,9 +273,12 @@ def test_bad_finance_requests_get_precise_errors(node: NodeHarness) -> None:
         await c.absent_account("asset:ar:bad-buyer")
 
         expect_ok(await c.call("POST", "/finance/invoice", body=body), 201)
-        usd = {**_pay("bad-1", 10, "pi_bad_2"), "currency": "USD"}
+        usd = {**_pay("bad-1", 10, "pi_bad_2"), "currency": "USD"}  # no USD/EUR rate on this node
+        missing = expect_error(await c.call("POST", "/finance/payment", body=usd), 422, "FX_RATE_MISSING")
+        assert missing["quote"] == "EUR"
+        unknown = {**_pay("bad-1", 10, "pi_bad_2"), "currency": "ZZZ"}
         expect_error(
-            await c.call("POST", "/finance/payment", body=usd), 400, "VALIDATION_ERROR", "$.currency"
+            await c.call("POST", "/finance/payment", body=unknown), 400, "VALIDATION_ERROR", "$.currency"
         )
         expect_error(
             await c.call("POST", "/finance/payment", body=_pay("bad-1", 0, "pi_bad_3")),
