@@ -43,6 +43,7 @@ from finance.stripe_events import (
     Refunded,
     WebhookInbox,
 )
+from finance.stripe_gateway import PermanentProviderError, StripeGateway, TransientProviderError
 from finance.tax import Seller, TaxRules, load_rules
 from ledger.errors import ErrorCode, LedgerError, Rejection, validation_error
 from ledger.invariants import check
@@ -286,6 +287,7 @@ class FinanceService:
         seller: Seller | None = None,
         base_currency: str = "USD",
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        gateway_factory: Callable[[], StripeGateway | None] = StripeGateway.from_env,
     ) -> None:
         check(is_currency(base_currency), f"base currency {base_currency!r} is not ISO 4217")
         self.pool = pool
@@ -294,6 +296,8 @@ class FinanceService:
         self.clock = clock
         self.rules = rules or load_rules()
         self.seller = seller or Seller()
+        self.gateway_factory = gateway_factory
+        """Read per refund (so `STRIPE_API_KEY` / `STRIPE_API_BASE` set after start apply)."""
         self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
 
     @contextlib.asynccontextmanager
@@ -437,11 +441,112 @@ class FinanceService:
         """Return money: customer credit first, then the invoice (tax and net in proportion).
 
         Same shape and idempotency as `pay` (the refund's provider reference names it).
+        A "stripe" refund with a gateway configured is first created at Stripe (`_refund_at_stripe`).
         """
+        if request.payment_provider == finance_repo.STRIPE:
+            gateway = self.gateway_factory()
+            if gateway is not None:
+                try:
+                    return await self._refund_at_stripe(gateway, request, principal)
+                finally:
+                    await gateway.close()
         return await self._move_money("refund", request, principal, None)
 
+    async def _refund_at_stripe(
+        self, gateway: StripeGateway, request: PaymentRequest, principal: str
+    ) -> tuple[dict[str, Any], bool]:
+        """Create the refund at Stripe, then post it recorded under the Stripe refund id.
+
+        The refund of the invoice's (first) Stripe payment intent is created with the idempotency
+        key `{invoice_id}.refund.{id of the request's reference}`, so a retry of the same request
+        names the same Stripe refund. The row is stored with provider reference = the Stripe refund
+        id (the key a later `charge.refunded` webhook applies), so the webhook replays it instead of
+        posting again; the answer carries `provider_refund_id` and `request_reference`.
+        Transient provider errors -> 503 SERVICE_UNAVAILABLE (retryable), refusals -> 409
+        INVALID_STATE with the provider's reason; nothing is posted in either case.
+        """
+        invoice_id = one_id(request.invoiceId, request.invoice_id, "$.invoiceId")
+        if invoice_id is None:
+            raise validation_error("invoiceId is required", "$.invoiceId")
+        reference = request.provider_reference
+        if not 1 <= len(reference) <= REFERENCE_MAX or not reference.isprintable():
+            raise validation_error(
+                "provider_reference must be 1-200 printable characters", "$.provider_reference"
+            )
+        request_id = payment_id_of(finance_repo.STRIPE, reference, MONEY_PREFIX["refund"])
+        async with self._locked(f"stripe-refund:{request_id}"):
+            async with self.pool.acquire() as conn:
+                existing = await finance_repo.money_by_reference(
+                    conn, "refund", finance_repo.STRIPE, reference
+                )
+                if existing is None:
+                    existing = await conn.fetchrow(
+                        "SELECT refund_id AS id, * FROM refunds WHERE invoice_id = $1 AND provider = $2"
+                        " AND answer->>'request_reference' = $3",
+                        invoice_id,
+                        finance_repo.STRIPE,
+                        reference,
+                    )
+                paid = await conn.fetchrow(
+                    "SELECT provider_reference, currency FROM payments WHERE invoice_id = $1"
+                    " AND provider = $2 ORDER BY created_at, payment_id LIMIT 1",
+                    invoice_id,
+                    finance_repo.STRIPE,
+                )
+            if existing is not None:
+                return _replayed("refund", existing, invoice_id, request, None), False
+            if paid is None:
+                raise Rejection(
+                    ErrorCode.INVALID_STATE,
+                    "invoice has no Stripe payment to refund",
+                    {"invoice_id": invoice_id, "provider": finance_repo.STRIPE},
+                )
+            if paid["currency"] != request.currency:
+                raise validation_error(
+                    "refund currency differs from the Stripe payment's",
+                    "$.currency",
+                    payment_currency=paid["currency"],
+                )
+            invoice, _ = await self._load(invoice_id, InvoiceStatus.REFUNDED)
+            invoices.refund(
+                invoice, request.amount, request.currency, finance_repo.STRIPE
+            )  # refusals before Stripe
+            try:
+                result = await gateway.refund(
+                    payment_intent=paid["provider_reference"],
+                    amount=request.amount,
+                    idempotency_key=f"{invoice_id}.refund.{request_id}",
+                )
+            except TransientProviderError as exc:
+                raise Rejection(
+                    ErrorCode.SERVICE_UNAVAILABLE,
+                    "payment provider unavailable; retry the same request",
+                    {"provider": finance_repo.STRIPE, "reason": str(exc), "retryable": True},
+                ) from exc
+            except PermanentProviderError as exc:
+                raise Rejection(
+                    ErrorCode.INVALID_STATE,
+                    "payment provider refused the refund",
+                    {"provider": finance_repo.STRIPE, "reason": str(exc)},
+                ) from exc
+            recorded = PaymentRequest(
+                amount=request.amount,
+                currency=request.currency,
+                payment_provider=finance_repo.STRIPE,
+                provider_reference=result.refund_id,
+                invoice_id=invoice_id,
+            )
+            extra = {"provider_refund_id": result.refund_id, "request_reference": reference}
+            answer, posted = await self._move_money("refund", recorded, principal, None, extra)
+        return {**answer, "provider_refund_id": result.refund_id}, posted
+
     async def _move_money(
-        self, kind: str, request: PaymentRequest, principal: str, settlement_id: str | None
+        self,
+        kind: str,
+        request: PaymentRequest,
+        principal: str,
+        settlement_id: str | None,
+        extra: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], bool]:
         invoice_id = one_id(request.invoiceId, request.invoice_id, "$.invoiceId")
         if invoice_id is None:
@@ -488,6 +593,7 @@ class FinanceService:
                 "amount_refunded": step.invoice.refunded,
                 "customer_credit": step.invoice.customer_credit,
                 **settled,
+                **(extra or {}),
             }
             values = {
                 "id": money_id,
@@ -750,7 +856,7 @@ class FinanceService:
                 provider_reference=action.refund_id,
                 invoice_id=invoice_id,
             )
-            answer, posted = await self.refund(request, principal)
+            answer, posted = await self._move_money("refund", request, principal, None)
             return StripeApplied(action, answer, posted)
         values = {
             "dispute_id": action.dispute_id,
