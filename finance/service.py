@@ -131,6 +131,19 @@ def one_id(first: str | None, second: str | None, field: str) -> str | None:
 MONEY_PREFIX: Final = {"payment": "pay", "refund": "rfd"}
 
 
+def money_target(request: PaymentRequest) -> tuple[str, str]:
+    """The invoice id and provider reference of a payment or refund request; 400 when malformed."""
+    invoice_id = one_id(request.invoiceId, request.invoice_id, "$.invoiceId")
+    if invoice_id is None:
+        raise validation_error("invoiceId is required", "$.invoiceId")
+    reference = request.provider_reference
+    if not 1 <= len(reference) <= REFERENCE_MAX or not reference.isprintable():
+        raise validation_error(
+            "provider_reference must be 1-200 printable characters", "$.provider_reference"
+        )
+    return invoice_id, reference
+
+
 def payment_id_of(provider: str, provider_reference: str, prefix: str = "pay") -> str:
     """A payment's (or refund's) id: derived from (provider, reference), so a retry names the same one."""
     raw = f"{provider}\x00{provider_reference}".encode()
@@ -465,14 +478,7 @@ class FinanceService:
         Transient provider errors -> 503 SERVICE_UNAVAILABLE (retryable), refusals -> 409
         INVALID_STATE with the provider's reason; nothing is posted in either case.
         """
-        invoice_id = one_id(request.invoiceId, request.invoice_id, "$.invoiceId")
-        if invoice_id is None:
-            raise validation_error("invoiceId is required", "$.invoiceId")
-        reference = request.provider_reference
-        if not 1 <= len(reference) <= REFERENCE_MAX or not reference.isprintable():
-            raise validation_error(
-                "provider_reference must be 1-200 printable characters", "$.provider_reference"
-            )
+        invoice_id, reference = money_target(request)
         request_id = payment_id_of(finance_repo.STRIPE, reference, MONEY_PREFIX["refund"])
         async with self._locked(f"stripe-refund:{request_id}"):
             async with self.pool.acquire() as conn:
@@ -548,14 +554,7 @@ class FinanceService:
         settlement_id: str | None,
         extra: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], bool]:
-        invoice_id = one_id(request.invoiceId, request.invoice_id, "$.invoiceId")
-        if invoice_id is None:
-            raise validation_error("invoiceId is required", "$.invoiceId")
-        reference = request.provider_reference
-        if not 1 <= len(reference) <= REFERENCE_MAX or not reference.isprintable():
-            raise validation_error(
-                "provider_reference must be 1-200 printable characters", "$.provider_reference"
-            )
+        invoice_id, reference = money_target(request)
         money_id = payment_id_of(request.payment_provider, reference, MONEY_PREFIX[kind])
         async with self._locked(f"{kind}:{money_id}"), self._locked(f"invoice:{invoice_id}"):
             async with self.pool.acquire() as conn:

@@ -21,6 +21,7 @@ import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
@@ -73,6 +74,13 @@ class BatchRows:
     deltas: list[tuple[str, str, int, int, int]] = field(default_factory=list)
     # the signed batch: (batch_seq, first_seq, last_seq, statement, root, signature, kid, signed_at)
     batch: tuple[int, int, int, bytes, bytes, bytes, str, datetime] | None = None
+
+    def journal_columns(self) -> tuple[list[Any], ...]:
+        """The journal columns in `JOURNAL_COLUMNS` order, without `stream_id` (the shard's id)."""
+        return (
+            self.j_id, self.j_seq, self.j_posted_at, self.j_effective_at, self.j_principal, self.j_idem_key,
+            self.j_request_hash, self.j_reverses, self.j_hash, self.j_prev_hash, self.j_body,
+        )  # fmt: skip
 
     def is_empty(self) -> bool:
         """True when there is nothing to write."""
@@ -170,41 +178,14 @@ async def commit_batch(conn: asyncpg.Connection, rows: BatchRows) -> None:
 
 async def _copy_journals(conn: asyncpg.Connection, rows: BatchRows) -> None:
     """The fast path: every journal row by COPY; any existing one aborts with a unique violation."""
-    records = zip(
-        rows.j_id,
-        itertools.repeat(rows.shard_id, len(rows.j_id)),
-        rows.j_seq,
-        rows.j_posted_at,
-        rows.j_effective_at,
-        rows.j_principal,
-        rows.j_idem_key,
-        rows.j_request_hash,
-        rows.j_reverses,
-        rows.j_hash,
-        rows.j_prev_hash,
-        rows.j_body,
-        strict=True,
-    )
+    first, *rest = rows.journal_columns()
+    records = zip(first, itertools.repeat(rows.shard_id, len(first)), *rest, strict=True)
     await conn.copy_records_to_table("journals", records=records, columns=JOURNAL_COLUMNS)
 
 
 async def _insert_journals(conn: asyncpg.Connection, rows: BatchRows) -> None:
     """The conflict path: insert what is new; raise DuplicateJournals naming the rows that were not."""
-    inserted = await conn.fetch(
-        _INSERT_JOURNALS,
-        rows.shard_id,
-        rows.j_id,
-        rows.j_seq,
-        rows.j_posted_at,
-        rows.j_effective_at,
-        rows.j_principal,
-        rows.j_idem_key,
-        rows.j_request_hash,
-        rows.j_reverses,
-        rows.j_hash,
-        rows.j_prev_hash,
-        rows.j_body,
-    )
+    inserted = await conn.fetch(_INSERT_JOURNALS, rows.shard_id, *rows.journal_columns())
     if len(inserted) != len(rows.j_id):
         raise DuplicateJournals(set(rows.j_id) - {r[0] for r in inserted})
 
