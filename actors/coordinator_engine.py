@@ -50,7 +50,7 @@ from ledger.errors import ErrorCode
 from ledger.invariants import check
 from ledger.timestamps import parse_rfc3339, rfc3339
 from sharding.twophase import CoordinatorTx, Decision, Phase, recovery_decision
-from signer.canonical import canonical, journal_digest, posted_journal
+from signer.canonical import journal_digest, posted_body
 from store import repository
 from store.repository import COORDINATOR_STREAM, Existing, find_existing, hold_writer_lock
 from store.writer import JOURNAL_COLUMNS, JOURNALS_UNIQUE
@@ -442,7 +442,7 @@ class CoordinatorEngine:
             records: list[tuple[Any, ...]] = []
             for seq, e in enumerate(committing, start=self.seq + 1):
                 item = e.item
-                body = canonical(posted_journal(item.journal, item.journal_id, item.principal, stamp))
+                body = posted_body(item.journal, item.journal_id, item.principal, stamp)
                 e.hash, e.posted_at = journal_digest(body, self.hash_alg), stamp
                 records.append((item.journal_id, COORDINATOR_STREAM, seq, posted_at, _effective(item),
                                 item.principal, item.idem_key, item.request_hash, item.journal.reverses,

@@ -42,7 +42,7 @@ from ledger.invariants import check
 from ledger.timestamps import parse_rfc3339, rfc3339
 from sharding.slots import slot_of
 from sharding.twophase import Phase, stale_reservations
-from signer.canonical import canonical, journal_digest, posted_journal
+from signer.canonical import journal_digest, posted_body
 from signer.merkle import root as merkle_root
 from signer.statements import batch_statement
 from store import repository
@@ -452,7 +452,7 @@ class ShardEngine:
                 )
                 continue
             seq += 1
-            body = canonical(posted_journal(item.journal, item.journal_id, item.principal, stamp))
+            body = posted_body(item.journal, item.journal_id, item.principal, stamp)
             hashed = journal_digest(body, self.hash_alg)
             self._add_journal(rows, item, seq, posted_at, body, hashed, head)
             leaves.append(hashed)

@@ -9,7 +9,16 @@ from typing import Any, Final
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from api import admin_routes, audit_log, finance_routes, fx_routes, ledger_routes, proof_routes, tax_routes
+from api import (
+    admin_routes,
+    approval_routes,
+    audit_log,
+    finance_routes,
+    fx_routes,
+    ledger_routes,
+    proof_routes,
+    tax_routes,
+)
 from api.auth import PRINCIPAL, PUBLIC, Role, require
 from api.envelope import Handler, error_middleware, ok
 from api.requests import BATCH_BODY_MAX
@@ -108,8 +117,8 @@ SYSTEM_ROUTES: Final[
 ]
 
 
-def create_app(svc: Services) -> web.Application:
-    """The application with every route, the envelope and auth."""
+def create_app(svc: Services, governance: approval_routes.GovernanceConfig | None = None) -> web.Application:
+    """The application with every route, the envelope and auth (`governance`: multisig settings)."""
     app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=BATCH_BODY_MAX + 1)
     app[SERVICES] = svc
     roles: dict[Any, frozenset[Role]] = {}
@@ -121,6 +130,7 @@ def create_app(svc: Services) -> web.Application:
         *admin_routes.ROUTES,
         *finance_routes.ROUTES,
         *fx_routes.ROUTES,
+        *approval_routes.ROUTES,
         *tax_routes.ROUTES,
     ]
     for method, path, handler, allowed in routes:
@@ -128,5 +138,6 @@ def create_app(svc: Services) -> web.Application:
         roles[handler] = frozenset(allowed)
     app[ROLES] = roles
     finance_routes.install(app)
+    approval_routes.install(app, governance or approval_routes.GovernanceConfig())
     app.on_cleanup.append(proof_routes.shutdown)
     return app

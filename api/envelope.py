@@ -21,8 +21,8 @@ _encoder: Final = msgspec.json.Encoder()
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def ok(status: int = 200, **body: Any) -> web.Response:
-    """A success response."""
+def ok(status: int = 200, /, **body: Any) -> web.Response:
+    """A success response (`status` is positional, so a body may carry a `status` key)."""
     return web.Response(
         body=_encoder.encode({"ok": True, **body}), status=status, content_type="application/json"
     )

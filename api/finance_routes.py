@@ -9,11 +9,13 @@ done by `finance.service.FinanceService`; journals go through the node's `Poster
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from typing import Any, Final, TypeVar
 
 import msgspec
@@ -24,19 +26,22 @@ from api.auth import PRINCIPAL, PUBLIC, READERS, WRITERS, Role
 from api.posting import Poster, Submission
 from api.requests import idempotency_key, json_body
 from api.services import SERVICES
+from finance import recognition
 from finance.service import (
     ExternalInvoiceRequest,
     FinanceService,
     InvoiceRequest,
     PaymentRequest,
     Posted,
+    RefundRequest,
     StripeApplied,
     one_id,
     request_digest,
 )
-from finance.stripe_events import DisputeOpened, PaymentSucceeded, verify_event
+from finance.stripe_events import DisputeClosed, DisputeOpened, PaymentSucceeded, verify_event
 from ledger.errors import ErrorCode, LedgerError, Rejection, validation_error
 from ledger.journal import Journal, rejection_from_msgspec
+from ledger.timestamps import parse_rfc3339
 from store import finance_repo
 
 FINANCE: Final = web.AppKey("finance", FinanceService)
@@ -63,6 +68,7 @@ def install(app: web.Application) -> None:
     """Attach the finance service to the application (before it starts)."""
     svc = app[SERVICES]
     app[FINANCE] = FinanceService(svc.pool, LedgerJournals(svc.poster), base_currency=svc.base_currency)
+    app.cleanup_ctx.append(recognition_task)
 
 
 class SettlementPayment(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -84,11 +90,13 @@ class SettlementRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
 
 
 class FulfilRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """`POST /finance/fulfill`."""
+    """`POST /finance/fulfill`; `recognition` (optional) is `{"method": "on_delivery"}` (the default)
+    or `{"method": "ratable", "periods": 1..120, "interval": "day" | "week" | "month"}`."""
 
     invoiceId: str | None = None
     invoice_id: str | None = None
     context: dict[str, Any] = {}
+    recognition: Any = None
 
 
 class EmptyRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -201,15 +209,23 @@ close_invoice = _step_handler("close", "invoice.closed")
 
 
 async def fulfil_invoice(request: web.Request) -> web.Response:
-    """POST /finance/fulfill: recognise revenue (deferred revenue -> revenue)."""
+    """POST /finance/fulfill: recognise revenue (deferred revenue -> revenue) on delivery, or
+    attach a ratable recognition schedule (`recognition`, finance/recognition.py)."""
     decoded = _decode(await json_body(request), FulfilRequest)
     invoice_id = one_id(decoded.invoiceId, decoded.invoice_id, "$.invoiceId")
     if invoice_id is None:
         raise validation_error("invoiceId is required", "$.invoiceId")
+    policy = recognition.parse_policy(decoded.recognition)
 
     async def work() -> tuple[int, dict[str, Any]]:
-        view, journal_id = await _finance(request).step(invoice_id, "fulfil", _who(request))
+        view, journal_id = await _finance(request).fulfil(invoice_id, policy, _who(request))
         payload = {"invoice_id": invoice_id, "status": view["status"], "journal_id": journal_id}
+        if policy is not None:
+            payload["recognition"] = msgspec.to_builtins(policy)
+            payload["installments"] = [
+                {"k": i["k"], "due_at": i["due_at"], "amount": i["amount"]}
+                for i in view["recognition"]["installments"]
+            ]
         await audit_event(request, "invoice.fulfilled", payload)
         return 200, {**view, "journal_id": journal_id}
 
@@ -244,8 +260,9 @@ async def create_payment(request: web.Request) -> web.Response:
 
 
 async def create_refund(request: web.Request) -> web.Response:
-    """POST /finance/refund: return money (customer credit first); reversing journal through the ledger."""
-    decoded = _decode(await json_body(request), PaymentRequest)
+    """POST /finance/refund: return money (customer credit first, or the given `lines`); reversing
+    journal through the ledger."""
+    decoded = _decode(await json_body(request), RefundRequest)
 
     async def work() -> tuple[int, dict[str, Any]]:
         answer, posted = await _finance(request).refund(decoded, _who(request))
@@ -254,10 +271,90 @@ async def create_refund(request: web.Request) -> web.Response:
                 k: answer[k]
                 for k in ("refund_id", "invoice_id", "journal_id", "amount", "currency", "status")
             }
+            if decoded.lines is not None:
+                payload["lines"] = answer["refund_lines"]
             await audit_event(request, "refund.issued", payload)
         return 200, answer
 
     return await _idempotent(request, "refund", decoded, work)
+
+
+# -- revenue recognition runs ----------------------------------------------------------------------
+RECOGNITION_INTERVAL_S: Final = web.AppKey("recognition_interval_s", float)
+"""Seconds between the node's recognition runs (`LEDGER_RECOGNITION_INTERVAL_S`); absent or <= 0: off."""
+RECOGNITION_ACTOR: Final = "node:recognition"
+"""The audit actor and posting principal of the node's periodic recognition runs."""
+
+
+class RecognitionRunRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """`POST /finance/recognition/run`: post what is due at `as_of` (RFC 3339; default now)."""
+
+    as_of: str | None = None
+
+
+def _run_payload(result: dict[str, Any], trigger: str) -> dict[str, Any]:
+    posted = [{k: p[k] for k in ("invoice_id", "k", "journal_id", "amount")} for p in result["posted"]]
+    return {"as_of": result["as_of"], "trigger": trigger, "posted": posted, "failed": result["failed"]}
+
+
+async def run_recognition(request: web.Request) -> web.Response:
+    """POST /finance/recognition/run: post every recognition installment due at `as_of`."""
+    decoded = (
+        _decode(await json_body(request), RecognitionRunRequest)
+        if request.can_read_body
+        else RecognitionRunRequest()
+    )
+    finance = _finance(request)
+    as_of: datetime = finance.clock()
+    if decoded.as_of is not None:
+        parsed = parse_rfc3339(decoded.as_of)
+        if parsed is None:
+            raise validation_error("as_of must be an RFC 3339 time with an offset", "$.as_of")
+        as_of = parsed
+    result = await finance.run_recognition(as_of, _who(request))
+    await audit_event(request, "revenue.recognition_run", _run_payload(result, "api"))
+    return _answer(200, result)
+
+
+async def audit_app(app: web.Application, actor_id: str, event_type: str, payload: dict[str, Any]) -> None:
+    """An audit event recorded by the node itself (no request): `actor_id` acts."""
+    writer = app.get(AUDIT_WRITER)
+    if writer is None:
+        return
+    try:
+        future = await writer.enqueue(actor_id, event_type, payload)
+        await asyncio.wait([future])
+        future.result()
+    except Exception:
+        log.exception("audit event %s not recorded", event_type)
+        audit_failures(app[SERVICES].metrics).labels(event_type).inc()
+
+
+async def _recognition_loop(app: web.Application, interval_s: float) -> None:
+    """Every `interval_s`: post the installments due now; audited when something posted or failed."""
+    while True:
+        await asyncio.sleep(interval_s)
+        finance = app[FINANCE]
+        try:
+            result = await finance.run_recognition(finance.clock(), RECOGNITION_ACTOR)
+        except Exception:
+            log.exception("recognition run failed; retrying in %ss", interval_s)
+            continue
+        if result["posted"] or result["failed"]:
+            await audit_app(
+                app, RECOGNITION_ACTOR, "revenue.recognition_run", _run_payload(result, "schedule")
+            )
+
+
+async def recognition_task(app: web.Application) -> AsyncIterator[None]:
+    """`cleanup_ctx`: the periodic recognition run while the app serves; cancelled at shutdown."""
+    interval_s = app.get(RECOGNITION_INTERVAL_S, 0.0)
+    task = asyncio.create_task(_recognition_loop(app, interval_s)) if interval_s > 0 else None
+    yield
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def settle(request: web.Request) -> web.Response:
@@ -331,8 +428,10 @@ async def audit_as(request: web.Request, actor_id: str, event_type: str, payload
 async def _audit_stripe(request: web.Request, done: StripeApplied) -> None:
     """The audit event of one applied webhook action (a replayed payment or refund records none)."""
     action, answer = done.action, done.answer
-    if isinstance(action, DisputeOpened):
-        await audit_as(request, STRIPE_ACTOR, "payment.disputed", answer)
+    if isinstance(action, DisputeOpened | DisputeClosed):
+        if done.posted:
+            kind = "payment.disputed" if isinstance(action, DisputeOpened) else "payment.dispute_closed"
+            await audit_as(request, STRIPE_ACTOR, kind, {**answer, "event_id": action.event_id})
         return
     if not done.posted:
         return
@@ -379,6 +478,7 @@ ROUTES: Final[
     ("POST", "/finance/payment", create_payment, WRITERS),
     ("POST", "/finance/fulfill", fulfil_invoice, WRITERS),
     ("POST", "/finance/refund", create_refund, WRITERS),
+    ("POST", "/finance/recognition/run", run_recognition, WRITERS),
     ("POST", "/settlement", settle, WRITERS),
     ("POST", "/invoices", record_invoice, WRITERS),
     ("POST", "/webhooks/stripe", stripe_webhook, PUBLIC),

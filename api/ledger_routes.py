@@ -19,18 +19,22 @@ from api.audit_log import audit_account_create, audit_post, audit_post_batch
 from api.audit_view import audit_block
 from api.auth import ADMINS, PRINCIPAL, READERS, WRITERS, Principal
 from api.envelope import error_response, ok
+from api.fx_journals import fx_submission, load_rates
 from api.posting import Submission
 from api.requests import BATCH_BODY_MAX, idempotency_key, json_body, query_int, query_time
 from api.services import SERVICES, Services
 from ledger.accounts import AccountPolicy, account_type_of, normal_balance
 from ledger.errors import ErrorCode, LedgerError, Rejection, validation_error
+from ledger.invariants import check
 from ledger.journal import (
     JournalIn,
     JournalWire,
     decode_journal,
+    has_fx_fields,
     journal_from_wire,
     journal_in_of,
     rejection_from_msgspec,
+    validate_fields,
     validate_journal,
 )
 from ledger.timestamps import rfc3339
@@ -126,10 +130,14 @@ async def post_journal(request: web.Request) -> web.Response:
     raw = decode_journal(body)
     who = principal(request).name
     try:
-        journal = validate_journal(raw)
+        if has_fx_fields(raw.entries):  # D2: completed with the node's rates
+            validate_fields(raw)  # a malformed journal fails before any rate is loaded
+            submission = await fx_submission(svc, raw, await load_rates(svc, [raw]), who, key)
+        else:
+            submission = Submission(validate_journal(raw), who, key)
     except Rejection as rejection:
         raise await _conflict_first(svc, rejection, raw.journal_id, who, key) from None
-    subs: list[Submission | Rejection] = [Submission(journal, who, key)]
+    subs: list[Submission | Rejection] = [submission]
     await _check_reverses(svc, subs)
     sub = subs[0]
     if isinstance(sub, Rejection):
@@ -155,16 +163,38 @@ class DecodedBatch:
     """index -> (LEDGER_IMBALANCE rejection, the journal's client id), for the conflict lookup."""
     reverses: bool = False
     """True when some valid journal names a journal it reverses."""
+    fx: dict[int, JournalIn] = field(default_factory=dict)
+    """index -> a journal with FX fields, awaiting D2 completion (`complete_fx`); its place in
+    `subs` holds `FX_PENDING` (counted in `rejected`) until then."""
 
     def add(self, index: int, sub: Submission | Rejection, journal_id: str | None) -> None:
         """Append the outcome of journal `index` (`journal_id`: its client id, if it decoded)."""
         self.subs.append(sub)
+        self._count(index, sub, journal_id)
+
+    def _count(self, index: int, sub: Submission | Rejection, journal_id: str | None) -> None:
         if isinstance(sub, Rejection):
             self.rejected += 1
             if sub.code is ErrorCode.LEDGER_IMBALANCE:
                 self.unbalanced[index] = (sub, journal_id)
         elif sub.journal.reverses is not None:
             self.reverses = True
+
+    def add_fx(self, index: int, journal_in: JournalIn) -> None:
+        """Append journal `index`, which carries FX fields and passed `validate_fields`."""
+        self.subs.append(FX_PENDING)
+        self.rejected += 1
+        self.fx[index] = journal_in
+
+    def settle_fx(self, index: int, sub: Submission | Rejection) -> None:
+        """Put the outcome of FX journal `index` in its place."""
+        check(self.subs[index] is FX_PENDING, "settling a journal that is not pending completion")
+        self.subs[index] = sub
+        self.rejected -= 1
+        self._count(index, sub, self.fx[index].journal_id)
+
+
+FX_PENDING: Final = Rejection(ErrorCode.INTERNAL_ERROR, "journal awaiting FX completion", {})
 
 
 class _PostedItem(msgspec.Struct, gc=False):
@@ -201,16 +231,48 @@ def _batch_key(key: str | None, index: int) -> str | None:
     return f"{key}#{index}" if key is not None else None
 
 
+def _under_item(index: int, rejection: Rejection) -> Rejection:
+    """`rejection` with its field moved under `$.journals[index]`."""
+    field = rejection.details.get("field")
+    if isinstance(field, str) and field.startswith("$"):
+        rejection.details["field"] = f"$.journals[{index}]" + field[1:]
+    return rejection
+
+
 def _detailed_item(index: int, journal_in: JournalIn, who: str, key: str | None) -> Submission | Rejection:
     """`validate_journal` with a rejection's field moved under `$.journals[index]`."""
     try:
         journal = validate_journal(journal_in)
     except Rejection as rejection:
-        field = rejection.details.get("field")
-        if isinstance(field, str) and field.startswith("$"):
-            rejection.details["field"] = f"$.journals[{index}]" + field[1:]
-        return rejection
+        return _under_item(index, rejection)
     return Submission(journal, who, _batch_key(key, index))
+
+
+def _add_detailed(batch: DecodedBatch, index: int, journal_in: JournalIn, who: str, key: str | None) -> None:
+    """The detailed path: `validate_journal`, or for a journal with FX fields `validate_fields` and
+    a place among the journals awaiting D2 completion (`complete_fx`)."""
+    if not has_fx_fields(journal_in.entries):
+        batch.add(index, _detailed_item(index, journal_in, who, key), journal_in.journal_id)
+        return
+    try:
+        validate_fields(journal_in)
+    except Rejection as rejection:
+        batch.add(index, _under_item(index, rejection), journal_in.journal_id)
+        return
+    batch.add_fx(index, journal_in)
+
+
+async def complete_fx(svc: Services, batch: DecodedBatch, who: str, key: str | None) -> None:
+    """Complete the batch's FX journals with the node's rates (one query for all of them)."""
+    table = await load_rates(svc, batch.fx.values())
+    for index, journal_in in batch.fx.items():
+        try:
+            sub: Submission | Rejection = await fx_submission(
+                svc, journal_in, table, who, _batch_key(key, index)
+            )
+        except Rejection as rejection:
+            sub = _under_item(index, rejection)
+        batch.settle_fx(index, sub)
 
 
 def _add_wire(batch: DecodedBatch, index: int, wire: JournalWire, who: str, key: str | None) -> None:
@@ -219,7 +281,7 @@ def _add_wire(batch: DecodedBatch, index: int, wire: JournalWire, who: str, key:
     if journal is not None:
         batch.add(index, Submission(journal, who, _batch_key(key, index)), wire.journal_id)
     else:
-        batch.add(index, _detailed_item(index, journal_in_of(wire), who, key), wire.journal_id)
+        _add_detailed(batch, index, journal_in_of(wire), who, key)
 
 
 T = TypeVar("T")
@@ -244,7 +306,7 @@ def _add_raw(batch: DecodedBatch, index: int, raw: msgspec.Raw, who: str, key: s
     except msgspec.ValidationError as exc:
         batch.add(index, rejection_from_msgspec(exc, prefix=f"$.journals[{index}]"), None)
         return
-    batch.add(index, _detailed_item(index, journal_in, who, key), journal_in.journal_id)
+    _add_detailed(batch, index, journal_in, who, key)
 
 
 def decode_batch(body: bytes, who: str, key: str | None) -> DecodedBatch:
@@ -265,7 +327,7 @@ def decode_batch(body: bytes, who: str, key: str | None) -> DecodedBatch:
         for index, wire in enumerate(wires):  # _add_wire, inlined for the common case
             journal = journal_from_wire(wire)
             if journal is None:
-                batch.add(index, _detailed_item(index, journal_in_of(wire), who, key), wire.journal_id)
+                _add_detailed(batch, index, journal_in_of(wire), who, key)
                 continue
             append(Submission(journal, who, None if key is None else f"{key}#{index}"))
             if journal.reverses is not None:
@@ -343,6 +405,8 @@ async def post_batch(request: web.Request) -> web.Response:
     key = idempotency_key(request)
     who = principal(request).name
     batch = decode_batch(body, who, key)
+    if batch.fx:
+        await complete_fx(svc, batch, who, key)
     subs = batch.subs
     for index, (rejection, journal_id) in batch.unbalanced.items():
         subs[index] = await _conflict_first(

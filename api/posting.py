@@ -109,11 +109,16 @@ class Batcher:
 
 
 class Submission(msgspec.Struct, frozen=True, gc=False):
-    """One validated journal and who posts it (a Struct: built once per journal, cheaply)."""
+    """One validated journal and who posts it (a Struct: built once per journal, cheaply).
+
+    `request_digest`: the idempotency hash when it is not `request_hash(journal)`: a journal the
+    node completed (D2, `finance.fx_journal.request_digest`) is compared on the client's payload.
+    """
 
     journal: Journal
     principal: str
     idem_key: str | None
+    request_digest: bytes | None = None
 
 
 COORDINATOR: Final = -1
@@ -180,7 +185,7 @@ def route(
     for index, sub in enumerate(submissions):
         journal = sub.journal
         journal_id = journal.journal_id or f"jrn-{uuid.uuid4().hex}"
-        hashed = request_hash(journal)
+        hashed = sub.request_digest or request_hash(journal)
         lines = journal.lines
         parts: dict[int, tuple[Line, ...]] | None = None
         if len(lines) == 2:  # the common journal: inline, no loop

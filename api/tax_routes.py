@@ -10,7 +10,10 @@ line from what is stored and sums them with `finance.tax_return.aggregate`:
   jurisdiction is read from the ledger (the refund journal's debits on the tax-payable accounts),
   its net from the refund's recorded answer; both are spread over the invoice's lines in
   proportion to their tax and net (largest remainder), so per jurisdiction the return equals what
-  the ledger booked on `liability:tax-payable:{jurisdiction}` to the minor unit.
+  the ledger booked on `liability:tax-payable:{jurisdiction}` to the minor unit. A refund whose
+  answer records what it reversed per line (`refund_lines`: every refund since refunds by line,
+  and necessarily a refund by lines) books exactly those figures against each line's own
+  jurisdiction and rate, provided they agree per jurisdiction with the ledger's tax lines.
 
 `Accept: text/csv` answers the CSV of `finance.tax_return.to_csv` instead of the JSON envelope.
 """
@@ -87,6 +90,27 @@ def refund_entries(
     return _entries(invoice, posted_at, -1, bases, taxes)
 
 
+def recorded_line_entries(
+    invoice: Invoice, posted_at: datetime, answer: dict[str, Any], tax_by_jurisdiction: dict[str, int]
+) -> list[TaxEntry] | None:
+    """A refund's reversal from its recorded `refund_lines` (each line's own net and tax), or None
+    when it has none or they disagree with the ledger's tax per jurisdiction."""
+    recorded = answer.get("refund_lines")
+    if not isinstance(recorded, list):
+        return None
+    bases, taxes = [0] * len(invoice.lines), [0] * len(invoice.lines)
+    for item in recorded:
+        bases[int(item["line"])], taxes[int(item["line"])] = int(item["net"]), int(item["tax"])
+    booked: dict[str, int] = {}
+    for line, tax in zip(invoice.lines, taxes, strict=True):
+        booked[line.jurisdiction] = booked.get(line.jurisdiction, 0) + tax
+    if {j: t for j, t in booked.items() if t} != {j: t for j, t in tax_by_jurisdiction.items() if t}:
+        return None
+    listed = {int(item["line"]) for item in recorded}
+    entries = _entries(invoice, posted_at, -1, bases, taxes)
+    return [entry for index, entry in enumerate(entries) if index in listed]
+
+
 def _refund_net(answer: dict[str, Any], tax: int) -> int:
     """The refund's net part (its recorded answer; older answers: amount - credit - tax)."""
     if "net" in answer:
@@ -115,10 +139,12 @@ async def tax_return(request: web.Request) -> web.Response:
         invoice = msgspec.json.decode(row["body"], type=Invoice)
         lines: dict[str, int] = msgspec.json.decode(row["tax_lines"])
         taxes = {account.removeprefix(prefix): amount for account, amount in lines.items()}
-        net = _refund_net(msgspec.json.decode(row["answer"]), sum(taxes.values()))
+        answer = msgspec.json.decode(row["answer"])
+        net = _refund_net(answer, sum(taxes.values()))
         if net == 0 and not any(taxes.values()):
             continue  # returned overpaid customer credit only: no sale is reversed
-        entries += refund_entries(invoice, row["posted_at"], net, taxes)
+        by_line = recorded_line_entries(invoice, row["posted_at"], answer, taxes)
+        entries += by_line if by_line is not None else refund_entries(invoice, row["posted_at"], net, taxes)
     result = aggregate(entries, period, jurisdiction)
     if CSV_TYPE in request.headers.get("Accept", ""):
         filename = f"tax-return-{period.label}{'-' + jurisdiction if jurisdiction else ''}.csv"

@@ -8,6 +8,7 @@ an ambiguous colon. `docs/accounting.md` explains what each account holds and wh
 |-----------------------------|-------------------------------------------|-----------|-------------|
 | `cash`                      | `asset:cash:{provider}:{CCY}`             | asset     | debit       |
 | `receivable`                | `asset:ar:{buyer}`                        | asset     | debit       |
+| `disputes_held`             | `asset:disputes-held:{provider}:{CCY}`    | asset     | debit       |
 | `deferred_revenue`          | `liability:deferred-revenue:{sku}`        | liability | credit      |
 | `tax_payable`               | `liability:tax-payable:{JURISDICTION}`    | liability | credit      |
 | `customer_credit`           | `liability:customer-credit:{buyer}`       | liability | credit      |
@@ -17,6 +18,7 @@ an ambiguous colon. `docs/accounting.md` explains what each account holds and wh
 | `refunds_contra`            | `revenue:refunds:{sku}` (contra revenue)  | revenue   | debit (contra) |
 | `royalty_expense`           | `expense:royalties:{sku}`                 | expense   | debit       |
 | `payment_fees`              | `expense:payment-fees:{provider}`         | expense   | debit       |
+| `dispute_losses`            | `expense:dispute-losses:{provider}`       | expense   | debit       |
 | `fx_gain`                   | `revenue:fx-gain:realised`                | revenue   | credit      |
 | `fx_loss`                   | `expense:fx-loss:realised`                | expense   | debit       |
 """
@@ -115,3 +117,16 @@ def fx_gain() -> str:
 def fx_loss() -> str:
     """Realised foreign-exchange losses on settlement."""
     return _account("expense:fx-loss:realised", AccountType.EXPENSE)
+
+
+def disputes_held(provider: str, currency: str) -> str:
+    """Money a provider withholds while a buyer's dispute (chargeback) is open, per currency."""
+    check(is_currency(currency), f"disputes-held account for unknown currency {currency!r}")
+    return _account(
+        f"asset:disputes-held:{check_segment(provider, 'provider')}:{currency}", AccountType.ASSET
+    )
+
+
+def dispute_losses(provider: str) -> str:
+    """Lost disputes beyond what was still refundable on the invoice (money gone twice)."""
+    return _account(f"expense:dispute-losses:{check_segment(provider, 'provider')}", AccountType.EXPENSE)

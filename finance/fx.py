@@ -250,6 +250,24 @@ class FxLine(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return LineIn(self.account_id, self.side, self.amount_cents, self.currency, meta)
 
 
+def recorded_rate_meta(line: FxLine, base: str) -> dict[str, Any]:
+    """What a foreign line of a completed journal records in `meta` about its conversion.
+
+    `fx_rate` (the node's rate), `rate_ts` (that rate's `as_of`), `base_currency` and
+    `base_amount_cents` (the line's amount in base, `to_base`, half to even); empty for a
+    base-currency line or a line without a node rate (see `Completion.lines`).
+    """
+    if line.currency == base or line.fx_rate is None or line.rate_ts is None:
+        return {}
+    rate = Rate(base, line.currency, line.fx_rate, "node", line.rate_ts)
+    return {
+        "fx_rate": line.fx_rate,
+        "rate_ts": line.rate_ts,
+        "base_currency": base,
+        "base_amount_cents": to_base(line.amount_cents, line.currency, rate),
+    }
+
+
 class Completion(msgspec.Struct, frozen=True):
     """The result of D2 completion.
 

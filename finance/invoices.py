@@ -19,12 +19,15 @@ An illegal step raises `InvalidState` (INVALID_STATE, details {current, requeste
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
+from datetime import datetime
 from typing import Any, Final
 
 import msgspec
 
-from finance import chart
+from finance import chart, recognition
 from finance.money import allocate_proportional, apply_rate_bp, divide_half_even, format_rate_percent
+from finance.recognition import Policy, Schedule
 from finance.tax import BuyerLocation, Seller, TaxEvidence, TaxRules, load_rules
 from ledger.errors import ErrorCode, Rejection, validation_error
 from ledger.invariants import check
@@ -150,7 +153,11 @@ class Invoice(msgspec.Struct, frozen=True):
     """An invoice and its money state. Build with `create_invoice`; change with the step functions.
 
     `refunded_net` is aligned with `sku_nets` and `refunded_tax` with `jurisdiction_taxes`: what
-    refunds have reversed so far, per SKU and per jurisdiction.
+    refunds have reversed so far, per SKU and per jurisdiction; `line_refunded_net` and
+    `line_refunded_tax` are aligned with `lines` (the same figures per line). `deferred_net`
+    (aligned with `sku_nets`) is what is still on deferred revenue once issued; `schedule` is
+    the recognition schedule of a ratable fulfilment. Invoices stored before these fields existed
+    decode with empty tuples, and `deferred_of` / `line_refunds_of` derive them.
     """
 
     invoice_id: str
@@ -172,6 +179,11 @@ class Invoice(msgspec.Struct, frozen=True):
     refunded_net: tuple[int, ...] = ()
     refunded_tax: tuple[int, ...] = ()
     fulfilled: bool = False
+    deferred_net: tuple[int, ...] = ()
+    line_refunded_net: tuple[int, ...] = ()
+    line_refunded_tax: tuple[int, ...] = ()
+    refunded_by_lines: int = 0
+    schedule: Schedule | None = None
 
     @property
     def refunded(self) -> int:
@@ -189,15 +201,38 @@ class Invoice(msgspec.Struct, frozen=True):
         return max(0, self.paid - self.total) - self.refunded_credit
 
 
+class LineShare(msgspec.Struct, frozen=True):
+    """What a refund reversed on one invoice line: net and that line's own tax."""
+
+    line: int
+    sku: str
+    jurisdiction: str
+    rate_bp: int
+    net: int
+    tax: int
+
+
+class LineRefund(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One entry of a refund's `lines`: the line's index in `line_items` and exactly one of `qty`
+    (units: net `qty * unit_price`) or `amount` (gross minor units, net plus the line's tax)."""
+
+    line: int
+    qty: int | None = None
+    amount: int | None = None
+
+
 class Step(msgspec.Struct, frozen=True):
     """The result of one lifecycle step: the new invoice and the journal to post (or None).
 
-    `amounts` names the money the step moved (e.g. `applied`, `credit`, `tax`, `net`).
+    `amounts` names the money the step moved (e.g. `applied`, `credit`, `tax`, `net`);
+    `lines` what a refund reversed per invoice line; `split` where a refund's net came from.
     """
 
     invoice: Invoice
     journal: dict[str, Any] | None
     amounts: dict[str, int] = {}
+    lines: tuple[LineShare, ...] = ()
+    split: dict[str, int] = {}
 
 
 # --- pricing ---------------------------------------------------------------------------------
@@ -309,6 +344,9 @@ def create_invoice(
         notes=(rules.reverse_charge_wording,) if reverse_charge else (),
         refunded_net=(0,) * len(sku_nets),
         refunded_tax=(0,) * len(jurisdiction_taxes),
+        deferred_net=tuple(net for _, net in sku_nets),
+        line_refunded_net=(0,) * len(lines),
+        line_refunded_tax=(0,) * len(lines),
     )
     check(invoice.total == sum(li.net + li.tax for li in lines), "invoice total differs from its lines")
     return invoice
@@ -414,88 +452,345 @@ def record_payment(invoice: Invoice, amount: int, currency: str, provider: str) 
     return Step(after, _journal(after, "payment", entries), {"applied": applied, "credit": credit})
 
 
+# --- derived money state ------------------------------------------------------------------------
+
+
 def _remaining_net(invoice: Invoice) -> list[int]:
     return [net - done for (_, net), done in zip(invoice.sku_nets, invoice.refunded_net, strict=True)]
 
 
-def fulfil(invoice: Invoice) -> Step:
-    """paid|refunded -> fulfilled: recognise what is still deferred (deferred -> revenue per SKU)."""
+def deferred_of(invoice: Invoice) -> list[int]:
+    """What is still on deferred revenue per SKU (aligned with `sku_nets`).
+
+    Invoices stored before `deferred_net` existed: nothing after an on-delivery fulfilment,
+    everything not refunded before it.
+    """
+    if len(invoice.deferred_net) == len(invoice.sku_nets):
+        return list(invoice.deferred_net)
+    return [0] * len(invoice.sku_nets) if invoice.fulfilled else _remaining_net(invoice)
+
+
+def _spread(totals: list[int], groups: list[list[int]], weights: list[int], size: int) -> list[int]:
+    """Each group's total over its members in proportion to `weights` (largest remainder)."""
+    out = [0] * size
+    for total, members in zip(totals, groups, strict=True):
+        if total:
+            for index, share in zip(
+                members, allocate_proportional(total, [weights[i] for i in members]), strict=True
+            ):
+                out[index] = share
+    return out
+
+
+def _sku_groups(invoice: Invoice) -> list[list[int]]:
+    return [[i for i, line in enumerate(invoice.lines) if line.sku == sku] for sku, _ in invoice.sku_nets]
+
+
+def _jurisdiction_groups(invoice: Invoice) -> list[list[int]]:
+    return [
+        [i for i, line in enumerate(invoice.lines) if line.jurisdiction == j]
+        for j, _ in invoice.jurisdiction_taxes
+    ]
+
+
+def line_refunds_of(invoice: Invoice) -> tuple[list[int], list[int]]:
+    """(net, tax) refunded so far per line; for invoices stored before per-line tracking, the
+    per-SKU and per-jurisdiction figures spread over their lines by line net and line tax."""
+    size = len(invoice.lines)
+    if len(invoice.line_refunded_net) == size and len(invoice.line_refunded_tax) == size:
+        return list(invoice.line_refunded_net), list(invoice.line_refunded_tax)
+    nets = _spread(list(invoice.refunded_net), _sku_groups(invoice), [li.net for li in invoice.lines], size)
+    taxes = _spread(
+        list(invoice.refunded_tax), _jurisdiction_groups(invoice), [li.tax for li in invoice.lines], size
+    )
+    return nets, taxes
+
+
+# --- fulfilment and recognition -------------------------------------------------------------------
+
+
+def fulfil(invoice: Invoice, policy: Policy | None = None, start: datetime | None = None) -> Step:
+    """paid|refunded -> fulfilled. Without a policy: recognise what is still deferred (deferred ->
+    revenue per SKU). With a ratable policy: post nothing now and attach a schedule from `start`
+    of what is still deferred (installments posted by `recognise`)."""
     _require(invoice, "fulfil")
     if invoice.fulfilled:
         raise InvalidState(invoice.status, InvoiceStatus.FULFILLED, "already fulfilled")
     if invoice.refunded_invoice >= invoice.total:
         raise InvalidState(invoice.status, InvoiceStatus.FULFILLED, "fully refunded")
-    after = _move(invoice, InvoiceStatus.FULFILLED, fulfilled=True)
+    deferred = deferred_of(invoice)
+    if policy is not None:
+        check(start is not None, "a ratable fulfilment needs its start time")
+        assert start is not None  # for mypy; checked just above
+        schedule = recognition.build(
+            policy, start, [(sku, d) for (sku, _), d in zip(invoice.sku_nets, deferred, strict=True)]
+        )
+        after = _move(
+            invoice, InvoiceStatus.FULFILLED, fulfilled=True, deferred_net=tuple(deferred), schedule=schedule
+        )
+        return Step(after, None, {"recognised": 0, "scheduled": sum(deferred)})
+    after = _move(invoice, InvoiceStatus.FULFILLED, fulfilled=True, deferred_net=(0,) * len(invoice.sku_nets))
     entries: list[tuple[str, str, int]] = []
-    for (sku, _), remaining in zip(invoice.sku_nets, _remaining_net(invoice), strict=True):
+    for (sku, _), remaining in zip(invoice.sku_nets, deferred, strict=True):
         entries += [
             (chart.deferred_revenue(sku), "debit", remaining),
             (chart.revenue(sku), "credit", remaining),
         ]
-    return Step(after, _journal(after, "fulfil", entries), {"recognised": sum(_remaining_net(invoice))})
+    return Step(after, _journal(after, "fulfil", entries), {"recognised": sum(deferred)})
+
+
+def recognise(invoice: Invoice, k: int, posted_at: datetime) -> Step:
+    """Post installment `k` of the schedule: deferred -> revenue per SKU by its (current) amounts.
+
+    The status does not change. An installment shrunk to nothing is marked posted without a
+    journal. INVALID_STATE when there is no schedule or `k` is unknown or already posted.
+    """
+    schedule = invoice.schedule
+    if schedule is None or not 1 <= k <= len(schedule.installments):
+        raise InvalidState(invoice.status, invoice.status, f"no recognition installment {k}")
+    installment = schedule.installments[k - 1]
+    if installment.posted:
+        raise InvalidState(invoice.status, invoice.status, f"installment {k} already posted")
+    deferred = deferred_of(invoice)
+    entries: list[tuple[str, str, int]] = []
+    for sku, amount in zip(schedule.skus, installment.amounts, strict=True):
+        entries += [(chart.deferred_revenue(sku), "debit", amount), (chart.revenue(sku), "credit", amount)]
+    journal = _journal(invoice, "recognise", entries)
+    if journal is not None:
+        journal["context"]["installment"] = k
+    posted_id = recognition.journal_id(invoice.invoice_id, k) if journal is not None else None
+    after = msgspec.structs.replace(
+        invoice,
+        deferred_net=tuple(d - a for d, a in zip(deferred, installment.amounts, strict=True)),
+        schedule=recognition.mark_posted(schedule, k, posted_id, posted_at),
+    )
+    check(all(d >= 0 for d in after.deferred_net), "recognised more than was deferred")
+    return Step(after, journal, {"recognised": installment.amount})
+
+
+def _schedule_open(invoice: Invoice) -> bool:
+    schedule = invoice.schedule
+    return schedule is not None and any(i.amount > 0 for i in schedule.installments if not i.posted)
 
 
 def close(invoice: Invoice) -> Step:
-    """fulfilled|refunded -> closed; a refunded invoice only once nothing is left deferred."""
+    """fulfilled|refunded -> closed; a refunded invoice only once nothing is left deferred, and
+    never while a recognition schedule still has amounts to post."""
     _require(invoice, "close")
     if invoice.status is InvoiceStatus.REFUNDED and not (
         invoice.fulfilled or invoice.refunded_invoice >= min(invoice.paid, invoice.total)
     ):
         raise InvalidState(invoice.status, InvoiceStatus.CLOSED, "deferred revenue remains; fulfil first")
+    if _schedule_open(invoice):
+        raise InvalidState(invoice.status, InvoiceStatus.CLOSED, "recognition schedule still running")
     return Step(_move(invoice, InvoiceStatus.CLOSED), None)
 
 
-def refund(invoice: Invoice, amount: int, currency: str, provider: str) -> Step:
-    """paid|fulfilled|refunded -> refunded: return money, overpaid customer credit first.
+# --- refunds --------------------------------------------------------------------------------------
 
-    A refund that only returns customer credit leaves the status as it was.
 
-    The part against the invoice reverses tax in proportion (cumulatively, so a full refund
-    reverses exactly the tax charged) and the net per SKU in proportion to what is left: from
-    deferred revenue before fulfilment, from contra revenue after. REFUND_EXCEEDS_PAID when
-    `amount` exceeds what was paid and not yet refunded.
+def _exceeds(message: str, details: dict[str, Any]) -> Rejection:
+    return Rejection(ErrorCode.REFUND_EXCEEDS_PAID, message, details)
+
+
+def _proportional_shares(invoice: Invoice, invoice_part: int) -> tuple[list[int], list[int]]:
+    """(net, tax) per line of a refund of `invoice_part` taken in proportion to what remains.
+
+    Tax: while no line refund happened, the cumulative share of the invoice's tax
+    (`round_half_even(refunded * tax / total)` minus what was reversed); afterwards the share of
+    what remains (`remaining_tax - round_half_even((remaining - part) * remaining_tax / remaining)`).
+    Both reverse exactly the tax left when everything left is refunded. Tax goes to jurisdictions
+    by their remaining tax, then to their lines by remaining line tax; net to SKUs by remaining
+    net, then to their lines by remaining line net (largest remainder at each step).
+    """
+    line_net, line_tax = line_refunds_of(invoice)
+    rem_net = [li.net - done for li, done in zip(invoice.lines, line_net, strict=True)]
+    rem_tax = [li.tax - done for li, done in zip(invoice.lines, line_tax, strict=True)]
+    remaining = sum(rem_net) + sum(rem_tax)
+    check(0 <= invoice_part <= remaining, "refund beyond what remains on the invoice")
+    if invoice.refunded_by_lines == 0:
+        cumulative = invoice.refunded_invoice + invoice_part
+        tax_part = divide_half_even(cumulative * invoice.tax, invoice.total) - sum(invoice.refunded_tax)
+    else:
+        kept = divide_half_even((remaining - invoice_part) * sum(rem_tax), remaining) if remaining else 0
+        tax_part = sum(rem_tax) - kept
+    net_part = invoice_part - tax_part
+    sku_groups, jurisdiction_groups = _sku_groups(invoice), _jurisdiction_groups(invoice)
+    sku_remaining = [sum(rem_net[i] for i in group) for group in sku_groups]
+    jurisdiction_remaining = [sum(rem_tax[i] for i in group) for group in jurisdiction_groups]
+    size = len(invoice.lines)
+    nets = _spread(allocate_proportional(net_part, sku_remaining), sku_groups, rem_net, size)
+    taxes = _spread(
+        allocate_proportional(tax_part, jurisdiction_remaining), jurisdiction_groups, rem_tax, size
+    )
+    return nets, taxes
+
+
+def _check_line_requests(invoice: Invoice, lines: Sequence[LineRefund]) -> None:
+    if not 1 <= len(lines) <= LINE_ITEMS_MAX:
+        raise validation_error(f"lines must hold 1 to {LINE_ITEMS_MAX} entries", "$.lines")
+    seen: set[int] = set()
+    for n, entry in enumerate(lines):
+        path = f"$.lines[{n}]"
+        if not 0 <= entry.line < len(invoice.lines):
+            raise validation_error(
+                f"line must be an index into line_items (0 to {len(invoice.lines) - 1})", f"{path}.line"
+            )
+        if entry.line in seen:
+            raise validation_error(f"line {entry.line} appears twice", f"{path}.line")
+        seen.add(entry.line)
+        if (entry.qty is None) == (entry.amount is None):
+            raise validation_error("give exactly one of qty or amount", path)
+        value, name = (entry.qty, "qty") if entry.qty is not None else (entry.amount, "amount")
+        if value is None or value < 1 or not fits_int64(value):
+            raise validation_error(f"{name} must be a positive integer that fits int64", f"{path}.{name}")
+        if entry.qty is not None and not fits_int64(entry.qty * invoice.lines[entry.line].unit_price):
+            raise validation_error("qty * unit_price exceeds 2^63-1", f"{path}.qty")
+
+
+def _line_shares(invoice: Invoice, lines: Sequence[LineRefund]) -> tuple[list[int], list[int]]:
+    """(net, tax) per line of a refund by lines: each line's own net and its own tax.
+
+    `qty`: net `qty * unit_price`, tax `round_half_even(net * remaining_tax / remaining_net)`;
+    `amount` (gross): tax `round_half_even(amount * remaining_tax / remaining_gross)`, net the
+    rest; all that remains on the line -> exactly its remaining net and tax. More than remains ->
+    REFUND_EXCEEDS_PAID naming the line.
+    """
+    line_net, line_tax = line_refunds_of(invoice)
+    nets, taxes = [0] * len(invoice.lines), [0] * len(invoice.lines)
+    for entry in lines:
+        li = invoice.lines[entry.line]
+        rem_net, rem_tax = li.net - line_net[entry.line], li.tax - line_tax[entry.line]
+        if entry.qty is not None:
+            net = entry.qty * li.unit_price
+            requested, remaining = net, rem_net
+            tax = rem_tax if net == rem_net else divide_half_even(net * rem_tax, rem_net) if rem_net else 0
+        else:
+            assert entry.amount is not None  # for mypy; _check_line_requests ensures one of them
+            requested, remaining = entry.amount, rem_net + rem_tax
+            tax = divide_half_even(entry.amount * rem_tax, remaining) if remaining else 0
+            net = entry.amount - tax
+        if requested > remaining:
+            raise _exceeds(
+                f"refund of line {entry.line} exceeds what remains on it",
+                {"line": entry.line, "sku": li.sku, "remaining": remaining, "requested": requested},
+            )
+        if net + tax == 0:
+            raise validation_error(f"line {entry.line} has nothing to refund", "$.lines")
+        check(0 <= net <= rem_net and 0 <= tax <= rem_tax, "line refund out of the line's bounds")
+        nets[entry.line], taxes[entry.line] = net, tax
+    return nets, taxes
+
+
+def refund(
+    invoice: Invoice,
+    amount: int,
+    currency: str,
+    provider: str,
+    lines: Sequence[LineRefund] | None = None,
+) -> Step:
+    """paid|fulfilled|refunded -> refunded: return money.
+
+    Without `lines`: overpaid customer credit first (a refund that only returns credit leaves the
+    status as it was), the rest against the invoice in proportion (`_proportional_shares`). With
+    `lines`: each line's own net and tax (`_line_shares`); `amount` must equal their sum
+    (VALIDATION_ERROR with `computed`). Net per SKU comes from what is still deferred first (a
+    running schedule's unposted installments shrink), the rest from contra revenue
+    `revenue:refunds:{sku}`. REFUND_EXCEEDS_PAID beyond what was paid and not refunded.
     """
     _check_amount(amount, currency, invoice, "$.amount")
     chart.check_segment(provider, "$.payment_provider")
+    if lines is not None:
+        _check_line_requests(invoice, lines)
     _require(invoice, "refund")  # the state check comes before the amount check
     refundable = invoice.paid - invoice.refunded
+    by_lines: tuple[list[int], list[int]] | None = None
+    if lines is not None:
+        by_lines = _line_shares(invoice, lines)
+        computed = sum(by_lines[0]) + sum(by_lines[1])
+        if amount != computed:
+            raise validation_error(
+                f"amount {amount} differs from the lines' refund {computed}",
+                "$.amount",
+                computed=computed,
+                sent=amount,
+            )
     if amount > refundable:
-        raise Rejection(
-            ErrorCode.REFUND_EXCEEDS_PAID,
+        raise _exceeds(
             f"refund {amount} exceeds the refundable {refundable}",
             {"paid": invoice.paid, "refunded": invoice.refunded, "requested": amount},
         )
-    credit_part = min(amount, invoice.customer_credit)
+    credit_part = 0 if lines is not None else min(amount, invoice.customer_credit)
     invoice_part = amount - credit_part
+    nets, taxes = by_lines if by_lines is not None else _proportional_shares(invoice, invoice_part)
+    return _apply_refund(invoice, amount, provider, credit_part, nets, taxes, lines is not None)
+
+
+def _apply_refund(
+    invoice: Invoice,
+    amount: int,
+    provider: str,
+    credit_part: int,
+    nets: list[int],
+    taxes: list[int],
+    by_lines: bool,
+) -> Step:
+    """The refund's new state and journal from its per-line (net, tax) shares."""
+    invoice_part = amount - credit_part
+    check(sum(nets) + sum(taxes) == invoice_part, "refund shares do not add up")
     # returning overpaid credit only does not touch the invoice, so its status stays
     after_status = _move(invoice, InvoiceStatus.REFUNDED if invoice_part > 0 else invoice.status)
-    cumulative = invoice.refunded_invoice + invoice_part
-    check(cumulative <= invoice.total, "refund beyond the invoice total")
-    tax_part = divide_half_even(cumulative * invoice.tax, invoice.total) - sum(invoice.refunded_tax)
-    net_part = invoice_part - tax_part
-    remaining_tax = [
-        t - done for (_, t), done in zip(invoice.jurisdiction_taxes, invoice.refunded_tax, strict=True)
-    ]
-    tax_shares = allocate_proportional(tax_part, remaining_tax)
-    net_shares = allocate_proportional(net_part, _remaining_net(invoice))
+    sku_shares = [sum(nets[i] for i in group) for group in _sku_groups(invoice)]
+    tax_shares = [sum(taxes[i] for i in group) for group in _jurisdiction_groups(invoice)]
+    deferred = deferred_of(invoice)
+    from_deferred = [min(share, d) for share, d in zip(sku_shares, deferred, strict=True)]
+    from_contra = [share - d for share, d in zip(sku_shares, from_deferred, strict=True)]
+    new_deferred = [d - f for d, f in zip(deferred, from_deferred, strict=True)]
+    schedule = invoice.schedule
+    if schedule is not None:
+        for index, taken in enumerate(from_deferred):
+            if taken:
+                schedule = recognition.shrink(schedule, index, new_deferred[index])
+    line_net, line_tax = line_refunds_of(invoice)
     after = msgspec.structs.replace(
         after_status,
-        refunded_invoice=cumulative,
+        refunded_invoice=invoice.refunded_invoice + invoice_part,
         refunded_credit=invoice.refunded_credit + credit_part,
         refunded_tax=tuple(a + b for a, b in zip(invoice.refunded_tax, tax_shares, strict=True)),
-        refunded_net=tuple(a + b for a, b in zip(invoice.refunded_net, net_shares, strict=True)),
+        refunded_net=tuple(a + b for a, b in zip(invoice.refunded_net, sku_shares, strict=True)),
+        line_refunded_net=tuple(a + b for a, b in zip(line_net, nets, strict=True)),
+        line_refunded_tax=tuple(a + b for a, b in zip(line_tax, taxes, strict=True)),
+        refunded_by_lines=invoice.refunded_by_lines + (invoice_part if by_lines else 0),
+        deferred_net=tuple(new_deferred),
+        schedule=schedule,
     )
     check(0 <= after.refunded <= after.paid, "refund state out of bounds")
-    net_account = chart.refunds_contra if invoice.fulfilled else chart.deferred_revenue
-    entries = [(chart.customer_credit(invoice.buyer.buyer_id), "debit", credit_part)]
+    check(after.refunded_invoice <= invoice.total, "refund beyond the invoice total")
+    check(
+        all(0 <= n <= li.net for n, li in zip(after.line_refunded_net, invoice.lines, strict=True))
+        and all(0 <= t <= li.tax for t, li in zip(after.line_refunded_tax, invoice.lines, strict=True)),
+        "line refunds out of bounds",
+    )
+    buyer = invoice.buyer.buyer_id
+    entries = [(chart.customer_credit(buyer), "debit", credit_part)]
     entries += [
-        (net_account(sku), "debit", share)
-        for (sku, _), share in zip(invoice.sku_nets, net_shares, strict=True)
+        (chart.deferred_revenue(sku), "debit", share)
+        for (sku, _), share in zip(invoice.sku_nets, from_deferred, strict=True)
+    ]
+    entries += [
+        (chart.refunds_contra(sku), "debit", share)
+        for (sku, _), share in zip(invoice.sku_nets, from_contra, strict=True)
     ]
     entries += [
         (chart.tax_payable(j), "debit", share)
         for (j, _), share in zip(invoice.jurisdiction_taxes, tax_shares, strict=True)
     ]
     entries.append((chart.cash(provider, invoice.currency), "credit", amount))
-    amounts = {"credit": credit_part, "net": net_part, "tax": tax_part}
-    return Step(after, _journal(after, "refund", entries), amounts)
+    amounts = {"credit": credit_part, "net": sum(nets), "tax": sum(taxes)}
+    split = {"net_from_deferred": sum(from_deferred), "net_from_contra": sum(from_contra)}
+    shares = tuple(
+        LineShare(i, li.sku, li.jurisdiction, li.rate_bp, n, t)
+        for i, (li, n, t) in enumerate(zip(invoice.lines, nets, taxes, strict=True))
+        if n or t
+    )
+    return Step(after, _journal(after, "refund", entries), amounts, shares, split)

@@ -30,18 +30,22 @@ from typing import Any, Final, Protocol
 import asyncpg
 import msgspec
 
-from finance import chart, fx, invoices
-from finance.invoices import Buyer, Invoice, InvoiceStatus, LineItem, Step
+from finance import chart, fx, invoices, recognition
+from finance.invoices import Buyer, Invoice, InvoiceStatus, LineItem, LineRefund, Step
+from finance.recognition import Policy
 from finance.stripe_events import (
     Action,
+    DisputeClosed,
     DisputeOpened,
     Event,
     Ignored,
     InboxState,
     Outcome,
     PaymentSucceeded,
+    Pending,
     Refunded,
     WebhookInbox,
+    action_key,
 )
 from finance.stripe_gateway import PermanentProviderError, StripeGateway, TransientProviderError
 from finance.tax import Seller, TaxRules, load_rules
@@ -50,8 +54,8 @@ from ledger.invariants import check
 from ledger.journal import JOURNAL_ID_PATTERN, Journal, JournalIn, validate_journal
 from ledger.money import fits_int64, is_currency
 from ledger.timestamps import rfc3339
-from signer.canonical import canonical
-from store import finance_repo, fx_repo, repository
+from signer.canonical import canonical, request_hash
+from store import finance_repo, fx_repo, recognition_repo, repository
 from store.finance_repo import InvoiceRow
 
 REFERENCE_MAX: Final = 200
@@ -103,6 +107,13 @@ class PaymentRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     provider_reference: str
     invoiceId: str | None = None
     invoice_id: str | None = None
+
+
+class RefundRequest(PaymentRequest, kw_only=True, forbid_unknown_fields=True):
+    """`POST /finance/refund`: a payment-shaped request, plus `lines` to refund specific invoice
+    lines (their own net and tax; `amount` must equal their sum)."""
+
+    lines: list[LineRefund] | None = None
 
 
 class ExternalInvoiceRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -213,11 +224,12 @@ STRIPE_EVENT_TYPES: Final = {
     PaymentSucceeded: "payment_intent.succeeded",
     Refunded: "charge.refunded",
     DisputeOpened: "charge.dispute.created",
+    DisputeClosed: "charge.dispute.closed",
 }
 
 
-def _stripe_key(action: Refunded | DisputeOpened) -> str:
-    return action.refund_id if isinstance(action, Refunded) else action.dispute_id
+def _stripe_key(action: Pending) -> str:
+    return action_key(action)
 
 
 def _row_of(invoice: Invoice) -> InvoiceRow:
@@ -280,6 +292,150 @@ def invoice_view(row: asyncpg.Record, payment_ids: list[str]) -> dict[str, Any]:
     return view
 
 
+def dispute_view(row: asyncpg.Record) -> dict[str, Any]:
+    """One dispute as the invoice view lists it (`status`: open | won | lost)."""
+    return {
+        "dispute_id": row["dispute_id"],
+        "payment_intent": row["payment_intent"],
+        "amount": row["amount"],
+        "currency": row["currency"],
+        "reason": row["reason"],
+        "status": row["status"],
+        "journal_id": row["journal_id"],
+        "closed_journal_id": row["closed_journal_id"],
+        "created_at": _time(row["created_at"]),
+        "closed_at": _time(row["closed_at"]),
+    }
+
+
+def dispute_journal_id(invoice_id: str, dispute_id: str) -> str:
+    """The hold journal of a dispute (`.won` / `.lost` appended for its close): at most 200 characters."""
+    return f"{invoice_id}.dispute.{payment_id_of(finance_repo.STRIPE, dispute_id, 'dsp')}"
+
+
+def _refund_source(payments: list[asyncpg.Record], request: PaymentRequest) -> asyncpg.Record:
+    """The oldest Stripe payment that can take the whole refund; 409 REFUND_EXCEEDS_PAID naming
+    what is refundable on each payment in the refund's currency otherwise."""
+    for payment in payments:
+        if payment["refundable"] >= request.amount:
+            return payment
+    raise Rejection(
+        ErrorCode.REFUND_EXCEEDS_PAID,
+        f"no single Stripe payment in {request.currency} has {request.amount} left to refund;"
+        " split the refund across payments",
+        {
+            "requested": request.amount,
+            "currency": request.currency,
+            "refundable": [
+                {
+                    "payment_id": p["payment_id"],
+                    "payment_intent": p["payment_intent"],
+                    "currency": p["currency"],
+                    "amount": p["amount"],
+                    "refundable": max(0, p["refundable"]),
+                }
+                for p in payments
+            ],
+        },
+    )
+
+
+class RefundRates(msgspec.Struct, frozen=True):
+    """The base/CCY rates a cross-currency refund uses (None for the base currency): `refund` and
+    `invoice` in force now, `issue` at the invoice's issue (tax and net were booked at it) and
+    `credit` at its latest payment (customer credit was booked then)."""
+
+    refund: fx.Rate | None
+    invoice: fx.Rate | None
+    issue: fx.Rate | None
+    credit: fx.Rate | None
+
+
+def _in_base(amount: int, currency: str, rate: fx.Rate | None) -> int:
+    return amount if rate is None else fx.to_base(amount, currency, rate)
+
+
+def _rate_json(rate: fx.Rate | None) -> dict[str, Any] | None:
+    return None if rate is None else msgspec.to_builtins(rate)
+
+
+def _refund_details(kind: str, step: Step, lines: list[LineRefund] | None) -> dict[str, Any]:
+    """A refund answer's extra keys: where its net came from and what it reversed per line
+    (`refund_lines`); `requested_lines` echoes a refund by lines (compared on replay)."""
+    if kind != "refund":
+        return {}
+    details: dict[str, Any] = {**step.split, "refund_lines": msgspec.to_builtins(step.lines)}
+    if lines is not None:
+        details["requested_lines"] = msgspec.to_builtins(lines)
+    return details
+
+
+def _check_same_lines(replay: dict[str, Any], lines: list[LineRefund] | None) -> None:
+    """A duplicate refund reference must ask for the same lines (else IDEMPOTENCY_CONFLICT)."""
+    requested = None if lines is None else msgspec.to_builtins(lines)
+    if "refund_id" in replay and replay.get("requested_lines") != requested:
+        raise Rejection(
+            ErrorCode.IDEMPOTENCY_CONFLICT,
+            "provider_reference already recorded with different lines",
+            {"refund_id": replay["refund_id"], "invoice_id": replay["invoice_id"]},
+        )
+
+
+def _installment_rows(schedule: recognition.Schedule) -> list[tuple[int, int, str | None, datetime | None]]:
+    """A schedule's installments as `recognition_repo.sync_installments` rows."""
+    return [(i.k, i.amount, i.journal_id, i.posted_at) for i in schedule.installments]
+
+
+def _iso(value: datetime | None) -> str | None:
+    return rfc3339(value) if value is not None else None
+
+
+def _schedule_view(invoice: Invoice) -> dict[str, Any]:
+    deferred = sum(invoices.deferred_of(invoice))
+    schedule = invoice.schedule
+    if schedule is None:
+        return {"method": "on_delivery", "deferred": deferred}
+    installments = [
+        {
+            "k": i.k,
+            "due_at": rfc3339(i.due_at),
+            "amount": i.amount,
+            "amounts": dict(zip(schedule.skus, i.amounts, strict=True)),
+            "posted": i.posted,
+            "journal_id": i.journal_id,
+            "posted_at": _iso(i.posted_at),
+        }
+        for i in schedule.installments
+    ]
+    return {
+        "method": schedule.method,
+        "periods": schedule.periods,
+        "interval": schedule.interval,
+        "start_at": rfc3339(schedule.start_at),
+        "recognised": schedule.recognised(),
+        "deferred": deferred,
+        "installments": installments,
+    }
+
+
+def money_view(invoice: Invoice) -> dict[str, Any]:
+    """The invoice's `recognition` (`on_delivery`, or the schedule with its installments) and
+    `line_refunds` (what refunds reversed per line), for `GET /finance/invoice/{id}`."""
+    line_net, line_tax = invoices.line_refunds_of(invoice)
+    line_refunds = [
+        {
+            "line": i,
+            "sku": li.sku,
+            "refunded_net": net,
+            "refunded_tax": tax,
+            "remaining_net": li.net - net,
+            "remaining_tax": li.tax - tax,
+        }
+        for i, (li, net, tax) in enumerate(zip(invoice.lines, line_net, line_tax, strict=True))
+    ]
+    return {"recognition": _schedule_view(invoice), "line_refunds": line_refunds}
+
+
 STEP_JOURNALS: Final[dict[str, tuple[Callable[[Invoice], Step], str]]] = {
     "issue": (invoices.issue, "issue"),
     "void": (invoices.void, "void"),
@@ -287,6 +443,17 @@ STEP_JOURNALS: Final[dict[str, tuple[Callable[[Invoice], Step], str]]] = {
     "close": (invoices.close, "close"),
 }
 """Step name -> (pure step, journal id suffix)."""
+
+
+def issue_journal_id(invoice_id: str) -> str:
+    """The journal that issued (accrued) an invoice."""
+    return f"{invoice_id}.{STEP_JOURNALS['issue'][1]}"
+
+
+def _reversing(body: dict[str, Any], invoice_id: str) -> dict[str, Any]:
+    """A refund's journal body naming the sale it (partly) reverses: `reverses` = the issue
+    journal (REQUIREMENTS L2; the ledger stores the reference with the journal)."""
+    return {**body, "reverses": issue_journal_id(invoice_id)}
 
 
 class FinanceService:
@@ -337,7 +504,13 @@ class FinanceService:
                 raise not_found(invoice_id)
             payments = await finance_repo.money_ids(conn, "payment", invoice_id)
             refunds = await finance_repo.money_ids(conn, "refund", invoice_id)
-        return {**invoice_view(row, payments), "refunds": refunds}
+            disputes = await finance_repo.invoice_disputes(conn, invoice_id)
+        return {
+            **invoice_view(row, payments),
+            "refunds": refunds,
+            "disputes": [dispute_view(d) for d in disputes],
+            **(money_view(msgspec.json.decode(row["body"], type=Invoice)) if row["kind"] == "priced" else {}),
+        }
 
     async def _load(self, invoice_id: str, requested: InvoiceStatus) -> tuple[Invoice, asyncpg.Record]:
         async with self.pool.acquire() as conn:
@@ -356,6 +529,17 @@ class FinanceService:
         raw = msgspec.convert({**body, "journal_id": journal_id}, JournalIn)
         journal = validate_journal(raw)
         (posted,) = await self.poster.post_journals([journal], principal)
+        if not posted.ok and posted.code == ErrorCode.IDEMPOTENCY_CONFLICT:
+            # The ledger replays a journal id only for its first principal. This id is derived from
+            # the finance request (invoice, step, provider reference), so the same journal stored
+            # by another principal (a crash between posting and storing the row, then a retry by
+            # someone else) is this request's replay; a different payload still conflicts.
+            async with self.pool.acquire() as conn:
+                stored = await conn.fetchval(
+                    "SELECT request_hash FROM journals WHERE journal_id = $1", journal_id
+                )
+            if stored is not None and bytes(stored) == request_hash(journal):
+                return journal_id
         if not posted.ok:
             code = ErrorCode(posted.code or ErrorCode.INTERNAL_ERROR)
             raise LedgerError(code, posted.message or str(code), dict(posted.details or {}))
@@ -395,6 +579,105 @@ class FinanceService:
             async with self.pool.acquire() as conn:
                 await self._store(conn, row, step.invoice, journal_id)
         return await self.view(invoice_id), journal_id
+
+    # -- revenue recognition ---------------------------------------------------------------------
+    async def fulfil(
+        self, invoice_id: str, policy: Policy | None, principal: str
+    ) -> tuple[dict[str, Any], str | None]:
+        """`POST /finance/fulfill`: on delivery (no policy: the `fulfil` step), or ratable: no
+        journal now, the schedule from the current time stored with the invoice (migration 0009)."""
+        if policy is None:
+            return await self.step(invoice_id, "fulfil", principal)
+        async with self._locked(f"invoice:{invoice_id}"):
+            invoice, row = await self._load(invoice_id, InvoiceStatus.FULFILLED)
+            step = invoices.fulfil(invoice, policy, self.clock())
+            schedule = step.invoice.schedule
+            check(schedule is not None, "a ratable fulfilment made no schedule")
+            assert schedule is not None  # for mypy; checked just above
+            async with self.pool.acquire() as conn, conn.transaction():
+                await self._store(conn, row, step.invoice, None)
+                await recognition_repo.insert_schedule(
+                    conn,
+                    invoice_id,
+                    (schedule.method, schedule.periods, schedule.interval, schedule.start_at),
+                    [(i.k, i.due_at, i.amount) for i in schedule.installments],
+                )
+        return await self.view(invoice_id), None
+
+    async def run_recognition(self, as_of: datetime, principal: str) -> dict[str, Any]:
+        """Post every installment due at `as_of` (`{invoice_id}.recognise.{k}`, each exactly once);
+        `{as_of, posted: [...], failed: [...]}`. A failing installment is reported and retried by the
+        next run; the others still post."""
+        async with self.pool.acquire() as conn:
+            due = await recognition_repo.due_installments(conn, as_of)
+        posted: list[dict[str, Any]] = []
+        failed: list[dict[str, Any]] = []
+        for invoice_id, k in due:
+            try:
+                done = await self._recognise(invoice_id, k, principal)
+            except LedgerError as exc:
+                failed.append(
+                    {"invoice_id": invoice_id, "k": k, "code": str(exc.code), "message": exc.message}
+                )
+                continue
+            if done is not None:
+                posted.append(done)
+        return {"as_of": rfc3339(as_of), "posted": posted, "failed": failed}
+
+    async def _recognise(self, invoice_id: str, k: int, principal: str) -> dict[str, Any] | None:
+        """Post installment k unless it already is (then only its row is brought up to date)."""
+        async with self._locked(f"invoice:{invoice_id}"):
+            return await self._recognise_locked(invoice_id, k, principal)
+
+    async def _finish_crashed_installments(self, invoice_id: str, invoice: Invoice, principal: str) -> bool:
+        """Before a refund changes a schedule: store installments whose journal a crashed run
+        already posted (so the refund never shrinks what the ledger recognised); True if any."""
+        if invoice.schedule is None:
+            return False
+        open_ks = [i.k for i in invoice.schedule.installments if not i.posted and i.amount > 0]
+        async with self.pool.acquire() as conn:
+            crashed = [
+                k
+                for k in open_ks
+                if await repository.journal_exists(conn, recognition.journal_id(invoice_id, k))
+            ]
+        for k in crashed:
+            await self._recognise_locked(invoice_id, k, principal)
+        return bool(crashed)
+
+    async def _recognise_locked(self, invoice_id: str, k: int, principal: str) -> dict[str, Any] | None:
+        invoice, row = await self._load(invoice_id, InvoiceStatus.FULFILLED)
+        schedule = invoice.schedule
+        if schedule is None or not 1 <= k <= len(schedule.installments):
+            return None
+        if schedule.installments[k - 1].posted:  # a run elsewhere posted it: mirror the body
+            async with self.pool.acquire() as conn:
+                await recognition_repo.sync_installments(conn, invoice_id, _installment_rows(schedule))
+            return None
+        step = invoices.recognise(invoice, k, self.clock())
+        journal_id = None
+        if step.journal is not None:
+            journal_id = await self._post(step.journal, recognition.journal_id(invoice_id, k), principal)
+        after = step.invoice.schedule
+        assert after is not None  # for mypy; recognise keeps the schedule
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await self._store(conn, row, step.invoice, journal_id)
+                await recognition_repo.sync_installments(conn, invoice_id, _installment_rows(after))
+        except Rejection as exc:
+            if exc.details.get("reason") == "concurrent change":
+                return None  # another node stored it (the journal id made its posting a replay)
+            raise
+        installment = after.installments[k - 1]
+        return {
+            "invoice_id": invoice_id,
+            "k": k,
+            "due_at": rfc3339(installment.due_at),
+            "amount": installment.amount,
+            "amounts": dict(zip(after.skus, installment.amounts, strict=True)),
+            "journal_id": journal_id,
+            "status": str(step.invoice.status),
+        }
 
     async def create(
         self, request: InvoiceRequest, new_id: str, principal: str
@@ -453,7 +736,8 @@ class FinanceService:
     async def refund(self, request: PaymentRequest, principal: str) -> tuple[dict[str, Any], bool]:
         """Return money: customer credit first, then the invoice (tax and net in proportion).
 
-        Same shape and idempotency as `pay` (the refund's provider reference names it).
+        Same shape and idempotency as `pay` (the refund's provider reference names it). A
+        `RefundRequest` with `lines` refunds those invoice lines (`invoices.refund`).
         A "stripe" refund with a gateway configured is first created at Stripe (`_refund_at_stripe`).
         """
         if request.payment_provider == finance_repo.STRIPE:
@@ -470,11 +754,16 @@ class FinanceService:
     ) -> tuple[dict[str, Any], bool]:
         """Create the refund at Stripe, then post it recorded under the Stripe refund id.
 
-        The refund of the invoice's (first) Stripe payment intent is created with the idempotency
-        key `{invoice_id}.refund.{id of the request's reference}`, so a retry of the same request
-        names the same Stripe refund. The row is stored with provider reference = the Stripe refund
-        id (the key a later `charge.refunded` webhook applies), so the webhook replays it instead of
-        posting again; the answer carries `provider_refund_id` and `request_reference`.
+        The refund is created against one Stripe payment of the invoice: the oldest whose currency
+        is the refund's and that still has the whole amount refundable (its amount less refunds
+        recorded against its intent and disputes open or lost on it); none in that currency -> 400
+        VALIDATION_ERROR on `$.currency`; no single payment covers it -> 409 REFUND_EXCEEDS_PAID
+        with `details.refundable` per payment (split the refund; one request is one Stripe refund).
+        The idempotency key is `{invoice_id}.refund.{id of the request's reference}`, so a retry of
+        the same request names the same Stripe refund. The row is stored with provider reference =
+        the Stripe refund id (the key a later `charge.refunded` webhook applies), so the webhook
+        replays it instead of posting again; the answer carries `provider_refund_id`,
+        `request_reference` and `payment_intent`.
         Transient provider errors -> 503 SERVICE_UNAVAILABLE (retryable), refusals -> 409
         INVALID_STATE with the provider's reason; nothing is posted in either case.
         """
@@ -493,33 +782,33 @@ class FinanceService:
                         finance_repo.STRIPE,
                         reference,
                     )
-                paid = await conn.fetchrow(
-                    "SELECT provider_reference, currency FROM payments WHERE invoice_id = $1"
-                    " AND provider = $2 ORDER BY created_at, payment_id LIMIT 1",
-                    invoice_id,
-                    finance_repo.STRIPE,
-                )
+                payments = await finance_repo.stripe_payments_refundable(conn, invoice_id)
             if existing is not None:
                 return _replayed("refund", existing, invoice_id, request, None), False
-            if paid is None:
+            if not payments:
                 raise Rejection(
                     ErrorCode.INVALID_STATE,
                     "invoice has no Stripe payment to refund",
                     {"invoice_id": invoice_id, "provider": finance_repo.STRIPE},
                 )
-            if paid["currency"] != request.currency:
+            matching = [p for p in payments if p["currency"] == request.currency]
+            if not matching:
                 raise validation_error(
                     "refund currency differs from the Stripe payment's",
                     "$.currency",
-                    payment_currency=paid["currency"],
+                    payment_currency=payments[0]["currency"],
+                    payment_currencies=sorted({p["currency"] for p in payments}),
                 )
-            invoice, _ = await self._load(invoice_id, InvoiceStatus.REFUNDED)
-            invoices.refund(
-                invoice, request.amount, request.currency, finance_repo.STRIPE
-            )  # refusals before Stripe
+            invoice, row = await self._load(invoice_id, InvoiceStatus.REFUNDED)
+            lines = request.lines if isinstance(request, RefundRequest) else None
+            if lines is not None:  # refusals before Stripe: the line-aware step, as posting will run it
+                invoices.refund(invoice, request.amount, request.currency, request.payment_provider, lines)
+            else:
+                await self._refund_step(invoice, row, request)  # refusals before Stripe
+            paid = _refund_source(matching, request)
             try:
                 result = await gateway.refund(
-                    payment_intent=paid["provider_reference"],
+                    payment_intent=paid["payment_intent"],
                     amount=request.amount,
                     idempotency_key=f"{invoice_id}.refund.{request_id}",
                 )
@@ -535,14 +824,19 @@ class FinanceService:
                     "payment provider refused the refund",
                     {"provider": finance_repo.STRIPE, "reason": str(exc)},
                 ) from exc
-            recorded = PaymentRequest(
+            recorded = RefundRequest(
                 amount=request.amount,
                 currency=request.currency,
                 payment_provider=finance_repo.STRIPE,
                 provider_reference=result.refund_id,
                 invoice_id=invoice_id,
+                lines=lines,
             )
-            extra = {"provider_refund_id": result.refund_id, "request_reference": reference}
+            extra = {
+                "provider_refund_id": result.refund_id,
+                "request_reference": reference,
+                "payment_intent": paid["payment_intent"],
+            }
             answer, posted = await self._move_money("refund", recorded, principal, None, extra)
         return {**answer, "provider_refund_id": result.refund_id}, posted
 
@@ -561,10 +855,15 @@ class FinanceService:
                 existing = await finance_repo.money_by_reference(
                     conn, kind, request.payment_provider, reference
                 )
+            lines = request.lines if isinstance(request, RefundRequest) else None
             if existing is not None:
-                return _replayed(kind, existing, invoice_id, request, settlement_id), False
+                replay = _replayed(kind, existing, invoice_id, request, settlement_id)
+                _check_same_lines(replay, lines)
+                return replay, False
             requested = InvoiceStatus.PAID if kind == "payment" else InvoiceStatus.REFUNDED
             invoice, row = await self._load(invoice_id, requested)
+            if kind == "refund" and await self._finish_crashed_installments(invoice_id, invoice, principal):
+                invoice, row = await self._load(invoice_id, requested)
             settled: dict[str, Any] = {}
             if kind == "payment" and request.currency != invoice.currency:
                 step, settled = await self._settle_across(invoice, row, request)
@@ -572,12 +871,17 @@ class FinanceService:
                 step = invoices.record_payment(
                     invoice, request.amount, request.currency, request.payment_provider
                 )
+            elif lines is not None:  # a refund by lines: in the invoice's currency only
+                step = invoices.refund(
+                    invoice, request.amount, request.currency, request.payment_provider, lines
+                )
             else:
-                step = invoices.refund(invoice, request.amount, request.currency, request.payment_provider)
+                step, settled = await self._refund_step(invoice, row, request)
             journal_id = None
             if step.journal is not None:
                 suffix = "pay" if kind == "payment" else "refund"
-                journal_id = await self._post(step.journal, f"{invoice_id}.{suffix}.{money_id}", principal)
+                body = step.journal if kind == "payment" else _reversing(step.journal, invoice_id)
+                journal_id = await self._post(body, f"{invoice_id}.{suffix}.{money_id}", principal)
             answer = {
                 f"{kind}Id": money_id,
                 f"{kind}_id": money_id,
@@ -593,6 +897,7 @@ class FinanceService:
                 "customer_credit": step.invoice.customer_credit,
                 **settled,
                 **(extra or {}),
+                **_refund_details(kind, step, lines),
             }
             values = {
                 "id": money_id,
@@ -609,6 +914,10 @@ class FinanceService:
             async with self.pool.acquire() as conn, conn.transaction():
                 await self._store(conn, row, step.invoice, journal_id)
                 await finance_repo.insert_money(conn, kind, values)
+                if kind == "refund" and step.invoice.schedule is not None:
+                    await recognition_repo.sync_installments(
+                        conn, invoice_id, _installment_rows(step.invoice.schedule)
+                    )
                 if settled:
                     await fx_repo.record_applied(conn, money_id, settled["applied_amount"], invoice.currency)
         return answer, True
@@ -793,7 +1102,7 @@ class FinanceService:
             paid = await finance_repo.stripe_paid_intents(conn, intents)
             applied = await finance_repo.stripe_applied_keys(conn, keys)
             stored = await finance_repo.stripe_parked(conn, intents, keys)
-        loaded = [msgspec.json.decode(text, type=Refunded | DisputeOpened) for text in stored]
+        loaded = [msgspec.json.decode(text, type=Pending) for text in stored]
         stuck = [p for p in loaded if p.payment_intent in paid and _stripe_key(p) not in applied]
         waiting = [p for p in loaded if p.payment_intent not in paid and _stripe_key(p) not in applied]
         inbox = WebhookInbox(
@@ -855,16 +1164,390 @@ class FinanceService:
                 provider_reference=action.refund_id,
                 invoice_id=invoice_id,
             )
-            answer, posted = await self._move_money("refund", request, principal, None)
+            extra = {"payment_intent": action.payment_intent}
+            answer, posted = await self._move_money("refund", request, principal, None, extra)
             return StripeApplied(action, answer, posted)
+        return await self._apply_dispute(action, invoice_id, principal)
+
+    # -- Stripe disputes (docs/accounting.md "Disputes") -----------------------------------------
+    async def _apply_dispute(
+        self, action: DisputeOpened | DisputeClosed, invoice_id: str, principal: str
+    ) -> StripeApplied:
+        """Open (hold) or close (won / lost) one dispute, each exactly once per dispute id.
+
+        A close whose opening never arrived opens it first (the close carries the amount).
+        A repeat answers the stored result with `posted` False.
+        """
+        async with self._locked(f"dispute:{action.dispute_id}"):
+            async with self.pool.acquire() as conn:
+                found = await finance_repo.stripe_dispute(conn, action.dispute_id)
+            opened = found is None
+            if found is None:
+                found = await self._hold_dispute(action, invoice_id, principal)
+            if isinstance(action, DisputeOpened):
+                return StripeApplied(action, {**_dispute_answer(found), "event_id": action.event_id}, opened)
+            if found["status"] != "open":
+                answer: dict[str, Any] = msgspec.json.decode(found["answer_text"] or "{}")
+                return StripeApplied(action, answer, False)
+            if action.outcome == "won":
+                answer = await self._dispute_won(action, found, principal)
+            else:
+                answer = await self._dispute_lost(action, found, principal)
+            return StripeApplied(action, answer, True)
+
+    async def _hold_dispute(
+        self, action: DisputeOpened | DisputeClosed, invoice_id: str, principal: str
+    ) -> asyncpg.Record:
+        """Post Stripe's cash -> `asset:disputes-held:stripe:{CCY}` and record the dispute row."""
+        if action.amount <= 0 or not fits_int64(action.amount):
+            raise validation_error("a dispute's amount must be a positive integer", "$.data.object.amount")
+        if not is_currency(action.currency):
+            raise validation_error(
+                f"unknown currency code {action.currency!r} (ISO 4217)", "$.data.object.currency"
+            )
+        stripe = finance_repo.STRIPE
+        body = _dispute_body(
+            invoice_id,
+            action.dispute_id,
+            "opened",
+            [
+                (chart.disputes_held(stripe, action.currency), "debit", action.amount, action.currency),
+                (chart.cash(stripe, action.currency), "credit", action.amount, action.currency),
+            ],
+        )
+        journal_id = await self._post(body, dispute_journal_id(invoice_id, action.dispute_id), principal)
         values = {
             "dispute_id": action.dispute_id,
             "payment_intent": action.payment_intent,
             "event_id": action.event_id,
             "amount": action.amount,
             "currency": action.currency,
-            "reason": action.reason,
+            "reason": action.reason if isinstance(action, DisputeOpened) else "unknown",
+            "invoice_id": invoice_id,
+            "journal_id": journal_id,
         }
         async with self.pool.acquire() as conn:
             await finance_repo.insert_stripe_dispute(conn, values)
-        return StripeApplied(action, {**values, "invoice_id": invoice_id}, True)
+            found = await finance_repo.stripe_dispute(conn, action.dispute_id)
+        check(found is not None, f"dispute {action.dispute_id} not stored")
+        assert found is not None  # for mypy; checked above
+        return found
+
+    async def _dispute_won(
+        self, action: DisputeClosed, found: asyncpg.Record, principal: str
+    ) -> dict[str, Any]:
+        """The held money returns to Stripe's cash (`{hold journal}.won`)."""
+        stripe, currency, amount = finance_repo.STRIPE, found["currency"], found["amount"]
+        invoice_id = found["invoice_id"] or ""
+        journal_id = None
+        if found["journal_id"] is not None:  # a row from before 0010 held nothing
+            body = _dispute_body(
+                invoice_id,
+                action.dispute_id,
+                "won",
+                [
+                    (chart.cash(stripe, currency), "debit", amount, currency),
+                    (chart.disputes_held(stripe, currency), "credit", amount, currency),
+                ],
+            )
+            journal_id = await self._post(
+                body, f"{dispute_journal_id(invoice_id, action.dispute_id)}.won", principal
+            )
+        answer = {
+            **_dispute_answer(found),
+            "status": "won",
+            "stripe_status": action.status,
+            "event_id": action.event_id,
+            "closed_journal_id": journal_id,
+        }
+        async with self.pool.acquire() as conn:
+            await finance_repo.close_stripe_dispute(
+                conn,
+                action.dispute_id,
+                "won",
+                action.event_id,
+                journal_id,
+                msgspec.json.encode(answer).decode(),
+            )
+        return answer
+
+    async def _dispute_lost(
+        self, action: DisputeClosed, found: asyncpg.Record, principal: str
+    ) -> dict[str, Any]:
+        """The buyer keeps the money: a refund of the invoice taken from the held account.
+
+        What is still refundable on the invoice (paid less refunded, in the invoice's currency,
+        converted through the base currency when the dispute is in another) is reversed by the
+        rules of `invoices.refund` and counts as refunded (a refund row keyed by the dispute id);
+        anything beyond it (already refunded separately, or an invoice in a state that takes no
+        refund) goes to `expense:dispute-losses:stripe`, so a refund and a lost dispute for the
+        same money never reverse tax and revenue twice.
+        """
+        stripe, dispute_id = finance_repo.STRIPE, action.dispute_id
+        invoice_id = found["invoice_id"] or ""
+        held = found["journal_id"] is not None
+        source = (chart.disputes_held if held else chart.cash)(stripe, found["currency"])
+        request = PaymentRequest(
+            amount=found["amount"],
+            currency=found["currency"],
+            payment_provider=stripe,
+            provider_reference=dispute_id,
+            invoice_id=invoice_id,
+        )
+        async with self._locked(f"invoice:{invoice_id}"):
+            invoice, row = await self._load(invoice_id, InvoiceStatus.REFUNDED)
+            if request.currency == invoice.currency:
+                step, settled = _lost_in_currency(invoice, request.amount, source)
+            else:
+                step, settled = await self._refund_across(invoice, row, request, source=source, lost=True)
+            check(step.journal is not None, "a lost dispute posts a journal")
+            assert step.journal is not None  # for mypy; checked above
+            body = {
+                **_reversing(step.journal, invoice_id),
+                "memo": "stripe dispute lost",
+                "context": {"invoice_id": invoice_id, "flow": "dispute.lost", "dispute_id": dispute_id},
+            }
+            journal_id = await self._post(
+                body, f"{dispute_journal_id(invoice_id, dispute_id)}.lost", principal
+            )
+            covered = settled["applied_amount"]
+            refund_id = payment_id_of(stripe, dispute_id, MONEY_PREFIX["refund"]) if covered else None
+            answer = {
+                **_dispute_answer(found),
+                "status": "lost",
+                "stripe_status": action.status,
+                "event_id": action.event_id,
+                "closed_journal_id": journal_id,
+                "refund_id": refund_id,
+                "invoice_status": str(step.invoice.status),
+                **step.amounts,
+                "amount_refunded": step.invoice.refunded,
+                **settled,
+            }
+            encoded = msgspec.json.encode(answer).decode()
+            async with self.pool.acquire() as conn, conn.transaction():
+                if refund_id is not None:
+                    await self._store(conn, row, step.invoice, journal_id)
+                    values = {
+                        "id": refund_id,
+                        "invoice_id": invoice_id,
+                        "provider": stripe,
+                        "provider_reference": dispute_id,
+                        "amount": request.amount,
+                        "currency": request.currency,
+                        "journal_id": journal_id,
+                        "principal": principal,
+                        "answer": encoded,
+                    }
+                    await finance_repo.insert_money(conn, "refund", values)
+                await finance_repo.close_stripe_dispute(
+                    conn, dispute_id, "lost", action.event_id, journal_id, encoded
+                )
+        return answer
+
+    # -- cross-currency refunds (docs/accounting.md "Cross-currency refund") ---------------------
+    async def _refund_step(
+        self, invoice: Invoice, row: asyncpg.Record, request: PaymentRequest
+    ) -> tuple[Step, dict[str, Any]]:
+        """A refund's step: `invoices.refund` in the invoice's currency, else `_refund_across`."""
+        if request.currency == invoice.currency:
+            step = invoices.refund(invoice, request.amount, request.currency, request.payment_provider)
+            return step, {}
+        return await self._refund_across(invoice, row, request)
+
+    async def _refund_rates(self, invoice: Invoice, row: asyncpg.Record, currency: str) -> RefundRates:
+        """The rates of a cross-currency refund now (FX_RATE_MISSING when one is missing)."""
+        base, when = self.base_currency, self.clock()
+        async with self.pool.acquire() as conn:
+            refund_rate = await self._rate(conn, currency, when)
+            invoice_rate = await self._rate(conn, invoice.currency, when)
+            issue_rate = credit_rate = invoice_rate
+            if invoice.currency != base:
+                if row["issued_at"] is not None:
+                    stored = await fx_repo.rate_at(conn, base, invoice.currency, row["issued_at"])
+                    issue_rate = fx.Rate(*stored) if stored is not None else invoice_rate
+                paid_at = await finance_repo.last_payment_at(conn, invoice.invoice_id)
+                if paid_at is not None:
+                    stored = await fx_repo.rate_at(conn, base, invoice.currency, paid_at)
+                    credit_rate = fx.Rate(*stored) if stored is not None else invoice_rate
+        return RefundRates(refund_rate, invoice_rate, issue_rate, credit_rate)
+
+    async def _refund_across(
+        self,
+        invoice: Invoice,
+        row: asyncpg.Record,
+        request: PaymentRequest,
+        *,
+        source: str | None = None,
+        lost: bool = False,
+    ) -> tuple[Step, dict[str, Any]]:
+        """A refund in another currency than the invoice's (DECISIONS D2, docs/accounting.md).
+
+        The refund is converted through the base currency at the rates in force now; that amount,
+        in the invoice's currency, is refunded by `invoices.refund` (customer credit first, then
+        tax and net in proportion; REFUND_EXCEEDS_PAID decided on it). The reversed lines are
+        valued at the rates they were booked at (tax and net at the issue, customer credit at the
+        latest payment), the cash (or `source`) credit at the refund's rate, and the difference
+        is realised on `revenue:fx-gain:realised` / `expense:fx-loss:realised`; D2 completion
+        adds the fx-position lines. `lost` (a lost dispute) caps the invoice part at what is
+        still refundable and books the rest, in base, on `expense:dispute-losses:{provider}`.
+        """
+        if request.amount <= 0 or not fits_int64(request.amount):
+            raise validation_error(
+                "amount must be a positive integer (minor units) that fits int64", "$.amount"
+            )
+        if not is_currency(request.currency):
+            raise validation_error(f"unknown currency code {request.currency!r} (ISO 4217)", "$.currency")
+        provider = chart.check_segment(request.payment_provider, "$.payment_provider")
+        async with self.pool.acquire() as conn:
+            currencies = await finance_repo.payment_currencies(conn, invoice.invoice_id)
+        if request.currency not in currencies:
+            raise validation_error(
+                f"refund currency {request.currency} is neither the invoice's ({invoice.currency})"
+                " nor that of a payment on it",
+                "$.currency",
+                invoice_currency=invoice.currency,
+                payment_currencies=sorted(currencies),
+            )
+        refundable_state = invoice.status in invoices.STEP_SOURCES["refund"][0]
+        if not refundable_state and not lost:
+            raise invoices.InvalidState(invoice.status, InvoiceStatus.REFUNDED)
+        base = self.base_currency
+        rates = await self._refund_rates(invoice, row, request.currency)
+        refund_base = _in_base(request.amount, request.currency, rates.refund)
+        converted = (
+            refund_base
+            if rates.invoice is None
+            else fx.from_base(refund_base, invoice.currency, rates.invoice)
+        )
+        if converted <= 0 and not lost:
+            raise validation_error(
+                f"amount is less than one minor unit of {invoice.currency} at the current rate", "$.amount"
+            )
+        covered = converted
+        if lost:
+            covered = max(0, min(converted, invoice.paid - invoice.refunded)) if refundable_state else 0
+        step = Step(invoice, None, {"credit": 0, "net": 0, "tax": 0})
+        if covered > 0:
+            step = invoices.refund(invoice, covered, invoice.currency, provider)
+        own_cash = chart.cash(provider, invoice.currency)
+        reversed_entries = [
+            e
+            for e in (step.journal or {}).get("entries", [])
+            if not (e["account_id"] == own_cash and e["side"] == "credit")
+        ]
+        check(all(e["side"] == "debit" for e in reversed_entries), "a refund reverses with debits only")
+        credit_account = chart.customer_credit(invoice.buyer.buyer_id)
+        debits = [
+            fx.FxLine(e["account_id"], "debit", e["amount_cents"], e["currency"]) for e in reversed_entries
+        ]
+        debit_rates = [
+            rates.credit if e["account_id"] == credit_account else rates.issue for e in reversed_entries
+        ]
+        released_base = sum(
+            _in_base(d.amount_cents, d.currency, r) for d, r in zip(debits, debit_rates, strict=True)
+        )
+        covered_base = refund_base
+        if covered != converted:
+            covered_base = min(refund_base, _in_base(covered, invoice.currency, rates.invoice))
+        excess_base = refund_base - covered_base
+        excess = (
+            [fx.FxLine(chart.dispute_losses(provider), "debit", excess_base, base)] if excess_base else []
+        )
+        cash = fx.FxLine(
+            source or chart.cash(provider, request.currency), "credit", request.amount, request.currency
+        )
+        gain_or_loss = fx.realised_fx_lines(covered_base, released_base, base)
+        completion = fx.complete_with_rates(
+            [*debits, *excess, cash, *gain_or_loss],
+            [*debit_rates, *(None for _ in excess), rates.refund, *(None for _ in gain_or_loss)],
+            base,
+        )
+        journal = {
+            "entries": [msgspec.to_builtins(line) for line in completion.journal_lines()],
+            "memo": "invoice refund (fx)",
+            "source_ref": invoice.invoice_id,
+            "context": {"invoice_id": invoice.invoice_id, "flow": "invoice.refund", "fx": True},
+        }
+        settled: dict[str, Any] = {
+            "applied_amount": covered,
+            "applied_currency": invoice.currency,
+            "fx": {
+                "base": base,
+                "refund_rate": _rate_json(rates.refund),
+                "invoice_rate": _rate_json(rates.invoice),
+                "issue_rate": _rate_json(rates.issue),
+                "credit_rate": _rate_json(rates.credit),
+                "refund_base": refund_base,
+                "released_base": released_base,
+                "realised_minor": released_base - covered_base,
+            },
+        }
+        if lost:
+            settled["excess_base"] = excess_base
+        return msgspec.structs.replace(step, journal=journal), settled
+
+
+def _dispute_answer(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "dispute_id": row["dispute_id"],
+        "invoice_id": row["invoice_id"],
+        "payment_intent": row["payment_intent"],
+        "amount": row["amount"],
+        "currency": row["currency"],
+        "reason": row["reason"],
+        "status": row["status"],
+        "journal_id": row["journal_id"],
+    }
+
+
+def _dispute_body(
+    invoice_id: str, dispute_id: str, what: str, lines: list[tuple[str, str, int, str]]
+) -> dict[str, Any]:
+    return {
+        "entries": [
+            {"account_id": account, "side": side, "amount_cents": amount, "currency": currency}
+            for account, side, amount, currency in lines
+        ],
+        "memo": f"stripe dispute {what}",
+        "source_ref": invoice_id,
+        "context": {"invoice_id": invoice_id, "flow": f"dispute.{what}", "dispute_id": dispute_id},
+    }
+
+
+def _lost_in_currency(invoice: Invoice, amount: int, source: str) -> tuple[Step, dict[str, Any]]:
+    """A lost dispute in the invoice's currency: the refundable part refunded (cash side from
+    `source`), the rest on `expense:dispute-losses:stripe` (see `FinanceService._dispute_lost`)."""
+    stripe = finance_repo.STRIPE
+    refundable = invoice.paid - invoice.refunded
+    refundable_state = invoice.status in invoices.STEP_SOURCES["refund"][0]
+    covered = max(0, min(amount, refundable)) if refundable_state else 0
+    step = Step(invoice, None, {"credit": 0, "net": 0, "tax": 0})
+    entries: list[dict[str, Any]] = []
+    if covered > 0:
+        step = invoices.refund(invoice, covered, invoice.currency, stripe)
+        own_cash = chart.cash(stripe, invoice.currency)
+        entries = [
+            e
+            for e in (step.journal or {}).get("entries", [])
+            if not (e["account_id"] == own_cash and e["side"] == "credit")
+        ]
+    excess = amount - covered
+    if excess:
+        entries.append(
+            {
+                "account_id": chart.dispute_losses(stripe),
+                "side": "debit",
+                "amount_cents": excess,
+                "currency": invoice.currency,
+            }
+        )
+    entries.append(
+        {"account_id": source, "side": "credit", "amount_cents": amount, "currency": invoice.currency}
+    )
+    journal = {"entries": entries, "source_ref": invoice.invoice_id}
+    return msgspec.structs.replace(step, journal=journal), {
+        "applied_amount": covered,
+        "applied_currency": invoice.currency,
+        "excess": excess,
+    }

@@ -1,7 +1,7 @@
 """Stripe webhook events: signature verification with the official SDK, typed events, and the inbox.
 
 `verify_event` checks the `Stripe-Signature` header with `stripe.Webhook.construct_event` (HMAC-SHA256
-over ``"{t}.{body}"`` with the endpoint secret, 5-minute tolerance) and decodes the three event types
+over ``"{t}.{body}"`` with the endpoint secret, 5-minute tolerance) and decodes the four event types
 the ledger acts on into typed structs; anything else is `Ignored`. A missing, malformed, tampered or
 stale signature is `WEBHOOK_SIGNATURE_INVALID` (400) with the reason in `details.reason`.
 
@@ -9,8 +9,9 @@ stale signature is `WEBHOOK_SIGNATURE_INVALID` (400) with the reason in `details
 
 * an event id seen before does nothing (Stripe retries deliveries);
 * a payment intent pays once, whichever of its events arrives first or again;
-* a refund or dispute of a payment intent whose payment has not arrived yet is parked and released
-  right after that payment (Stripe does not promise delivery order);
+* a refund or dispute (opened or closed) of a payment intent whose payment has not arrived yet is
+  parked and released right after that payment (Stripe does not promise delivery order);
+* a dispute opens once per dispute id and closes once (key `{dispute id}:closed`);
 * a refund is applied once per Stripe refund id, so `charge.refunded` events that repeat earlier
   refunds of the same charge (each lists all refunds so far) apply only the new ones.
 
@@ -61,6 +62,23 @@ class DisputeOpened(msgspec.Struct, frozen=True, tag=True):
     reason: str
 
 
+CLOSED_STATUSES: Final = {"won": "won", "warning_closed": "won", "lost": "lost"}
+"""Stripe's statuses of a closed dispute -> what the ledger does: `won` (an inquiry closed without a
+chargeback counts as won: the held money comes back) or `lost`."""
+
+
+class DisputeClosed(msgspec.Struct, frozen=True, tag=True):
+    """`charge.dispute.closed`: the dispute ended; `outcome` is `won` (money back) or `lost`."""
+
+    event_id: str
+    payment_intent: str
+    dispute_id: str
+    amount: int
+    currency: str
+    outcome: str
+    status: str
+
+
 class Ignored(msgspec.Struct, frozen=True, tag=True):
     """A verified event of a type the ledger does not act on."""
 
@@ -68,8 +86,19 @@ class Ignored(msgspec.Struct, frozen=True, tag=True):
     event_type: str
 
 
-Event = PaymentSucceeded | Refunded | DisputeOpened | Ignored
-Action = PaymentSucceeded | Refunded | DisputeOpened
+Event = PaymentSucceeded | Refunded | DisputeOpened | DisputeClosed | Ignored
+Action = PaymentSucceeded | Refunded | DisputeOpened | DisputeClosed
+Pending = Refunded | DisputeOpened | DisputeClosed
+"""An action that needs its payment first (parked until it arrives)."""
+
+
+def action_key(action: Pending) -> str:
+    """What makes a pending action unique: the refund id, the dispute id, or `{dispute id}:closed`."""
+    if isinstance(action, Refunded):
+        return action.refund_id
+    if isinstance(action, DisputeClosed):
+        return f"{action.dispute_id}:closed"
+    return action.dispute_id
 
 
 def _invalid(reason: str, message: str) -> LedgerError:
@@ -136,6 +165,21 @@ def decode_event(event: dict[str, Any]) -> list[Event]:
                     str(obj.get("reason") or "unknown"),
                 )
             ]
+        if kind == "charge.dispute.closed":
+            status = str(obj["status"])
+            if status not in CLOSED_STATUSES:
+                raise ValueError(f"status {status!r} is not a closed dispute's (won, lost, warning_closed)")
+            return [
+                DisputeClosed(
+                    event_id,
+                    str(obj["payment_intent"]),
+                    str(obj["id"]),
+                    int(obj["amount"]),
+                    str(obj["currency"]).upper(),
+                    CLOSED_STATUSES[status],
+                    status,
+                )
+            ]
     except (KeyError, TypeError, ValueError) as exc:
         raise LedgerError(
             ErrorCode.VALIDATION_ERROR,
@@ -152,7 +196,7 @@ class InboxState(msgspec.Struct):
     events: set[str] = msgspec.field(default_factory=set)
     paid: set[str] = msgspec.field(default_factory=set)
     applied: set[str] = msgspec.field(default_factory=set)
-    parked: list[Refunded | DisputeOpened] = msgspec.field(default_factory=list)
+    parked: list[Pending] = msgspec.field(default_factory=list)
 
 
 Outcome = Literal["applied", "duplicate", "parked", "ignored"]
@@ -184,8 +228,8 @@ class WebhookInbox:
                 actions.append(event)
                 actions.extend(self._release(event.payment_intent))
                 continue
-            key = event.refund_id if isinstance(event, Refunded) else event.dispute_id
-            if key in self.state.applied or any(_key(p) == key for p in self.state.parked):
+            key = action_key(event)
+            if key in self.state.applied or any(action_key(p) == key for p in self.state.parked):
                 continue
             if event.payment_intent not in self.state.paid:
                 self.state.parked.append(event)
@@ -203,9 +247,5 @@ class WebhookInbox:
         ready = [p for p in self.state.parked if p.payment_intent == payment_intent]
         self.state.parked = [p for p in self.state.parked if p.payment_intent != payment_intent]
         for action in ready:
-            self.state.applied.add(_key(action))
+            self.state.applied.add(action_key(action))
         return list(ready)
-
-
-def _key(action: Refunded | DisputeOpened) -> str:
-    return action.refund_id if isinstance(action, Refunded) else action.dispute_id

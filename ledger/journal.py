@@ -14,6 +14,12 @@ both); it accepts a strict subset of what `JournalIn` accepts. A batch decodes a
 `JournalWire` first and `journal_from_wire` checks the rest without a call per line; only a
 journal that fails anything goes through `JournalIn` and `validate_journal`, so errors are
 exactly the detailed path's.
+
+FX fields. A line may carry `fx_rate` and `rate_ts` (DECISIONS D2): its journal may balance in
+base currency only. Completing it needs the node's rates, so this pure module never accepts
+such a journal as is: `journal_from_wire` hands it to the detailed path and `validate_journal`
+refuses it; the API completes it (`finance.fx_journal`) and validates the completed journal,
+which carries the rates in each foreign line's `meta`.
 """
 
 from __future__ import annotations
@@ -39,13 +45,21 @@ Amount = Annotated[int, msgspec.Meta(gt=0, le=INT64_MAX)]
 
 
 class LineIn(msgspec.Struct, forbid_unknown_fields=True):
-    """One journal line as a client sends it."""
+    """One journal line as a client sends it.
+
+    `fx_rate` (units of the line's currency per 1 base unit, a decimal string) and `rate_ts`
+    (RFC 3339) mark a foreign line of a journal that may balance in base currency only
+    (DECISIONS D2); `validate_journal` refuses them: a journal carrying them is completed by
+    `finance.fx_journal` first, which needs the node's rates.
+    """
 
     account_id: str
     side: Side
     amount_cents: Amount
     currency: str
     meta: dict[str, Any] = {}
+    fx_rate: str | None = None
+    rate_ts: str | None = None
 
 
 class JournalIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -71,6 +85,8 @@ class LineWire(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     amount_cents: Amount
     currency: CurrencyCode
     meta: dict[str, Any] = {}
+    fx_rate: str | None = None
+    rate_ts: str | None = None
 
 
 class JournalWire(msgspec.Struct, forbid_unknown_fields=True, gc=False):
@@ -166,8 +182,12 @@ def _check_balance(lines: tuple[Line, ...]) -> None:
             )
 
 
-def validate_journal(raw: JournalIn) -> Journal:
-    """Validate a decoded journal; raise `Rejection` (VALIDATION_ERROR before LEDGER_IMBALANCE)."""
+def validate_fields(raw: JournalIn) -> tuple[tuple[Line, ...], str | None]:
+    """Every check of `validate_journal` but the balance, FX fields left alone: (lines, effective_at).
+
+    VALIDATION_ERROR naming the first offending field (journal_id, reverses, line count, lines in
+    order, ts). A journal with FX fields passes this before its D2 completion.
+    """
     if raw.journal_id is not None and not JOURNAL_ID_PATTERN.fullmatch(raw.journal_id):
         raise validation_error("journal_id must be 1-200 characters of [A-Za-z0-9:._-]", "$.journal_id")
     if raw.reverses is not None and not JOURNAL_ID_PATTERN.fullmatch(raw.reverses):
@@ -177,7 +197,33 @@ def validate_journal(raw: JournalIn) -> Journal:
             f"a journal has {LINES_MIN} to {LINES_MAX} lines, got {len(raw.entries)}", "$.entries"
         )
     lines = tuple(_validate_line(i, line) for i, line in enumerate(raw.entries))
-    effective_at = _validate_timestamp(raw.ts, "$.ts")
+    return lines, _validate_timestamp(raw.ts, "$.ts")
+
+
+def has_fx_fields(entries: list[LineIn]) -> bool:
+    """True when some line carries `fx_rate` or `rate_ts` (the journal needs D2 completion)."""
+    return any(line.fx_rate is not None or line.rate_ts is not None for line in entries)
+
+
+def _refuse_fx_fields(entries: list[LineIn]) -> None:
+    for index, line in enumerate(entries):
+        for name, value in (("fx_rate", line.fx_rate), ("rate_ts", line.rate_ts)):
+            if value is not None:
+                raise validation_error(
+                    f"{name} is only taken by POST /ledger/post and /ledger/post_batch, which complete "
+                    "the journal with the node's rates",
+                    f"$.entries[{index}].{name}",
+                )
+
+
+def validate_journal(raw: JournalIn) -> Journal:
+    """Validate a decoded journal; raise `Rejection` (VALIDATION_ERROR before LEDGER_IMBALANCE).
+
+    A line carrying `fx_rate`/`rate_ts` is a VALIDATION_ERROR here: such a journal is completed
+    first (`finance.fx_journal`), and the completed journal carries its rates in `meta`.
+    """
+    lines, effective_at = validate_fields(raw)
+    _refuse_fx_fields(raw.entries)
     _check_balance(lines)
     journal = Journal(
         raw.journal_id, lines, raw.context, effective_at, raw.reverses, raw.memo, raw.source_ref
@@ -205,7 +251,8 @@ def journal_from_wire(wire: JournalWire) -> Journal | None:
 
     Decoding as `JournalWire` already checked the line count, amounts and currencies; this
     checks the ids, `ts`, the account ids (a dict lookup for ids seen before) and the balance.
-    Whenever it answers a journal, `validate_journal` would answer an equal one.
+    Whenever it answers a journal, `validate_journal` would answer an equal one. A line with
+    `fx_rate` or `rate_ts` always answers None (such a journal needs D2 completion).
     """
     if (  # validate_journal's own checks (as a msgspec pattern, the id check costs 3x as much)
         (wire.journal_id is not None and _is_journal_id(wire.journal_id) is None)
@@ -226,6 +273,7 @@ def journal_from_wire(wire: JournalWire) -> Journal | None:
         or first.amount_cents != second.amount_cents
         or first.side == second.side
         or first.currency != second.currency
+        or not (first.fx_rate is first.rate_ts is second.fx_rate is second.rate_ts is None)
     ):
         return _journal_from_lines(wire)
     lines = (
@@ -242,7 +290,7 @@ def _journal_from_lines(wire: JournalWire) -> Journal | None:
     lines: list[Line] = []
     for line_no, entry in enumerate(wire.entries):
         account_type = account_type_of(entry.account_id)
-        if account_type is None:
+        if account_type is None or entry.fx_rate is not None or entry.rate_ts is not None:
             return None
         lines.append(
             Line(
@@ -266,7 +314,10 @@ def _journal_from_lines(wire: JournalWire) -> Journal | None:
 def journal_in_of(wire: JournalWire) -> JournalIn:
     """The detailed shape of a decoded wire journal (what decoding its JSON as `JournalIn` gives)."""
     return JournalIn(
-        [LineIn(e.account_id, e.side, e.amount_cents, e.currency, e.meta) for e in wire.entries],
+        [
+            LineIn(e.account_id, e.side, e.amount_cents, e.currency, e.meta, e.fx_rate, e.rate_ts)
+            for e in wire.entries
+        ],
         wire.journal_id,
         wire.context,
         wire.ts,

@@ -5,6 +5,8 @@
     ledger-node migrate [--data-dir DIR]         apply pending schema migrations and exit
     ledger-node verify PROOF --public-key PEM    verify a proof package offline (no server needed)
     ledger-node keys rotate [--url URL]          switch the signer to a new key
+    ledger-node approve ACTION_ID --key PEM --approver-id ID [--url URL]
+                                                 sign and submit a multisig approval
 
 With `DATABASE_URL` set the node uses that PostgreSQL; otherwise it runs an embedded
 PostgreSQL inside the data directory and stops it on exit.
@@ -25,7 +27,7 @@ import asyncpg
 
 from actors.runtime import stop_ray
 from api.auth import TokenError
-from node import keys_cli, verify_cli
+from node import approve_cli, keys_cli, verify_cli
 from node.config import DEFAULT_DATA_DIR, TOKEN_FILE, NodeConfig
 from node.runtime import Node, StartupError
 from signer.keys import verify_signature
@@ -58,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     verify_cli.add_parser(commands)
     keys_cli.add_parser(commands)
+    approve_cli.add_parser(commands)
     return parser
 
 
@@ -164,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return verify_cli.run(args)
     if args.command == "keys":
         return keys_cli.run(args)
+    if args.command == "approve":
+        return approve_cli.run(args)
     import uvloop
 
     handlers = {"serve": _serve, "check": _check, "migrate": _migrate}

@@ -35,6 +35,15 @@ class NodeConfig:
     audit_wait: bool = False
     # LEDGER_BASE_CURRENCY: the platform's base currency (ISO 4217) for FX rates and settlement (D2).
     base_currency: str = "USD"
+    # LEDGER_RECOGNITION_INTERVAL_S: seconds between the node's revenue recognition runs (posting
+    # due installments of ratable schedules); 0 turns the periodic run off.
+    recognition_interval_s: float = 60.0
+    # Multisig governance (finance/governance.py): LEDGER_MULTISIG (m-of-n approvals, default 3-of-5),
+    # LEDGER_APPROVAL_THRESHOLDS (kind=minor units of the base currency at or above which an action
+    # waits for approvals), LEDGER_APPROVAL_TTL_S (how long an action may wait; default 7 days).
+    multisig: str = "3-of-5"
+    approval_thresholds: str = "journal=10000000"
+    approval_ttl_s: float = 7 * 24 * 3600.0
 
     @classmethod
     def from_env(cls, **overrides: object) -> NodeConfig:
@@ -51,6 +60,10 @@ class NodeConfig:
             hash_alg=os.environ.get("LEDGER_HASH_ALG") or None,
             audit_wait=os.environ.get("LEDGER_AUDIT_WAIT", "0") == "1",
             base_currency=os.environ.get("LEDGER_BASE_CURRENCY") or "USD",
+            recognition_interval_s=float(os.environ.get("LEDGER_RECOGNITION_INTERVAL_S") or 60.0),
+            multisig=os.environ.get("LEDGER_MULTISIG") or "3-of-5",
+            approval_thresholds=os.environ.get("LEDGER_APPROVAL_THRESHOLDS", "journal=10000000"),
+            approval_ttl_s=float(os.environ.get("LEDGER_APPROVAL_TTL_S") or 7 * 24 * 3600.0),
         )
         for name, value in overrides.items():
             if value is not None:

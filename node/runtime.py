@@ -19,10 +19,14 @@ from aiohttp import web
 from actors import runtime as actor_runtime
 from actors.gc_policy import tune_gc
 from api.app import create_app
+from api.approval_routes import GovernanceConfig
 from api.audit_log import AUDIT_WRITER
 from api.auth import Authenticator, TokenError, parse_tokens
+from api.finance_routes import RECOGNITION_INTERVAL_S
 from api.posting import Poster
 from api.services import Services
+from finance.governance import parse_thresholds
+from finance.multisig import parse_policy
 from node.config import TOKEN_FILE, NodeConfig, ensure_token_file
 from sharding.slots import SlotMap, even_slot_map
 from store import repository
@@ -140,8 +144,19 @@ class Node:
 
     async def _serve_http(self) -> None:
         assert self.services is not None and self.audit is not None
-        app = create_app(self.services)
+        governance = GovernanceConfig(
+            self.config.multisig, self.config.approval_thresholds, self.config.approval_ttl_s
+        )
+        try:
+            parse_policy(governance.policy)
+            parse_thresholds(governance.thresholds)
+        except ValueError as exc:
+            raise StartupError(f"LEDGER_MULTISIG / LEDGER_APPROVAL_THRESHOLDS: {exc}") from None
+        if governance.ttl_s <= 0:
+            raise StartupError("LEDGER_APPROVAL_TTL_S must be > 0")
+        app = create_app(self.services, governance)
         app[AUDIT_WRITER] = self.audit
+        app[RECOGNITION_INTERVAL_S] = self.config.recognition_interval_s
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.config.host, self.config.port, backlog=1024, reuse_address=True)

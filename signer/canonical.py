@@ -22,31 +22,35 @@ from signer.merkle import hash_function
 HASH_ALG: Final = "sha256"
 
 _encoder: Final = msgspec.json.Encoder(order="sorted")
+_posted_encoder: Final = msgspec.json.Encoder(order="deterministic")
 _sha256: Final = hashlib.sha256
 
 
-class PostedLine(msgspec.Struct, frozen=True):
+# The two structs below declare their fields in name order, so the deterministic encoder (dict
+# keys sorted, struct fields in declaration order) writes exactly the canonical form (`posted_body`)
+# without sorting struct fields on every call; a property test pins `posted_body == canonical(...)`.
+class PostedLine(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """A line as stored and returned: the client's fields, nothing derived."""
 
     account_id: str
-    side: str
     amount_cents: int
     currency: str
     meta: dict[str, Any]
+    side: str
 
 
-class PostedJournal(msgspec.Struct, frozen=True):
+class PostedJournal(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """A journal as posted: what `GET /ledger/{id}` returns and what the hash covers."""
 
-    journal_id: str
-    entries: list[PostedLine]
     context: dict[str, Any]
-    ts: str | None
-    reverses: str | None
+    entries: list[PostedLine]
+    journal_id: str
     memo: str | None
-    source_ref: str | None
-    posted_by: str
     posted_at: str
+    posted_by: str
+    reverses: str | None
+    source_ref: str | None
+    ts: str | None
 
 
 def canonical(value: Any) -> bytes:
@@ -71,7 +75,13 @@ def posted_journal(journal: Journal, journal_id: str, principal: str, posted_at:
     return PostedJournal(
         journal_id=journal_id,
         entries=[
-            PostedLine(line.account_id, line.side, line.amount, line.currency, line.meta)
+            PostedLine(
+                account_id=line.account_id,
+                amount_cents=line.amount,
+                currency=line.currency,
+                meta=line.meta,
+                side=line.side,
+            )
             for line in journal.lines
         ],
         context=journal.context,
@@ -82,6 +92,12 @@ def posted_journal(journal: Journal, journal_id: str, principal: str, posted_at:
         posted_by=principal,
         posted_at=posted_at,
     )
+
+
+def posted_body(journal: Journal, journal_id: str, principal: str, posted_at: str) -> bytes:
+    """`canonical(posted_journal(...))`, the stored body of a posted journal, without sorting
+    struct fields per call (see the field order of `PostedJournal`)."""
+    return _posted_encoder.encode(posted_journal(journal, journal_id, principal, posted_at))
 
 
 def request_hash(journal: Journal) -> bytes:

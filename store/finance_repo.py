@@ -212,11 +212,14 @@ async def stripe_paid_intents(conn: asyncpg.Connection, intents: list[str]) -> d
 
 
 async def stripe_applied_keys(conn: asyncpg.Connection, keys: list[str]) -> set[str]:
-    """The refund and dispute ids among `keys` already applied (a refunds row or a dispute row)."""
+    """The refund and dispute keys among `keys` already applied (a refunds row, a dispute row, or
+    `{dispute id}:closed` for a dispute no longer open)."""
     rows = await conn.fetch(
         "SELECT provider_reference AS key FROM refunds WHERE provider = $1"
         " AND provider_reference = ANY($2::text[])"
-        " UNION SELECT dispute_id FROM stripe_disputes WHERE dispute_id = ANY($2::text[])",
+        " UNION SELECT dispute_id FROM stripe_disputes WHERE dispute_id = ANY($2::text[])"
+        " UNION SELECT dispute_id || ':closed' FROM stripe_disputes WHERE status <> 'open'"
+        " AND dispute_id || ':closed' = ANY($2::text[])",
         STRIPE,
         keys,
     )
@@ -235,17 +238,85 @@ async def stripe_parked(conn: asyncpg.Connection, intents: list[str], keys: list
 
 
 async def insert_stripe_dispute(conn: asyncpg.Connection, values: dict[str, Any]) -> None:
-    """Record an opened dispute once (a repeat is ignored)."""
+    """Record an opened dispute and its hold journal once (a repeat is ignored; migration 0010)."""
     await conn.execute(
-        "INSERT INTO stripe_disputes (dispute_id, payment_intent, event_id, amount, currency, reason)"
-        " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        "INSERT INTO stripe_disputes (dispute_id, payment_intent, event_id, amount, currency, reason,"
+        " invoice_id, journal_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
         values["dispute_id"],
         values["payment_intent"],
         values["event_id"],
         values["amount"],
         values["currency"],
         values["reason"],
+        values["invoice_id"],
+        values["journal_id"],
     )
+
+
+async def stripe_dispute(conn: asyncpg.Connection, dispute_id: str) -> asyncpg.Record | None:
+    """One dispute's row (`answer` as JSON text), or None."""
+    return await conn.fetchrow(
+        "SELECT *, answer::text AS answer_text FROM stripe_disputes WHERE dispute_id = $1", dispute_id
+    )
+
+
+async def close_stripe_dispute(
+    conn: asyncpg.Connection, dispute_id: str, status: str, event_id: str, journal_id: str | None, answer: str
+) -> bool:
+    """Mark an open dispute won or lost with its closing journal and answer; False if not open."""
+    done = await conn.execute(
+        "UPDATE stripe_disputes SET status = $2, closed_event_id = $3, closed_journal_id = $4,"
+        " closed_at = now(), answer = $5::jsonb WHERE dispute_id = $1 AND status = 'open'",
+        dispute_id,
+        status,
+        event_id,
+        journal_id,
+        answer,
+    )
+    return bool(done == "UPDATE 1")
+
+
+async def invoice_disputes(conn: asyncpg.Connection, invoice_id: str) -> list[asyncpg.Record]:
+    """The invoice's disputes, oldest first."""
+    return await conn.fetch(
+        "SELECT dispute_id, payment_intent, amount, currency, reason, status, journal_id,"
+        " closed_journal_id, created_at, closed_at FROM stripe_disputes WHERE invoice_id = $1"
+        " ORDER BY created_at, dispute_id",
+        invoice_id,
+    )
+
+
+async def stripe_payments_refundable(conn: asyncpg.Connection, invoice_id: str) -> list[asyncpg.Record]:
+    """The invoice's Stripe payments, oldest first, with what is left to refund at Stripe on each:
+    the amount less refunds recorded against the intent (`answer.payment_intent`) and less its
+    disputes that are open or lost (Stripe withholds or took that money)."""
+    return await conn.fetch(
+        "SELECT p.payment_id, p.provider_reference AS payment_intent, p.currency, p.amount,"
+        " (p.amount"
+        "  - COALESCE((SELECT sum(r.amount) FROM refunds r WHERE r.provider = $2"
+        "     AND r.answer->>'payment_intent' = p.provider_reference"
+        "     AND r.answer->>'dispute_id' IS NULL), 0)"
+        "  - COALESCE((SELECT sum(d.amount) FROM stripe_disputes d"
+        "     WHERE d.payment_intent = p.provider_reference AND d.status <> 'won'), 0))::bigint AS refundable"
+        " FROM payments p WHERE p.invoice_id = $1 AND p.provider = $2"
+        " ORDER BY p.created_at, p.payment_id",
+        invoice_id,
+        STRIPE,
+    )
+
+
+async def payment_currencies(conn: asyncpg.Connection, invoice_id: str) -> set[str]:
+    """The currencies of the invoice's payments."""
+    rows = await conn.fetch("SELECT DISTINCT currency FROM payments WHERE invoice_id = $1", invoice_id)
+    return {r["currency"] for r in rows}
+
+
+async def last_payment_at(conn: asyncpg.Connection, invoice_id: str) -> datetime | None:
+    """When the invoice's latest payment was recorded (None without payments)."""
+    value: datetime | None = await conn.fetchval(
+        "SELECT max(created_at) FROM payments WHERE invoice_id = $1", invoice_id
+    )
+    return value
 
 
 async def record_stripe_delivery(
@@ -296,14 +367,16 @@ async def tax_refunds(conn: asyncpg.Connection, start: datetime, end: datetime) 
     """Refunds posted in `[start, end)` (the refund journal's `posted_at`, else the row's time):
     refund id, invoice id, currency, answer and invoice body (JSON text), posted_at, and
     `tax_lines`: the refund journal's debits per tax-payable account as `{account_id: amount}`
-    JSON text (the ledger's own figures)."""
+    JSON text (the ledger's own figures, read from the stored journal body: journal_lines has no
+    index by journal id)."""
     return await conn.fetch(
         "SELECT r.refund_id, r.invoice_id, r.currency, r.answer::text AS answer, i.body::text AS body,"
         " COALESCE(j.posted_at, r.created_at) AS posted_at,"
         " (SELECT COALESCE(jsonb_object_agg(t.account_id, t.amount), '{}'::jsonb)::text FROM"
-        "   (SELECT l.account_id, sum(l.amount)::bigint AS amount FROM journal_lines l"
-        "     WHERE l.journal_id = r.journal_id AND l.side = 'D' AND starts_with(l.account_id, $3)"
-        "     GROUP BY l.account_id) t) AS tax_lines"
+        "   (SELECT e->>'account_id' AS account_id, sum((e->>'amount_cents')::bigint)::bigint AS amount"
+        "      FROM jsonb_array_elements(convert_from(j.body, 'UTF8')::jsonb -> 'entries') e"
+        "     WHERE e->>'side' = 'debit' AND starts_with(e->>'account_id', $3)"
+        "     GROUP BY 1) t) AS tax_lines"
         " FROM refunds r JOIN invoices i ON i.invoice_id = r.invoice_id AND i.kind = 'priced'"
         " LEFT JOIN journals j ON j.journal_id = r.journal_id"
         " WHERE COALESCE(j.posted_at, r.created_at) >= $1 AND COALESCE(j.posted_at, r.created_at) < $2"

@@ -6,6 +6,7 @@ Rows come back as `RateRow` (plain values; `finance.fx.Rate` is built from them 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -84,3 +85,28 @@ async def record_applied(conn: asyncpg.Connection, payment_id: str, amount: int,
         amount,
         currency,
     )
+
+
+async def rates_in_force(
+    conn: asyncpg.Connection, base: str, wanted: Iterable[tuple[str, datetime]]
+) -> list[RateRow]:
+    """For each (quote, time) of `wanted`, the rate in force then (if any), in one query; no duplicates."""
+    pairs = sorted(set(wanted))
+    if not pairs:
+        return []
+    rows = await conn.fetch(
+        """
+        SELECT DISTINCT r.base, r.quote, r.rate, r.source, r.as_of
+        FROM unnest($2::text[], $3::timestamptz[]) AS w(quote, at)
+        CROSS JOIN LATERAL (
+            SELECT base, quote, rate, source, as_of FROM fx_rates
+            WHERE base = $1 AND quote = w.quote AND as_of <= w.at
+            ORDER BY as_of DESC LIMIT 1
+        ) AS r
+        ORDER BY r.quote, r.as_of
+        """,
+        base,
+        [quote for quote, _ in pairs],
+        [at for _, at in pairs],
+    )
+    return [_rate_of(row) for row in rows]

@@ -260,7 +260,8 @@ async def balances_as_of(conn: asyncpg.Connection, account_id: str, as_of: datet
                COALESCE(sum(amount) FILTER (WHERE side = 'D'), 0)::bigint AS debits_posted,
                COALESCE(sum(amount) FILTER (WHERE side = 'C'), 0)::bigint AS credits_posted,
                0::bigint AS debits_pending, 0::bigint AS credits_pending
-          FROM journal_lines WHERE account_id = $1 AND posted_at <= $2
+          FROM journal_lines
+         WHERE hashtext(account_id) = hashtext($1) AND account_id = $1 AND posted_at <= $2
          GROUP BY currency ORDER BY currency
         """,
         account_id,
@@ -299,10 +300,10 @@ async def stream_heads(
     stops before its first cross-shard journal whose parts are not all applied yet (its
     transaction is not `done`), so a reader never passes a journal whose lines are missing.
 
-    The account filter probes the lines index (account_id, currency, posted_at) with the journal's
-    own `posted_at` (a line carries its journal's commit time, cross-shard parts included) and
-    the account's currencies, so each probe reads only that commit's lines of the account;
-    journal_lines has no index on journal_id (migration 0004).
+    The account filter probes the lines index (hashtext(account_id), posted_at) with the journal's
+    own `posted_at` (a line carries its journal's commit time, cross-shard parts included), so each
+    probe reads only that commit's lines of the account (migration 0011); journal_lines has no
+    index on journal_id (migration 0004).
     """
     streams = sorted(positions)
     return await conn.fetch(
@@ -319,9 +320,7 @@ async def stream_heads(
                  AND ($4::timestamptz IS NULL OR j.posted_at <= $4)
                  AND ($5::text IS NULL OR EXISTS (
                         SELECT 1 FROM journal_lines l
-                         WHERE l.account_id = $5
-                           AND l.currency = ANY (ARRAY(SELECT b.currency FROM balances b
-                                                        WHERE b.account_id = $5))
+                         WHERE hashtext(l.account_id) = hashtext($5) AND l.account_id = $5
                            AND l.posted_at = j.posted_at AND l.journal_id = j.journal_id))
                ORDER BY j.stream_seq LIMIT $6
           ) j

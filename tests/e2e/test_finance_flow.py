@@ -103,6 +103,8 @@ def test_order_123_from_invoice_to_verifiable_proof(node: NodeHarness, tmp_path:
             journal = expect_ok(await c.call("GET", f"/ledger/{journal_id}", role="auditor"))["journal"]
             assert _balanced(journal), journal
             assert journal["context"]["invoice_id"] == INVOICE
+            # the refund is a reversing journal naming the sale it reverses (L2); nothing else is
+            assert journal["reverses"] == (f"{INVOICE}.issue" if journal_id == journal_ids[3] else None)
 
         tax_return = expect_ok(
             await c.call(

@@ -7,6 +7,7 @@ outage is a retryable 503 and a provider refusal a 409 INVALID_STATE, with nothi
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import aiohttp
@@ -138,3 +139,95 @@ def test_without_gateway_a_stripe_refund_posts_only(
         assert done["journal_id"] and "provider_refund_id" not in done
 
     run(node, flow)
+
+
+def test_a_refund_goes_to_the_stripe_payment_that_can_take_it(
+    node: NodeHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tried: an invoice paid by two Stripe intents (2,000 then 2,639 EUR); a 2,500 refund -> made
+    against the second (the first cannot take it whole); 2,100 (the invoice has 2,139 left, no
+    single payment has) -> 409 REFUND_EXCEEDS_PAID listing what is refundable per payment (2,000 and
+    139), nothing sent to Stripe; 2,000 -> against the first; a USD refund (no USD payment) -> 400
+    VALIDATION_ERROR on $.currency."""
+    server: StripeServer = node.run(StripeServer().start())
+    server.state.ids = itertools.count(1000)  # intent ids unlike the earlier tests' (same node)
+    monkeypatch.setenv("STRIPE_API_KEY", server.api_key)
+    monkeypatch.setenv("STRIPE_API_BASE", server.base)
+
+    async def flow(c: Client) -> None:
+        expect_ok(await c.call("POST", "/finance/invoice", body=_invoice("sr-3")), 201)
+        first = await _stripe_post(server, "/v1/payment_intents", {"amount": 2000, "currency": "eur"})
+        second = await _stripe_post(server, "/v1/payment_intents", {"amount": 2639, "currency": "eur"})
+        expect_ok(await c.call("POST", "/finance/payment", body=_money("sr-3", 2000, first["id"])))
+        expect_ok(await c.call("POST", "/finance/payment", body=_money("sr-3", 2639, second["id"])))
+
+        big = expect_ok(await c.call("POST", "/finance/refund", body=_money("sr-3", 2500, "sr3-rf-1")))
+        assert big["payment_intent"] == second["id"]
+        assert server.state.refunds[big["provider_refund_id"]]["payment_intent"] == second["id"]
+        calls = len(server.state.calls)
+        details = expect_error(
+            await c.call("POST", "/finance/refund", body=_money("sr-3", 2100, "sr3-rf-2")),
+            409,
+            "REFUND_EXCEEDS_PAID",
+        )
+        assert [(p["payment_intent"], p["refundable"]) for p in details["refundable"]] == [
+            (first["id"], 2000),
+            (second["id"], 139),
+        ]
+        assert len(server.state.calls) == calls  # refused before Stripe
+        small = expect_ok(await c.call("POST", "/finance/refund", body=_money("sr-3", 2000, "sr3-rf-3")))
+        assert small["payment_intent"] == first["id"]
+        usd = {**_money("sr-3", 100, "sr3-rf-4"), "currency": "USD"}
+        error = expect_error(
+            await c.call("POST", "/finance/refund", body=usd), 400, "VALIDATION_ERROR", "$.currency"
+        )
+        assert error["payment_currencies"] == ["EUR"]
+        shown = expect_ok(await c.call("GET", "/finance/invoice/sr-3", role="auditor"))
+        assert (shown["amount_refunded"], len(shown["refunds"])) == (4500, 2)
+
+    try:
+        run(node, flow)
+    finally:
+        node.run(server.stop())
+
+
+def test_a_refund_by_line_goes_to_stripe_with_the_line_amount(
+    node: NodeHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tried: pay 4,639 with a Stripe intent; refund line 1 (the e-book, 999 + its tax) by line ->
+    one Stripe refund of exactly that gross, the journal reverses only that line; the same line
+    again -> 409 REFUND_EXCEEDS_PAID naming the line and no call reaches Stripe; a line refund
+    whose amount is not the computed one -> 400 on $.amount, nothing at Stripe."""
+    server: StripeServer = node.run(StripeServer().start())
+    monkeypatch.setenv("STRIPE_API_KEY", server.api_key)
+    monkeypatch.setenv("STRIPE_API_BASE", server.base)
+    monkeypatch.setenv("STRIPE_WEBHOOK_SECRET", SECRET)
+
+    async def flow(c: Client) -> None:
+        view = expect_ok(await c.call("POST", "/finance/invoice", body=_invoice("sr-line-1")), 201)
+        intent = await _stripe_post(server, "/v1/payment_intents", {"amount": 4639, "currency": "eur"})
+        expect_ok(await c.call("POST", "/finance/payment", body=_money("sr-line-1", 4639, intent["id"])))
+        ebook = view["line_items"][1]
+        gross = ebook["net"] + ebook["tax"]
+        wrong = {**_money("sr-line-1", gross + 1, "sr-line-r0"), "lines": [{"line": 1, "qty": 1}]}
+        details = expect_error(
+            await c.call("POST", "/finance/refund", body=wrong), 400, "VALIDATION_ERROR", "$.amount"
+        )
+        assert details["computed"] == gross and server.state.refunds == {}
+
+        by_line = {**_money("sr-line-1", gross, "sr-line-r1"), "lines": [{"line": 1, "qty": 1}]}
+        done = expect_ok(await c.call("POST", "/finance/refund", body=by_line))
+        assert [r["amount"] for r in server.state.refunds.values()] == [gross]
+        assert (done["tax"], done["net"]) == (ebook["tax"], ebook["net"])
+        posted = expect_ok(await c.call("GET", f"/ledger/{done['journal_id']}", role="auditor"))["journal"]
+        reversed_accounts = {e["account_id"] for e in posted["entries"] if e["side"] == "debit"}
+        assert all("sr-a" not in account for account in reversed_accounts)
+        calls = len(server.state.calls)
+        again = {**_money("sr-line-1", gross, "sr-line-r2"), "lines": [{"line": 1, "qty": 1}]}
+        over = expect_error(await c.call("POST", "/finance/refund", body=again), 409, "REFUND_EXCEEDS_PAID")
+        assert over["line"] == 1 and len(server.state.calls) == calls
+
+    try:
+        run(node, flow)
+    finally:
+        node.run(server.stop())

@@ -14,6 +14,7 @@ from typing import TypeVar
 import asyncpg
 import pytest
 
+from store import repository
 from store.check import run_check
 from store.embedded import FALLBACK_ROOT, EmbeddedPostgres
 from store.migrations import Migration, MigrationError, applied_versions, apply_migrations, load_migrations
@@ -344,6 +345,60 @@ def test_lean_writes_migration_applies_to_a_ledger_holding_data(admin_dsn: str) 
     on_fresh_database(admin_dsn, body)
 
 
+def test_account_hash_index_serves_account_reads(admin_dsn: str) -> None:
+    """0011 on a ledger holding journals: the per-account lines index becomes
+    (hashtext(account_id), posted_at); balances as of a time and the stream's account filter read
+    through it (EXPLAIN names it) and answer the same as before; two accounts sharing nothing but
+    the index probe never mix."""
+
+    async def body(conn: asyncpg.Connection, dsn: str) -> None:
+        assert await apply_migrations(conn, load_migrations()[:10]) == list(range(1, 11))
+        await conn.execute(
+            "INSERT INTO accounts (account_id, account_type, slot) VALUES"
+            " ('asset:cash', 'asset', 1), ('revenue:sales', 'revenue', 2);"
+            "INSERT INTO balances (account_id, currency, slot) VALUES"
+            " ('asset:cash', 'USD', 1), ('revenue:sales', 'USD', 2)"
+        )
+        for seq in range(1, 31):
+            await _post_by_sql(conn, f"old-{seq}", seq, 10 * seq)
+        as_of = await conn.fetchval("SELECT max(posted_at) FROM journal_lines")
+        before = await repository.balances_as_of(conn, "asset:cash", as_of)
+        assert await apply_migrations(conn, load_migrations()[:11]) == [11]
+        indexdef = await conn.fetchval(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'journal_lines_account'"
+        )
+        assert "hashtext(account_id), posted_at" in indexdef
+        assert await repository.balances_as_of(conn, "asset:cash", as_of) == before
+        assert before[0]["debits_posted"] == sum(10 * seq for seq in range(1, 31))
+        await conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(
+            r[0]
+            for r in await conn.fetch(
+                "EXPLAIN SELECT currency, sum(amount) FROM journal_lines"
+                " WHERE hashtext(account_id) = hashtext($1) AND account_id = $1 AND posted_at <= $2"
+                " GROUP BY currency",
+                "asset:cash",
+                as_of,
+            )
+        )
+        assert "journal_lines_account" in plan
+        assert await repository.balances_as_of(conn, "asset:nobody", as_of) == []
+        # asset:c58178 and asset:c206068 share a hashtext value (found by grouping 300,000 ids)
+        twins = ("asset:c58178", "asset:c206068")
+        assert await conn.fetchval("SELECT hashtext($1) = hashtext($2)", *twins)
+        await _insert_lines(
+            conn,
+            [_line("twin-1", 0, twins[0], "D", 7), _line("twin-1", 1, twins[1], "C", 7)],
+        )
+        later = await conn.fetchval("SELECT max(posted_at) FROM journal_lines")
+        first = await repository.balances_as_of(conn, twins[0], later)
+        second = await repository.balances_as_of(conn, twins[1], later)
+        assert [(r["debits_posted"], r["credits_posted"]) for r in first] == [(7, 0)]
+        assert [(r["debits_posted"], r["credits_posted"]) for r in second] == [(0, 7)]
+
+    on_fresh_database(admin_dsn, body)
+
+
 def test_apply_refuses_open_transaction(admin_dsn: str) -> None:
     """apply_migrations needs its own transactions, so an open one is refused."""
 
@@ -360,3 +415,36 @@ def test_migration_dataclass_is_frozen() -> None:
     migration = Migration(1, "x", "", "0" * 64)
     with pytest.raises(dataclasses.FrozenInstanceError):
         migration.version = 2  # type: ignore[misc]
+
+
+def test_revenue_schedule_tables_refuse_bad_rows(admin_dsn: str) -> None:
+    """Migration 0009: schedules bound periods to 1..120; an installment's k too; a journal id only
+    once posted; the due index serves the recognition run's query."""
+
+    async def body(conn: asyncpg.Connection, dsn: str) -> None:
+        await apply_migrations(conn)
+        await conn.execute(
+            "INSERT INTO invoices (invoice_id, principal, buyer, currency, status, subtotal, tax, total,"
+            " body, document_hash, request_hash) VALUES ('m9', 'svc', '{}', 'EUR', 'fulfilled', 10, 0, 10,"
+            " '{}', 'h', 'h')"
+        )
+        insert = (
+            'INSERT INTO revenue_schedules (invoice_id, method, periods, "interval", start_at, total)'
+            " VALUES ('m9', 'ratable', $1, 'month', now(), 10)"
+        )
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute(insert, 121)
+        await conn.execute(insert, 2)
+        row = (
+            "INSERT INTO revenue_installments (invoice_id, k, due_at, amount, journal_id)"
+            " VALUES ('m9', $1, now(), 5, $2)"
+        )
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute(row, 0, None)
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute(row, 1, "m9.recognise.1")  # a journal id but not posted
+        await conn.execute(row, 1, None)
+        indexes = {r["indexname"] for r in await conn.fetch("SELECT indexname FROM pg_indexes")}
+        assert "revenue_installments_due" in indexes
+
+    on_fresh_database(admin_dsn, body)

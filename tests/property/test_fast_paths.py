@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from actors.messages import ENCODER, CrossItem, PostItem, Result
 from api.audit_log import post_batch_payload
-from api.ledger_routes import BatchIn, batch_answer, decode_batch
+from api.ledger_routes import FX_PENDING, BatchIn, batch_answer, decode_batch
 from api.posting import COORDINATOR, Submission, destination, route
 from ledger.errors import ErrorCode, LedgerError, Rejection, validation_error
 from ledger.journal import (
@@ -28,14 +28,17 @@ from ledger.journal import (
     JournalIn,
     JournalWire,
     decode_journal,
+    has_fx_fields,
     journal_from_wire,
+    journal_in_of,
     rejection_from_msgspec,
+    validate_fields,
     validate_journal,
     validate_wire,
 )
 from ledger.money import INT64_MAX
 from sharding.slots import SlotMap, even_slot_map
-from signer.canonical import canonical, digest, request_hash
+from signer.canonical import canonical, digest, posted_body, posted_journal, request_hash
 
 GOOD_ACCOUNTS = [
     "asset:cash",
@@ -73,6 +76,12 @@ BAD_LINE_VALUES: dict[str, Any] = {
 }
 
 
+FX_VALUES: dict[str, list[Any]] = {
+    "fx_rate": ["0.92", "1", "1e5", "", None, 1.1],
+    "rate_ts": [*GOOD_TS, "yesterday", None, 5],
+}
+
+
 @st.composite
 def wire_line(draw: st.DrawFn, good: bool) -> dict[str, Any]:
     """One line as JSON: valid when `good`, else with one or two defects."""
@@ -84,6 +93,10 @@ def wire_line(draw: st.DrawFn, good: bool) -> dict[str, Any]:
     }
     if draw(st.booleans()):
         line["meta"] = draw(st.sampled_from([{}, {"z": 1, "a": [1, {"b": None}]}]))
+    if draw(st.integers(0, 5)) == 0:  # FX fields (D2): never the fast path
+        for name, values in FX_VALUES.items():
+            if draw(st.booleans()):
+                line[name] = draw(st.sampled_from(values))
     if good:
         return line
     for _ in range(draw(st.integers(1, 2))):
@@ -195,6 +208,8 @@ def fast(raw: bytes) -> Outcome:
     except msgspec.DecodeError:
         return detailed(raw)
     quick = journal_from_wire(wire)
+    if has_fx_fields(journal_in_of(wire).entries):
+        assert quick is None, "a journal with FX fields took the fast path"
     try:
         journal = validate_wire(wire)
     except Rejection as rejection:
@@ -209,7 +224,13 @@ def fast(raw: bytes) -> Outcome:
 def test_wire_path_agrees_with_the_detailed_path(doc: Any) -> None:
     """Same journal, or the same rejection code, message and details (field), through both paths."""
     raw = json.dumps(doc).encode()
-    assert fast(raw) == detailed(raw)
+    outcome = fast(raw)
+    assert outcome == detailed(raw)
+    if isinstance(outcome, Journal):  # the shard's stored body is the canonical form, byte for byte
+        stamp = "2026-11-22T08:00:00.000001Z"
+        assert posted_body(outcome, "j-1", "service:p", stamp) == canonical(
+            posted_journal(outcome, "j-1", "service:p", stamp)
+        )
 
 
 # -- a whole batch body ------------------------------------------------------------------------
@@ -231,6 +252,17 @@ def reference_decode_batch(body: bytes, who: str, key: str | None) -> list[Submi
             journal_in = msgspec.json.decode(raw, type=JournalIn)
         except msgspec.ValidationError as exc:
             subs.append(rejection_from_msgspec(exc, prefix=f"$.journals[{index}]"))
+            continue
+        if has_fx_fields(journal_in.entries):  # awaits D2 completion, once its fields are valid
+            try:
+                validate_fields(journal_in)
+            except Rejection as rejection:
+                field = rejection.details.get("field")
+                assert isinstance(field, str)
+                rejection.details["field"] = f"$.journals[{index}]" + field[1:]
+                subs.append(rejection)
+                continue
+            subs.append(FX_PENDING)
             continue
         try:
             journal = validate_journal(journal_in)
@@ -296,6 +328,8 @@ def test_decode_batch_agrees_with_the_journal_by_journal_decode(body: bytes, key
     }
     assert {i: journal_id for i, (_, journal_id) in batch.unbalanced.items()} == unbalanced
     assert all(batch.subs[i] is rejection for i, (rejection, _) in batch.unbalanced.items())
+    assert sorted(batch.fx) == [i for i, s in enumerate(expected) if s is FX_PENDING]
+    assert all(has_fx_fields(journal_in.entries) for journal_in in batch.fx.values())
 
 
 # -- routing -----------------------------------------------------------------------------------
@@ -436,3 +470,26 @@ def test_batch_answer_gives_the_same_bytes_counts_and_audit_payload(mixed: list[
     old_payload = {"journals": [{"journal_id": j, "hash": hashes.get(j)} for j in ids],
                    "rejected": len(results) - len(ids)}  # fmt: skip
     assert canonical(post_batch_payload(answer.posted, len(subs), answer.hashes)) == canonical(old_payload)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(wire_line(True), min_size=2, max_size=4), st.data())
+def test_fx_fields_never_take_the_fast_path(lines: list[dict[str, Any]], data: st.DataObject) -> None:
+    """A balanced, valid journal with `fx_rate` or `rate_ts` on any line: `journal_from_wire` answers
+    None and `validate_journal` refuses it naming the first FX field (the API completes it first)."""
+    for line in lines:
+        line["amount_cents"] = min(line["amount_cents"], 1000)  # the offsetting lines stay in int64
+    lines = data.draw(balanced(lines))
+    index = data.draw(st.integers(0, len(lines) - 1))
+    name = data.draw(st.sampled_from(["fx_rate", "rate_ts"]))
+    for line in lines:
+        line.pop("fx_rate", None)
+        line.pop("rate_ts", None)
+    lines[index][name] = "0.92" if name == "fx_rate" else GOOD_TS[0]
+    raw = json.dumps({"entries": lines}).encode()
+    wire = msgspec.json.decode(raw, type=JournalWire)
+    assert journal_from_wire(wire) is None
+    outcome = detailed(raw)
+    assert not isinstance(outcome, Journal)
+    assert outcome[0] == "VALIDATION_ERROR" and outcome[2]["field"] == f"$.entries[{index}].{name}"
+    assert fast(raw) == outcome

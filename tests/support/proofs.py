@@ -169,8 +169,8 @@ def journal_body(journal_id: str, number: int, posted_at: datetime, shards: list
     journal = PostedJournal(
         journal_id=journal_id,
         entries=[
-            PostedLine(accounts[0], "debit", amount, "USD", meta),
-            PostedLine(accounts[1], "credit", amount, "USD", {}),
+            PostedLine(account_id=accounts[0], side="debit", amount_cents=amount, currency="USD", meta=meta),
+            PostedLine(account_id=accounts[1], side="credit", amount_cents=amount, currency="USD", meta={}),
         ],
         context=context,
         ts=rfc3339(posted_at - timedelta(seconds=1)),

@@ -13,6 +13,7 @@ Endpoints: `POST /v1/refunds` (refunds a known payment intent; more than remains
 from __future__ import annotations
 
 import itertools
+import secrets
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ class StripeServer:
 
     def __init__(self, api_key: str = "sk_test_ledger") -> None:
         self.api_key = api_key
+        self.tag = secrets.token_hex(4)  # ids unique across servers, as Stripe's are (a shared node)
         self.state = StripeState()
         self.runner: web.AppRunner | None = None
         self.base = ""
@@ -105,7 +107,7 @@ class StripeServer:
 
     async def _intent(self, request: web.Request) -> web.Response:
         def make(p: dict[str, str]) -> Answer:
-            intent_id = f"pi_{next(self.state.ids)}"
+            intent_id = f"pi_{self.tag}{next(self.state.ids)}"
             intent = {"id": intent_id, "object": "payment_intent", "amount": int(p["amount"]),
                       "currency": p["currency"], "status": "succeeded", "refunded": 0}  # fmt: skip
             self.state.intents[intent_id] = intent
@@ -122,7 +124,7 @@ class StripeServer:
             if amount <= 0 or intent["refunded"] + amount > intent["amount"]:
                 return _error(400, "amount_too_large", "Refund amount exceeds what remains of the charge")
             intent["refunded"] += amount
-            refund_id = f"re_{next(self.state.ids)}"
+            refund_id = f"re_{self.tag}{next(self.state.ids)}"
             refund = {"id": refund_id, "object": "refund", "amount": amount, "currency": intent["currency"],
                       "payment_intent": intent["id"], "status": "succeeded"}  # fmt: skip
             self.state.refunds[refund_id] = refund
@@ -132,7 +134,7 @@ class StripeServer:
 
     async def _transfer(self, request: web.Request) -> web.Response:
         def make(p: dict[str, str]) -> Answer:
-            transfer_id = f"tr_{next(self.state.ids)}"
+            transfer_id = f"tr_{self.tag}{next(self.state.ids)}"
             transfer = {"id": transfer_id, "object": "transfer", "amount": int(p["amount"]),
                         "currency": p["currency"], "destination": p.get("destination")}  # fmt: skip
             self.state.transfers[transfer_id] = transfer

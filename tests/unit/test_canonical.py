@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from ledger.journal import Journal, JournalIn, LineIn, validate_journal
-from signer.canonical import HASH_ALG, canonical, digest, posted_journal, request_hash
+from signer.canonical import HASH_ALG, canonical, digest, posted_body, posted_journal, request_hash
 
 GOLDEN_BYTES = (
     b'{"context":{"batch":3,"order":"o-9"},"entries":[{"account_id":"asset:cash","amount_cents":12345,'
@@ -69,6 +69,9 @@ def test_golden_posted_journal_bytes_and_hash() -> None:
     posted = posted_journal(_journal(), "jrn-golden-1", "service:0123456789ab", "2024-05-01T12:00:01.000001Z")
     body = canonical(posted)
     assert body == GOLDEN_BYTES
+    assert (
+        posted_body(_journal(), "jrn-golden-1", "service:0123456789ab", "2024-05-01T12:00:01.000001Z") == body
+    )
     assert HASH_ALG == "sha256"
     assert digest(body).hex() == GOLDEN_SHA256
     assert hashlib.sha256(GOLDEN_BYTES).hexdigest() == GOLDEN_SHA256

@@ -13,6 +13,7 @@ import msgspec
 import pytest
 
 from finance.stripe_events import (
+    DisputeClosed,
     DisputeOpened,
     Ignored,
     InboxState,
@@ -50,10 +51,20 @@ def refunded(event_id: str, intent: str, refunds: list[tuple[str, int]]) -> byte
     return event(event_id, "charge.refunded", obj)
 
 
-def disputed(event_id: str, intent: str) -> bytes:
-    obj = {"id": "dp_1", "object": "dispute", "charge": "ch_1", "payment_intent": intent, "amount": 500,
-           "currency": "eur", "reason": "fraudulent"}  # fmt: skip
+def disputed(
+    event_id: str, intent: str, dispute: str = "dp_1", amount: int = 500, currency: str = "eur"
+) -> bytes:
+    obj = {"id": dispute, "object": "dispute", "charge": "ch_1", "payment_intent": intent, "amount": amount,
+           "currency": currency, "reason": "fraudulent", "status": "needs_response"}  # fmt: skip
     return event(event_id, "charge.dispute.created", obj)
+
+
+def dispute_closed(
+    event_id: str, intent: str, status: str, dispute: str = "dp_1", amount: int = 500, currency: str = "eur"
+) -> bytes:
+    obj = {"id": dispute, "object": "dispute", "charge": "ch_1", "payment_intent": intent, "amount": amount,
+           "currency": currency, "reason": "fraudulent", "status": status}  # fmt: skip
+    return event(event_id, "charge.dispute.closed", obj)
 
 
 def test_a_valid_delivery_decodes_into_typed_events() -> None:
@@ -143,3 +154,35 @@ def test_a_refund_before_its_payment_is_parked_then_applied_after_it() -> None:
     assert [type(a).__name__ for a in actions] == ["PaymentSucceeded", "Refunded", "DisputeOpened"]
     assert restored.state.parked == []
     assert _accept(restored, refunded("evt_r3", "pi_7", [("re_7", 300)])) == ("duplicate", [])
+
+
+@pytest.mark.parametrize(("status", "outcome"), [("won", "won"), ("warning_closed", "won"), ("lost", "lost")])
+def test_a_closed_dispute_decodes_with_what_the_ledger_does(status: str, outcome: str) -> None:
+    """Tried: charge.dispute.closed with Stripe's three closed statuses -> DisputeClosed whose
+    outcome is won (inquiry closed counts as won: the held money returns) or lost."""
+    body = dispute_closed("evt_c", "pi_c", status, dispute="dp_c", amount=700, currency="usd")
+    (closed,) = verify_event(body, sign(body), SECRET)
+    assert closed == DisputeClosed("evt_c", "pi_c", "dp_c", 700, "USD", outcome, status)
+
+
+def test_a_closed_dispute_with_an_open_status_is_a_validation_error() -> None:
+    """Tried: charge.dispute.closed whose status is not a closed one -> VALIDATION_ERROR (Stripe retries)."""
+    body = dispute_closed("evt_c2", "pi_c", "under_review")
+    with pytest.raises(LedgerError) as caught:
+        verify_event(body, sign(body), SECRET)
+    assert caught.value.code is ErrorCode.VALIDATION_ERROR
+
+
+def test_a_dispute_opens_once_and_closes_once_even_before_its_payment() -> None:
+    """Tried: a dispute's close and its opening arrive before the payment -> both parked (distinct
+    keys), released in arrival order after the payment; repeats of either (new event ids) -> duplicate."""
+    inbox = WebhookInbox()
+    assert _accept(inbox, dispute_closed("evt_x1", "pi_9", "lost")) == ("parked", [])
+    assert _accept(inbox, disputed("evt_x2", "pi_9")) == ("parked", [])
+    assert _accept(inbox, dispute_closed("evt_x3", "pi_9", "lost")) == ("duplicate", [])
+    outcome, actions = _accept(inbox, paid("evt_x4", "pi_9"))
+    assert outcome == "applied"
+    assert [type(a).__name__ for a in actions] == ["PaymentSucceeded", "DisputeClosed", "DisputeOpened"]
+    assert _accept(inbox, disputed("evt_x5", "pi_9")) == ("duplicate", [])
+    assert _accept(inbox, dispute_closed("evt_x6", "pi_9", "lost")) == ("duplicate", [])
+    assert inbox.state.applied >= {"dp_1", "dp_1:closed"}
