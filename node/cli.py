@@ -28,7 +28,7 @@ import asyncpg
 from actors.runtime import stop_ray
 from api.auth import TokenError
 from node import approve_cli, keys_cli, verify_cli
-from node.config import DEFAULT_DATA_DIR, TOKEN_FILE, NodeConfig
+from node.config import DEFAULT_DATA_DIR, TOKEN_FILE, ConfigError, NodeConfig
 from node.runtime import Node, StartupError
 from signer.keys import verify_signature
 from store.audit import verify_audit_chain
@@ -68,14 +68,18 @@ async def _serve(args: argparse.Namespace) -> int:
     if not 1 <= args.shards <= 1024:
         print("ledger-node: --shards must be between 1 and 1024", file=sys.stderr)
         return 2
-    config = NodeConfig.from_env(
-        host=args.host,
-        port=args.port,
-        shards=args.shards,
-        data_dir=args.data_dir,
-        ray_address=args.ray_address,
-        ray_num_cpus=args.ray_num_cpus,
-    )
+    try:
+        config = NodeConfig.from_env(
+            host=args.host,
+            port=args.port,
+            shards=args.shards,
+            data_dir=args.data_dir,
+            ray_address=args.ray_address,
+            ray_num_cpus=args.ray_num_cpus,
+        )
+    except ConfigError as exc:
+        print(f"ledger-node: cannot start: {exc}", file=sys.stderr)
+        return 2
     node = Node(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

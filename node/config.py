@@ -12,6 +12,24 @@ DEFAULT_DATA_DIR = Path(".ledger-data")
 TOKEN_FILE = "api-tokens"
 
 
+class ConfigError(ValueError):
+    """An environment variable holds a value the node cannot use; the message names it."""
+
+
+def env_seconds(name: str, default: float) -> float:
+    """A non-negative number of seconds from the environment (unset or empty: `default`)."""
+    text = os.environ.get(name) or ""
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise ConfigError(f"{name} must be a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
 @dataclass(slots=True)
 class NodeConfig:
     """Everything `ledger-node serve` needs to start."""
@@ -60,10 +78,10 @@ class NodeConfig:
             hash_alg=os.environ.get("LEDGER_HASH_ALG") or None,
             audit_wait=os.environ.get("LEDGER_AUDIT_WAIT", "0") == "1",
             base_currency=os.environ.get("LEDGER_BASE_CURRENCY") or "USD",
-            recognition_interval_s=float(os.environ.get("LEDGER_RECOGNITION_INTERVAL_S") or 60.0),
+            recognition_interval_s=env_seconds("LEDGER_RECOGNITION_INTERVAL_S", 60.0),
             multisig=os.environ.get("LEDGER_MULTISIG") or "3-of-5",
             approval_thresholds=os.environ.get("LEDGER_APPROVAL_THRESHOLDS", "journal=10000000"),
-            approval_ttl_s=float(os.environ.get("LEDGER_APPROVAL_TTL_S") or 7 * 24 * 3600.0),
+            approval_ttl_s=env_seconds("LEDGER_APPROVAL_TTL_S", 7 * 24 * 3600.0),
         )
         for name, value in overrides.items():
             if value is not None:

@@ -61,9 +61,25 @@ class Node:
         """Base URL of the HTTP API."""
         return f"http://{self.config.host}:{self.config.port}"
 
+    def _governance(self) -> GovernanceConfig:
+        """The multisig settings, checked (StartupError naming the variable)."""
+        config = self.config
+        try:
+            parse_policy(config.multisig)
+        except ValueError as exc:
+            raise StartupError(f"LEDGER_MULTISIG: {exc}") from None
+        try:
+            parse_thresholds(config.approval_thresholds)
+        except ValueError as exc:
+            raise StartupError(f"LEDGER_APPROVAL_THRESHOLDS: {exc}") from None
+        if config.approval_ttl_s <= 0:
+            raise StartupError("LEDGER_APPROVAL_TTL_S must be > 0")
+        return GovernanceConfig(config.multisig, config.approval_thresholds, config.approval_ttl_s)
+
     async def start(self) -> None:
         """Bring the whole node up; raise StartupError with a clear message on failure."""
         config = self.config
+        self._governance()  # refuse bad settings before anything starts
         auth = self._authenticator()
         self.dsn = config.database_url or self._start_embedded()
         self.pool = await repository.create_pool(self.dsn, 2, 8)
@@ -144,17 +160,7 @@ class Node:
 
     async def _serve_http(self) -> None:
         assert self.services is not None and self.audit is not None
-        governance = GovernanceConfig(
-            self.config.multisig, self.config.approval_thresholds, self.config.approval_ttl_s
-        )
-        try:
-            parse_policy(governance.policy)
-            parse_thresholds(governance.thresholds)
-        except ValueError as exc:
-            raise StartupError(f"LEDGER_MULTISIG / LEDGER_APPROVAL_THRESHOLDS: {exc}") from None
-        if governance.ttl_s <= 0:
-            raise StartupError("LEDGER_APPROVAL_TTL_S must be > 0")
-        app = create_app(self.services, governance)
+        app = create_app(self.services, self._governance())
         app[AUDIT_WRITER] = self.audit
         app[RECOGNITION_INTERVAL_S] = self.config.recognition_interval_s
         self.runner = web.AppRunner(app, access_log=None)

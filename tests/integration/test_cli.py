@@ -209,6 +209,33 @@ def test_serve_refuses_zero_shards(tmp_path: Path) -> None:
     assert not (tmp_path / "data").exists(), "nothing is started or written"
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("LEDGER_RECOGNITION_INTERVAL_S", "soon", "LEDGER_RECOGNITION_INTERVAL_S must be a number"),
+        ("LEDGER_APPROVAL_TTL_S", "-5", "LEDGER_APPROVAL_TTL_S must be a finite number"),
+        ("LEDGER_MULTISIG", "6-of-5", "LEDGER_MULTISIG"),
+        ("LEDGER_APPROVAL_THRESHOLDS", "journal=lots", "LEDGER_APPROVAL_THRESHOLDS"),
+    ],
+)
+def test_serve_with_a_malformed_setting_names_it_without_a_traceback(
+    tmp_path: Path, name: str, value: str, expected: str
+) -> None:
+    """Tried: a non-numeric recognition interval, a negative approval TTL, a 6-of-5 policy, a
+    non-integer threshold -> a clean non-zero exit naming the variable, no traceback, not serving."""
+    created = asyncio.run(create_database("ledger_cli"))
+    try:
+        env = {"DATABASE_URL": created, name: value}
+        result = run_cli("serve", "--port", "0", "--shards", "1", "--data-dir", str(tmp_path), env=env)
+    finally:
+        asyncio.run(drop_database(created))
+    output = result.stdout + result.stderr
+    assert result.returncode > 0, output
+    assert "Traceback" not in output
+    assert expected in result.stderr, output
+    assert "serving on" not in output
+
+
 def test_serve_with_malformed_tokens_says_so_without_a_traceback(tmp_path: Path) -> None:
     created = asyncio.run(create_database("ledger_cli"))
     try:
