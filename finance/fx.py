@@ -279,10 +279,18 @@ class Completion(msgspec.Struct, frozen=True):
     lines: tuple[FxLine, ...]
     added: tuple[FxLine, ...]
     residual_minor: int
+    base: str = ""
 
     def journal_lines(self) -> list[LineIn]:
-        """Every line of the completed journal, input lines first."""
-        return [line.line_in() for line in (*self.lines, *self.added)]
+        """Every line of the completed journal, input lines first; each foreign line with a rate
+        records its conversion in `meta` (`recorded_rate_meta`: rate, its time, base amount)."""
+        out: list[LineIn] = []
+        for line in (*self.lines, *self.added):
+            entry = line.line_in()
+            if self.base:
+                entry.meta = {**entry.meta, **recorded_rate_meta(line, self.base)}
+            out.append(entry)
+        return out
 
 
 def _signed_line(account_id: str, currency: str, signed: int) -> FxLine:
@@ -351,7 +359,7 @@ def complete_journal(lines: Sequence[FxLine], table: RateTable) -> Completion:
         else:
             rates.append(_node_rate(index, line, table))
     if not needs_completion:
-        return Completion(_with_rates(lines, rates), (), 0)
+        return Completion(_with_rates(lines, rates), (), 0, base)
     return complete_with_rates(lines, rates, base)
 
 
@@ -396,7 +404,7 @@ def complete_with_rates(lines: Sequence[FxLine], rates: Sequence[Rate | None], b
         added.append(_signed_line(FX_ROUNDING_ACCOUNT, base, -base_net))
     completed = _with_rates(lines, rates)
     check(not any(_net_by_currency((*completed, *added)).values()), "completed journal does not balance")
-    return Completion(completed, tuple(added), base_net)
+    return Completion(completed, tuple(added), base_net, base)
 
 
 def _net_by_currency(lines: Sequence[FxLine]) -> dict[str, int]:

@@ -178,6 +178,10 @@ def test_eur_invoice_paid_in_usd_realises_fx_gain(node: NodeHarness) -> None:
         assert net == {"USD": 0, "EUR": 0}
         ar = [e for e in posted["journal"]["entries"] if e["account_id"] == "asset:ar:fx-buyer"]
         assert [(e["side"], e["amount_cents"], e["currency"]) for e in ar] == [("credit", total, "EUR")]
+        # the foreign line records its conversion: the issue-time rate, its time and the base amount
+        meta = ar[0]["meta"]
+        assert (Fraction(meta["fx_rate"]), meta["base_currency"]) == (Fraction("0.9"), "USD")
+        assert meta["base_amount_cents"] == round(Fraction(total) / Fraction("0.9")) and meta["rate_ts"]
 
         view = expect_ok(await c.call("GET", "/finance/invoice/fx-inv-1", role="auditor"))
         assert (view["status"], view["amount_paid"]) == ("paid", converted)
