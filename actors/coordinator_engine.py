@@ -52,7 +52,7 @@ from ledger.timestamps import parse_rfc3339, rfc3339
 from sharding.twophase import CoordinatorTx, Decision, Phase, recovery_decision
 from signer.canonical import journal_digest, posted_body
 from store import repository
-from store.repository import COORDINATOR_STREAM, Existing, find_existing, hold_writer_lock
+from store.repository import COORDINATOR_STREAM, Existing, find_existing, hold_writer_lock, pg_microseconds
 from store.writer import JOURNAL_COLUMNS, JOURNALS_UNIQUE
 
 log = logging.getLogger(__name__)
@@ -438,13 +438,14 @@ class CoordinatorEngine:
                 await self._load_seq(conn)
             posted_at = self._stamp()
             stamp = rfc3339(posted_at)
+            posted_us = pg_microseconds(posted_at)  # what the rows carry (see store.repository)
             committing = [e for e in live if e.tx.proposal is Decision.COMMIT]
             records: list[tuple[Any, ...]] = []
             for seq, e in enumerate(committing, start=self.seq + 1):
                 item = e.item
                 body = posted_body(item.journal, item.journal_id, item.principal, stamp)
                 e.hash, e.posted_at = journal_digest(body, self.hash_alg), stamp
-                records.append((item.journal_id, COORDINATOR_STREAM, seq, posted_at, _effective(item),
+                records.append((item.journal_id, COORDINATOR_STREAM, seq, posted_us, _effective(item),
                                 item.principal, item.idem_key, item.request_hash, item.journal.reverses,
                                 e.hash, None, body))  # fmt: skip
             self.seq_known = False

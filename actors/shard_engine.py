@@ -46,6 +46,7 @@ from signer.canonical import journal_digest, posted_body
 from signer.merkle import root as merkle_root
 from signer.statements import batch_statement
 from store import repository
+from store.repository import pg_microseconds
 from store.writer import BatchRows, DuplicateJournals, PartsAlreadyApplied, commit_batch
 
 log = logging.getLogger(__name__)
@@ -435,6 +436,7 @@ class ShardEngine:
         rows = BatchRows(self.shard_id)
         posted_at = self._stamp()
         stamp = rfc3339(posted_at)
+        posted_us = pg_microseconds(posted_at)  # what the rows carry (see store.repository)
         seq, head = self.seq, self.head_hash
         first_seq = seq + 1
         leaves: list[bytes] = []
@@ -454,7 +456,7 @@ class ShardEngine:
             seq += 1
             body = posted_body(item.journal, item.journal_id, item.principal, stamp)
             hashed = journal_digest(body, self.hash_alg)
-            self._add_journal(rows, item, seq, posted_at, body, hashed, head)
+            self._add_journal(rows, item, seq, posted_us, body, hashed, head)
             leaves.append(hashed)
             head = hashed
             accepted.append((pending, hashed))
@@ -464,6 +466,7 @@ class ShardEngine:
             part_time = parse_rfc3339(part.posted_at)
             check(part_time is not None, "decision carries a malformed posted_at")
             assert part_time is not None
+            part_us = pg_microseconds(part_time)
             rows.l_seq.append(seq)
             rows.l_journal_id.append(part.txid)
             rows.l_hash.append(part.hash)
@@ -473,7 +476,7 @@ class ShardEngine:
             for line in part.lines:
                 rows.lines.append(
                     (part.txid, line.line_no, self.shard_id, line.account_id, line.currency,
-                     "D" if line.is_debit else "C", line.amount, part_time, True)
+                     "D" if line.is_debit else "C", line.amount, part_us, True)
                 )  # fmt: skip
         self._add_deltas(rows, staging)
         if leaves and self.signer is not None:
@@ -514,13 +517,13 @@ class ShardEngine:
         return (batch_seq, first_seq, last_seq, body, root, signature, kid, signed_at)
 
     def _add_journal(
-        self, rows: BatchRows, item: PostItem, seq: int, posted_at: datetime, body: bytes, hashed: bytes,
+        self, rows: BatchRows, item: PostItem, seq: int, posted_us: int, body: bytes, hashed: bytes,
         prev: bytes | None,
     ) -> None:  # fmt: skip
         journal = item.journal
         rows.j_id.append(item.journal_id)
         rows.j_seq.append(seq)
-        rows.j_posted_at.append(posted_at)
+        rows.j_posted_at.append(posted_us)
         rows.j_effective_at.append(parse_rfc3339(journal.effective_at) if journal.effective_at else None)
         rows.j_principal.append(item.principal)
         rows.j_idem_key.append(item.idem_key)
@@ -532,7 +535,7 @@ class ShardEngine:
         for line in journal.lines:
             rows.lines.append(
                 (item.journal_id, line.line_no, self.shard_id, line.account_id, line.currency,
-                 "D" if line.is_debit else "C", line.amount, posted_at, False)
+                 "D" if line.is_debit else "C", line.amount, posted_us, False)
             )  # fmt: skip
 
     @staticmethod

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
 
 import asyncpg
 
@@ -31,10 +31,59 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """
 
 
+PG_EPOCH: Final = datetime(2000, 1, 1, tzinfo=UTC)
+_MICROSECOND: Final = timedelta(microseconds=1)
+_INFINITY_US: Final = 2**63 - 1
+
+
+def pg_microseconds(moment: datetime) -> int:
+    """A `timestamptz` as PostgreSQL stores it: microseconds since 2000-01-01 UTC.
+
+    Pooled connections take these integers wherever a `timestamptz` goes (see
+    `_encode_timestamptz`); the group commit passes one per journal and per line instead of a
+    datetime, which asyncpg's own encoder converts at about 1 us each (a third of a shard's
+    COPY cost, measured by a 20,000-row COPY: 1.1-1.3 us per datetime, 0.2 us per integer).
+    A naive datetime is local time, as asyncpg's own encoder reads it.
+    """
+    if moment.tzinfo is None:
+        moment = moment.astimezone(UTC)
+    return (moment - PG_EPOCH) // _MICROSECOND
+
+
+def _encode_timestamptz(value: datetime | int) -> tuple[int]:
+    return (value,) if isinstance(value, int) else (pg_microseconds(value),)
+
+
+def _decode_timestamptz(value: tuple[int]) -> datetime:
+    """The same aware UTC datetime asyncpg's decoder gives (infinity: datetime.max / min)."""
+    (micros,) = value
+    if micros == _INFINITY_US:
+        return datetime.max.replace(tzinfo=UTC)
+    if micros == -_INFINITY_US - 1:
+        return datetime.min.replace(tzinfo=UTC)
+    return PG_EPOCH + timedelta(microseconds=micros)
+
+
+async def _setup_connection(conn: asyncpg.Connection) -> None:
+    """Every pooled connection: `timestamptz` in its binary form (integers accepted, see above)."""
+    await conn.set_type_codec(
+        "timestamptz",
+        schema="pg_catalog",
+        encoder=_encode_timestamptz,
+        decoder=_decode_timestamptz,
+        format="tuple",
+    )
+
+
 async def create_pool(dsn: str, min_size: int, max_size: int) -> asyncpg.Pool:
-    """An asyncpg pool with the node's session settings."""
+    """An asyncpg pool with the node's session settings and `timestamptz` codec."""
     return await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, server_settings=SERVER_SETTINGS, reset=_keep_session
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        server_settings=SERVER_SETTINGS,
+        reset=_keep_session,
+        init=_setup_connection,
     )
 
 

@@ -52,7 +52,7 @@ class BatchRows:
     # journals (single-shard, stream = this shard)
     j_id: list[str] = field(default_factory=list)
     j_seq: list[int] = field(default_factory=list)
-    j_posted_at: list[datetime] = field(default_factory=list)
+    j_posted_at: list[datetime | int] = field(default_factory=list)  # int: `pg_microseconds`
     j_effective_at: list[datetime | None] = field(default_factory=list)
     j_principal: list[str] = field(default_factory=list)
     j_idem_key: list[str | None] = field(default_factory=list)
@@ -67,7 +67,7 @@ class BatchRows:
     l_hash: list[bytes] = field(default_factory=list)
     l_prev_hash: list[bytes | None] = field(default_factory=list)
     # lines: (journal_id, line_no, shard_id, account_id, currency, side, amount, posted_at, cross)
-    lines: list[tuple[str, int, int, str, str, str, int, datetime, bool]] = field(default_factory=list)
+    lines: list[tuple[str, int, int, str, str, str, int, datetime | int, bool]] = field(default_factory=list)
     # accounts created on first use: (account_id, type, slot)
     accounts: list[tuple[str, str, int]] = field(default_factory=list)
     # summed deltas: (account_id, currency, slot, debits, credits), sorted before writing
