@@ -52,6 +52,20 @@ class DecideItem(msgspec.Struct, frozen=True, array_like=True):
     posted_at: str
 
 
+class HoldItem(msgspec.Struct, frozen=True, array_like=True):
+    """A hold call for the owning shard: create (with the journal held), post (with the lines to
+    post, each at most its held line) or void. `request_hash` identifies the call for replays."""
+
+    kind: str  # "create" | "post" | "void"
+    hold_id: str
+    principal: str
+    idem_key: str | None
+    request_hash: bytes
+    journal: Journal | None = None
+    lines: tuple[Line, ...] = ()
+    expires_at: str | None = None
+
+
 class Result(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, gc=False):
     """Outcome of one journal: ok with posted_at, or an error code with message and details."""
 
@@ -69,6 +83,8 @@ POST_ITEMS: Final = msgspec.msgpack.Decoder(list[PostItem])
 CROSS_ITEMS: Final = msgspec.msgpack.Decoder(list[CrossItem])
 PREPARE_ITEMS: Final = msgspec.msgpack.Decoder(list[PrepareItem])
 DECIDE_ITEMS: Final = msgspec.msgpack.Decoder(list[DecideItem])
+HOLD_ITEMS: Final = msgspec.msgpack.Decoder(list[HoldItem])
+JOURNAL: Final = msgspec.msgpack.Decoder(Journal)
 RESULTS: Final = msgspec.msgpack.Decoder(list[Result])
 ACKS: Final = msgspec.msgpack.Decoder(list[bool])
 # A coordinator call item by item: each item's msgpack bytes (kept for the `xtx` log), then decoded.

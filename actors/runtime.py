@@ -73,6 +73,9 @@ class RayShard:
     async def create_account(self, account_id: str, no_negative: bool, split: bool = False) -> bytes:
         return await self.handle.create_account.remote(account_id, no_negative, split)  # type: ignore[no-any-return]
 
+    async def hold(self, payload: bytes) -> bytes:
+        return await self.handle.hold.remote(payload)  # type: ignore[no-any-return]
+
     async def status(self) -> dict[str, Any]:
         return await self.handle.status.remote()  # type: ignore[no-any-return]
 

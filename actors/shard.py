@@ -81,6 +81,10 @@ class ShardActor:
         await self.lazy.ready(self.engine.start)
         return await self.engine.create_account(account_id, no_negative, split)
 
+    async def hold(self, payload: bytes) -> bytes:
+        await self.lazy.ready(self.engine.start)
+        return await self.engine.hold(payload)
+
     async def status(self) -> dict[str, Any]:
         await self.lazy.ready(self.engine.start)
         return self.engine.status()

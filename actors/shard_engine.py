@@ -27,6 +27,7 @@ from actors.messages import (
     CROSS_ITEMS,
     DECIDE_ITEMS,
     ENCODER,
+    HOLD_ITEMS,
     POST_ITEMS,
     PREPARE_ITEMS,
     DecideItem,
@@ -35,6 +36,7 @@ from actors.messages import (
     Result,
 )
 from actors.ports import SignerPort
+from actors.shard_holds import ShardHolds
 from ledger.accounts import AccountType, account_type_of
 from ledger.book import Book, Staging
 from ledger.errors import ErrorCode
@@ -137,6 +139,9 @@ class ShardEngine:
         self.loop_task: asyncio.Task[None] | None = None
         self.sweep_task: asyncio.Task[None] | None = None
         self.sweep_every_s = 30.0
+        self.holds = ShardHolds(self)
+        self.expiry_task: asyncio.Task[None] | None = None
+        self.expiry_every_s = 0.25
         self.committed_journals = 0
         self.batches = 0
 
@@ -164,13 +169,15 @@ class ShardEngine:
                 (item,) = CROSS_ITEMS.decode(row["request"])
                 lines = item.parts.get(self.shard_id, ())
                 self.book.reserve(item.journal_id, lines, force=True)
+            await self.holds.load(conn)
         self.loop_task = asyncio.create_task(self._run(), name=f"shard-{self.shard_id}")
         self.sweep_task = asyncio.create_task(self._sweep_loop(), name=f"shard-{self.shard_id}-sweep")
+        self.expiry_task = asyncio.create_task(self._expiry_loop(), name=f"shard-{self.shard_id}-expiry")
         log.info("shard %s started: %s accounts, seq %s", self.shard_id, len(self.book.accounts), self.seq)
 
     async def close(self) -> None:
         """Stop the loop and the pool."""
-        for task in (self.sweep_task, self.loop_task):
+        for task in (self.expiry_task, self.sweep_task, self.loop_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -203,6 +210,10 @@ class ShardEngine:
         """Create an account explicitly with its policy; a `Result` (journal_id = account_id)."""
         return ENCODER.encode(await self._submit("account", [(account_id, no_negative, split)]))
 
+    async def hold(self, payload: bytes) -> bytes:
+        """Hold calls (create, post, void); msgpack list of `Result` in order (see shard_holds)."""
+        return ENCODER.encode(await self._submit("hold", HOLD_ITEMS.decode(payload)))
+
     def status(self) -> dict[str, Any]:
         """Queue depth and counters for /ready and /metrics."""
         return {
@@ -213,6 +224,7 @@ class ShardEngine:
             "journals": self.committed_journals,
             "batches": self.batches,
             "reservations": len(self.book.reservations),
+            "holds": len(self.holds.open),
         }
 
     # -- the loop --------------------------------------------------------------------------
@@ -243,9 +255,15 @@ class ShardEngine:
     async def _process(self, work: list[_Work]) -> None:
         answers: list[list[Any]] = [[None] * len(w.items) for w in work]
         batch = _Batch()
+        if self.holds.due(self.clock()):  # once per round: expired holds are never counted as held
+            await self._expire_holds()
         for w_index, entry in enumerate(work):
             if entry.kind == "prepare":
                 answers[w_index] = [self._prepare_one(p) for p in entry.items]
+            elif entry.kind == "hold":
+                answers[w_index] = [await self.holds.handle(item) for item in entry.items]
+            elif entry.kind == "expire":
+                answers[w_index] = [0]
             elif entry.kind == "sweep":
                 answers[w_index] = [await self._sweep()]
             elif entry.kind == "account":
@@ -275,6 +293,19 @@ class ShardEngine:
             await asyncio.sleep(self.sweep_every_s)
             with contextlib.suppress(Exception):
                 await self._submit("sweep", [None])
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.expiry_every_s)
+            if self.holds.due(self.clock()):
+                with contextlib.suppress(Exception):
+                    await self._submit("expire", [None])
+
+    async def _expire_holds(self) -> None:
+        try:
+            await self.holds.expire_due()
+        except Exception:  # retried next round; meanwhile the hold stays counted (the safe side)
+            log.exception("shard %s: expiring holds failed", self.shard_id)
 
     async def _sweep(self) -> int:
         """Release reservations whose transaction is finished in the log (see twophase.stale_reservations)."""

@@ -15,8 +15,10 @@ from api import (
     audit_log,
     finance_routes,
     fx_routes,
+    hold_routes,
     ledger_routes,
     proof_routes,
+    royalty_routes,
     tax_routes,
 )
 from api.auth import PRINCIPAL, PUBLIC, Role, require
@@ -124,6 +126,7 @@ def create_app(svc: Services, governance: approval_routes.GovernanceConfig | Non
     roles: dict[Any, frozenset[Role]] = {}
     routes = [
         *SYSTEM_ROUTES,
+        *hold_routes.ROUTES,
         *ledger_routes.ROUTES,
         *proof_routes.ROUTES,
         *audit_log.ROUTES,
@@ -132,6 +135,7 @@ def create_app(svc: Services, governance: approval_routes.GovernanceConfig | Non
         *fx_routes.ROUTES,
         *approval_routes.ROUTES,
         *tax_routes.ROUTES,
+        *royalty_routes.ROUTES,
     ]
     for method, path, handler, allowed in routes:
         app.router.add_route(method, path, handler)

@@ -245,6 +245,12 @@ class Poster:
     def _split_shard_of(self, account_id: str) -> int:
         return ANY if account_id in self.split else self.slot_map.shard_of(account_id)
 
+    def shard_of_lines(self, journal_id: str, lines: tuple[Line, ...]) -> int | None:
+        """The one shard that books these lines (split accounts follow the others), or None
+        when they span shards (holds use it; postings go through `route`)."""
+        shard, parts = place(lines, self._split_shard_of, self.slot_map.shard_of(journal_id))
+        return None if parts is not None else shard
+
     def destination(self, journal: Journal) -> dict[int, tuple[Line, ...]]:
         """Lines per shard (the common case, every line on one shard, builds no lists)."""
         return destination(journal, self.slot_map.shard_of)

@@ -13,6 +13,8 @@ an ambiguous colon. `docs/accounting.md` explains what each account holds and wh
 | `tax_payable`               | `liability:tax-payable:{JURISDICTION}`    | liability | credit      |
 | `customer_credit`           | `liability:customer-credit:{buyer}`       | liability | credit      |
 | `royalties_payable`         | `liability:royalties-payable:{payee}`     | liability | credit      |
+| `royalty_payable`           | `liability:royalty:{participant}`         | liability | credit      |
+| `royalty_holdback`          | `liability:royalty-holdback:{participant}`| liability | credit      |
 | `revenue`                   | `revenue:sales:{sku}`                     | revenue   | credit      |
 | `platform_fees`             | `revenue:platform-fees:{sku}`             | revenue   | credit      |
 | `refunds_contra`            | `revenue:refunds:{sku}` (contra revenue)  | revenue   | debit (contra) |
@@ -82,6 +84,20 @@ def customer_credit(buyer_id: str) -> str:
 def royalties_payable(payee: str) -> str:
     """Royalties accrued to a creator / rights holder and not yet paid out."""
     return _account(f"liability:royalties-payable:{check_segment(payee, 'payee')}", AccountType.LIABILITY)
+
+
+def royalty_payable(participant_id: str) -> str:
+    """Royalties accrued to a participant and payable (finance/royalties.py), not yet paid out."""
+    return _account(
+        f"liability:royalty:{check_segment(participant_id, 'participant_id')}", AccountType.LIABILITY
+    )
+
+
+def royalty_holdback(participant_id: str) -> str:
+    """The held-back part of a participant's accrued royalties, until its release date."""
+    return _account(
+        f"liability:royalty-holdback:{check_segment(participant_id, 'participant_id')}", AccountType.LIABILITY
+    )
 
 
 def revenue(sku: str) -> str:

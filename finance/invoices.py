@@ -25,7 +25,7 @@ from typing import Any, Final
 
 import msgspec
 
-from finance import chart, recognition
+from finance import chart, recognition, royalties
 from finance.money import allocate_proportional, apply_rate_bp, divide_half_even, format_rate_percent
 from finance.recognition import Policy, Schedule
 from finance.tax import BuyerLocation, Seller, TaxEvidence, TaxRules, load_rules
@@ -98,13 +98,15 @@ class InvalidState(Rejection):
         super().__init__(ErrorCode.INVALID_STATE, message, details)
 
 
-class LineItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A line as the client sends it (the seeds' names)."""
+class LineItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """A line as the client sends it (the seeds' names); `contract` (optional) names the royalty
+    contract whose rule applies to the line's SKU instead of the SKU's rule (finance/royalties.py)."""
 
     sku: str
     qty: int
     unit_price: int
     tax_code: str
+    contract: str | None = None
 
 
 class Buyer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -122,8 +124,8 @@ class Buyer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return BuyerLocation(self.country, self.region, self.address, self.vat_id, self.ip_country)
 
 
-class PricedLine(msgspec.Struct, frozen=True):
-    """A line with its net, tax and the tax decision's evidence."""
+class PricedLine(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A line with its net, tax and the tax decision's evidence (and its royalty `contract`, if any)."""
 
     sku: str
     qty: int
@@ -136,6 +138,7 @@ class PricedLine(msgspec.Struct, frozen=True):
     reverse_charge: bool
     rule_id: str
     evidence: TaxEvidence
+    contract: str | None = None
 
 
 class TaxBreakdownRow(msgspec.Struct, frozen=True):
@@ -276,6 +279,7 @@ def price_line(index: int, item: LineItem, buyer: Buyer, seller: Seller, rules: 
         decision.reverse_charge,
         decision.rule_id,
         decision.evidence,
+        item.contract,
     )
 
 
@@ -318,6 +322,7 @@ def create_invoice(
         raise validation_error(
             f"an invoice has 1 to {LINE_ITEMS_MAX} line items, got {len(items)}", "$.line_items"
         )
+    royalties.check_contracts([(item.sku, item.contract) for item in items])
     lines = tuple(price_line(i, item, buyer, seller, rules) for i, item in enumerate(items))
     subtotal = sum(line.net for line in lines)
     tax = sum(line.tax for line in lines)

@@ -30,7 +30,7 @@ from typing import Any, Final, Protocol
 import asyncpg
 import msgspec
 
-from finance import chart, fx, invoices, recognition
+from finance import chart, fx, invoices, recognition, royalties
 from finance.invoices import Buyer, Invoice, InvoiceStatus, LineItem, LineRefund, Step
 from finance.recognition import Policy
 from finance.stripe_events import (
@@ -51,11 +51,11 @@ from finance.stripe_gateway import PermanentProviderError, StripeGateway, Transi
 from finance.tax import Seller, TaxRules, load_rules
 from ledger.errors import ErrorCode, LedgerError, Rejection, validation_error
 from ledger.invariants import check
-from ledger.journal import JOURNAL_ID_PATTERN, Journal, JournalIn, validate_journal
+from ledger.journal import JOURNAL_ID_PATTERN, LINES_MAX, Journal, JournalIn, validate_journal
 from ledger.money import fits_int64, is_currency
 from ledger.timestamps import rfc3339
 from signer.canonical import canonical, request_hash
-from store import finance_repo, fx_repo, recognition_repo, repository
+from store import finance_repo, fx_repo, recognition_repo, repository, royalty_repo
 from store.finance_repo import InvoiceRow
 
 REFERENCE_MAX: Final = 200
@@ -456,6 +456,76 @@ def _reversing(body: dict[str, Any], invoice_id: str) -> dict[str, Any]:
     return {**body, "reverses": issue_journal_id(invoice_id)}
 
 
+class AccrualPlan(msgspec.Struct, frozen=True):
+    """What a recognition journal accrues for one SKU under one rule version."""
+
+    sku: str
+    rule: royalties.Rule
+    revenue: int
+    platform_fee: int
+    accruals: tuple[royalties.Accrual, ...]
+
+
+def _missing(resource: str, resource_id: str) -> LedgerError:
+    return LedgerError(
+        ErrorCode.NOT_FOUND, f"no {resource} {resource_id}", {"resource": resource, "id": resource_id}
+    )
+
+
+def _rule_of(record: asyncpg.Record) -> royalties.Rule:
+    terms = msgspec.json.decode(record["body"], type=royalties.Terms)
+    return royalties.Rule(record["rule_id"], record["version"], terms)
+
+
+def rule_view(rule: royalties.Rule) -> dict[str, Any]:
+    """A rule version as the API shows it."""
+    terms = rule.terms
+    return {
+        "rule_id": rule.rule_id,
+        "version": rule.version,
+        terms.subject: terms.key,
+        "effective_from": rfc3339(terms.effective_from),
+        "splits": [{"participant_id": s.participant_id, "share_bp": s.share_bp} for s in terms.splits],
+        "platform_fee_bp": terms.platform_fee_bp,
+        "holdback_bp": terms.holdback_bp,
+        "holdback_days": terms.holdback_days,
+        "holdback_release_at": _iso(terms.holdback_release_at),
+    }
+
+
+def participant_view(row: asyncpg.Record) -> dict[str, Any]:
+    """A participant as the API shows it."""
+    minimum = None
+    if row["minimum_currency"] is not None:
+        minimum = {"currency": row["minimum_currency"], "amount": row["minimum_amount"]}
+    return {
+        "participant_id": row["participant_id"],
+        "name": row["name"],
+        "stripe_account": row["stripe_account"],
+        "minimum_payout": minimum,
+        "created_at": rfc3339(row["created_at"]),
+    }
+
+
+def accrual_view(row: asyncpg.Record) -> dict[str, Any]:
+    """One accrual row of a participant statement."""
+    return {
+        "invoice_id": row["invoice_id"],
+        "sku": row["sku"],
+        "rule_id": row["rule_id"],
+        "rule_version": row["rule_version"],
+        "installment": row["installment"],
+        "currency": row["currency"],
+        "revenue": row["revenue"],
+        "amount": row["amount"],
+        "holdback": row["holdback"],
+        "payable": row["amount"] - row["holdback"],
+        "holdback_release_at": _iso(row["holdback_release_at"]),
+        "posted_at": rfc3339(row["posted_at"]),
+        "journal_id": row["journal_id"],
+    }
+
+
 class FinanceService:
     """Invoices and payments: persisted rows plus journals posted through the ledger."""
 
@@ -571,13 +641,17 @@ class FinanceService:
             invoice, row = await self._load(invoice_id, invoices.STEP_SOURCES[name][1])
             step = function(invoice)
             journal_id = None
+            plans: list[AccrualPlan] = []
             if step.journal is not None:
                 body = step.journal
                 if name == "issue":
                     body = {**body, "context": {**body["context"], "invoice_hash": row["document_hash"]}}
+                if name == "fulfil":
+                    body, plans = await self._with_royalties(invoice, row, body)
                 journal_id = await self._post(body, f"{invoice_id}.{suffix}", principal)
-            async with self.pool.acquire() as conn:
+            async with self.pool.acquire() as conn, conn.transaction():
                 await self._store(conn, row, step.invoice, journal_id)
+                await self._record_accruals(conn, invoice, plans, journal_id, None)
         return await self.view(invoice_id), journal_id
 
     # -- revenue recognition ---------------------------------------------------------------------
@@ -656,14 +730,17 @@ class FinanceService:
             return None
         step = invoices.recognise(invoice, k, self.clock())
         journal_id = None
+        plans: list[AccrualPlan] = []
         if step.journal is not None:
-            journal_id = await self._post(step.journal, recognition.journal_id(invoice_id, k), principal)
+            body, plans = await self._with_royalties(invoice, row, step.journal)
+            journal_id = await self._post(body, recognition.journal_id(invoice_id, k), principal)
         after = step.invoice.schedule
         assert after is not None  # for mypy; recognise keeps the schedule
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 await self._store(conn, row, step.invoice, journal_id)
                 await recognition_repo.sync_installments(conn, invoice_id, _installment_rows(after))
+                await self._record_accruals(conn, invoice, plans, journal_id, k)
         except Rejection as exc:
             if exc.details.get("reason") == "concurrent change":
                 return None  # another node stored it (the journal id made its posting a replay)
@@ -677,6 +754,197 @@ class FinanceService:
             "amounts": dict(zip(after.skus, installment.amounts, strict=True)),
             "journal_id": journal_id,
             "status": str(step.invoice.status),
+        }
+
+    # -- royalties (finance/royalties.py, migration 0013) ------------------------------------------
+    async def _rule_for(
+        self, conn: asyncpg.Connection, invoice: Invoice, issued_at: datetime | None, sku: str
+    ) -> asyncpg.Record | None:
+        """The rule version a SKU of the invoice accrues under: the version it already accrued
+        under, else the contract's (if its lines carry one and it has a rule in force), else the
+        SKU's, in force at the invoice's issue time."""
+        pinned = await royalty_repo.accrued_rule(conn, invoice.invoice_id, sku)
+        if pinned is not None or issued_at is None:
+            return pinned
+        contract = royalties.contract_of(invoice.lines, sku)
+        if contract is not None:
+            found = await royalty_repo.rule_in_force(conn, "contract", contract, issued_at)
+            if found is not None:
+                return found
+        return await royalty_repo.rule_in_force(conn, "sku", sku, issued_at)
+
+    async def _with_royalties(
+        self, invoice: Invoice, row: asyncpg.Record, body: dict[str, Any]
+    ) -> tuple[dict[str, Any], list[AccrualPlan]]:
+        """The recognition journal `body` plus the royalty accrual lines of every SKU it recognises
+        that has a rule; and what to record once it is posted."""
+        plans: list[AccrualPlan] = []
+        entries = list(body["entries"])
+        async with self.pool.acquire() as conn:
+            for sku, revenue in royalties.recognised_by_sku(body).items():
+                record = await self._rule_for(conn, invoice, row["issued_at"], sku)
+                if record is None:
+                    continue
+                rule = _rule_of(record)
+                accruals, fee = royalties.accrue(revenue, rule.terms)
+                entries += royalties.accrual_entries(sku, accruals, invoice.currency)
+                plans.append(AccrualPlan(sku, rule, revenue, fee, tuple(accruals)))
+        if len(entries) > LINES_MAX:
+            raise validation_error(
+                f"royalty accrual would exceed a journal's {LINES_MAX} lines",
+                "$.invoiceId",
+                lines=len(entries),
+            )
+        return {**body, "entries": entries}, plans
+
+    async def _record_accruals(
+        self,
+        conn: asyncpg.Connection,
+        invoice: Invoice,
+        plans: list[AccrualPlan],
+        journal_id: str | None,
+        installment: int | None,
+    ) -> None:
+        """Store what a posted journal accrued (inside the caller's transaction)."""
+        if not plans or journal_id is None:
+            return
+        posted_at = await royalty_repo.journal_posted_at(conn, journal_id) or self.clock()
+        rows = [
+            (
+                journal_id,
+                invoice.invoice_id,
+                plan.sku,
+                a.participant_id,
+                plan.rule.rule_id,
+                plan.rule.version,
+                installment,
+                invoice.currency,
+                plan.revenue,
+                a.amount,
+                a.holdback,
+                royalties.release_at(plan.rule.terms, posted_at) if a.holdback else None,
+                posted_at,
+            )
+            for plan in plans
+            for a in plan.accruals
+        ]
+        await royalty_repo.insert_accruals(conn, rows)
+
+    async def create_participant(
+        self, request: royalties.ParticipantRequest, principal: str
+    ) -> tuple[dict[str, Any], bool]:
+        """`POST /finance/participants`: (view, created); an exact replay answers the stored one."""
+        royalties.check_participant(request)
+        minimum = request.minimum_payout
+        digest = request_digest(request)
+        values = {
+            "participant_id": request.participant_id,
+            "name": request.name,
+            "stripe_account": request.stripe_account,
+            "minimum_currency": None if minimum is None else minimum.currency,
+            "minimum_amount": None if minimum is None else minimum.amount,
+            "request_hash": digest,
+            "principal": principal,
+        }
+        async with self.pool.acquire() as conn:
+            created = await royalty_repo.insert_participant(conn, values)
+            row = await royalty_repo.participant(conn, request.participant_id)
+        check(row is not None, "participant missing right after its insert")
+        assert row is not None  # for mypy; checked just above
+        if not created and row["request_hash"] != digest:
+            raise Rejection(
+                ErrorCode.IDEMPOTENCY_CONFLICT,
+                "participant id already used with a different payload",
+                {"participant_id": request.participant_id},
+            )
+        return participant_view(row), created
+
+    async def participant(self, participant_id: str) -> dict[str, Any]:
+        """`GET /finance/participants/{id}`; 404 NOT_FOUND."""
+        async with self.pool.acquire() as conn:
+            row = await royalty_repo.participant(conn, participant_id)
+        if row is None:
+            raise _missing("participant", participant_id)
+        return participant_view(row)
+
+    async def create_rule(
+        self, request: royalties.RuleRequest, principal: str
+    ) -> tuple[dict[str, Any], bool]:
+        """`POST /finance/royalty_rules`: a new version of the SKU's or contract's rule; (view,
+        created). Without `rule_id` the id derives from the payload, so a resend is a replay."""
+        if request.rule_id is not None:
+            chart.check_segment(request.rule_id, "$.rule_id")
+        ids = [s.participant_id for s in request.splits]
+        async with self.pool.acquire() as conn:
+            known = await royalty_repo.existing_participants(conn, ids)
+        terms = royalties.validate(request, known)
+        rule_id = request.rule_id or "rr-" + request_digest(request)[:32]
+        digest = request_digest(msgspec.structs.replace(request, rule_id=rule_id))
+        values = {
+            "rule_id": rule_id,
+            "subject": terms.subject,
+            "subject_key": terms.key,
+            "effective_from": terms.effective_from,
+            "body": msgspec.json.encode(terms).decode(),
+            "request_hash": digest,
+            "principal": principal,
+        }
+        async with self.pool.acquire() as conn, conn.transaction():
+            created = await royalty_repo.insert_rule(conn, values)
+            row = await royalty_repo.rule(conn, rule_id)
+        check(row is not None, "rule missing right after its insert")
+        assert row is not None  # for mypy; checked just above
+        if not created and row["request_hash"] != digest:
+            raise Rejection(
+                ErrorCode.IDEMPOTENCY_CONFLICT,
+                "rule id already used with a different payload",
+                {"rule_id": rule_id},
+            )
+        return rule_view(_rule_of(row)), created
+
+    async def rule_in_force(self, subject: str, key: str, at: datetime) -> dict[str, Any]:
+        """`GET /finance/royalty_rules?sku=|contract=&at=`: the version in force; 404 NOT_FOUND."""
+        async with self.pool.acquire() as conn:
+            row = await royalty_repo.rule_in_force(conn, subject, key, at)
+        if row is None:
+            raise _missing("royalty_rule", f"{subject}:{key}")
+        return rule_view(_rule_of(row))
+
+    async def statement(
+        self, participant_id: str, start: datetime | None, end: datetime | None
+    ) -> dict[str, Any]:
+        """`GET /finance/participants/{id}/statement`: accruals with `start <= posted_at < end` and
+        the current ledger balances of the participant's payable and holdback accounts."""
+        accounts = {
+            "payable": chart.royalty_payable(participant_id),
+            "holdback": chart.royalty_holdback(participant_id),
+        }
+        async with self.pool.acquire() as conn:
+            if await royalty_repo.participant(conn, participant_id) is None:
+                raise _missing("participant", participant_id)
+            rows = await royalty_repo.participant_accruals(conn, participant_id, start, end)
+            balances = {name: await repository.balances_now(conn, a) for name, a in accounts.items()}
+        totals: dict[str, dict[str, int]] = {}
+        for r in rows:
+            total = totals.setdefault(r["currency"], {"accrued": 0, "holdback": 0})
+            total["accrued"] += r["amount"]
+            total["holdback"] += r["holdback"]
+        return {
+            "participant_id": participant_id,
+            "from": _iso(start),
+            "to": _iso(end),
+            "accruals": [accrual_view(r) for r in rows],
+            "totals": [{"currency": c, **t} for c, t in sorted(totals.items())],
+            "balances": {
+                name: {
+                    "account_id": accounts[name],
+                    "balances": [
+                        {"currency": b["currency"], "balance": b["credits_posted"] - b["debits_posted"]}
+                        for b in found
+                    ],
+                }
+                for name, found in balances.items()
+            },
         }
 
     async def create(

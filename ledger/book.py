@@ -5,6 +5,12 @@ The book is the single writer's view of its accounts. Postings go through a `Sta
 the journals staged before it, then added. When the batch is durable, `apply()` merges it;
 if the batch fails, the staging is dropped and the book is untouched.
 
+Holds (pending amounts, REQUIREMENTS L6) live in the pending columns: `hold` checks a hold's
+lines like a posting and stages them as pending deltas; posting a hold (`stage_hold_post`)
+releases its pending amounts and stages the posted (possibly smaller) ones; voiding or expiry
+(`stage_hold_release`) only releases. Pending amounts that would reduce a guarded balance are
+unavailable to other postings, exactly like reservations.
+
 Cross-shard journals reserve their part first (`reserve`), which makes the amounts that
 reduce a guarded balance unavailable to other postings until the coordinator's decision
 commits (`stage_reserved`) or releases (`release`) them.
@@ -69,6 +75,7 @@ class Staging:
     deltas: dict[BalanceKey, list[int]] = field(default_factory=dict)
     new_accounts: dict[str, AccountType] = field(default_factory=dict)
     released: list[str] = field(default_factory=list)
+    pending: dict[BalanceKey, list[int]] = field(default_factory=dict)
 
     def add(self, line: Line) -> None:
         """Add one line's amount to the posted deltas."""
@@ -76,6 +83,13 @@ class Staging:
         if delta is None:
             delta = self.deltas[(line.account_id, line.currency)] = [0, 0]
         delta[0 if line.is_debit else 1] += line.amount
+
+    def add_pending(self, line: Line, sign: int) -> None:
+        """Add (sign 1) or release (sign -1) one line's amount in the pending deltas."""
+        delta = self.pending.get((line.account_id, line.currency))
+        if delta is None:
+            delta = self.pending[(line.account_id, line.currency)] = [0, 0]
+        delta[0 if line.is_debit else 1] += sign * line.amount
 
 
 class AccountsView(Mapping[str, AccountInfo]):
@@ -278,6 +292,10 @@ class Book:
         if exclude is not None:
             reserved = self._without(key, reserved, exclude)
         held = list(reserved)
+        if staging is not None and staging.pending:
+            extra = staging.pending.get(key)
+            if extra is not None:
+                held = [held[0] + extra[0], held[1] + extra[1]]
         reducing = vector[CPEND] + held[1] if account_type.debit_normal else vector[DPEND] + held[0]
         return normal_balance(account_type, debits, credits) - reducing
 
@@ -345,8 +363,44 @@ class Book:
             check(posted_debits >= 0 and posted_credits >= 0, f"negative posted totals for {key}")
             check(max(posted_debits, posted_credits) <= INT64_MAX, f"posted totals overflow for {key}")
             self._dp[slot], self._cp[slot] = posted_debits, posted_credits
+        for key, (debits, credits) in staging.pending.items():
+            slot = self._slot(key)
+            if slot < 0:
+                slot = self._new_slot(key)
+            pending_debits, pending_credits = self._dpend[slot] + debits, self._cpend[slot] + credits
+            check(pending_debits >= 0 and pending_credits >= 0, f"negative pending totals for {key}")
+            check(max(pending_debits, pending_credits) <= INT64_MAX, f"pending totals overflow for {key}")
+            self._dpend[slot], self._cpend[slot] = pending_debits, pending_credits
         for txid in staging.released:
             self.release(txid)
+
+    # -- holds (pending amounts) ---------------------------------------------------------------
+    def hold(self, lines: tuple[Line, ...], staging: Staging) -> Rejection | None:
+        """Check a hold's lines like a posting; stage them as pending if they pass."""
+        rejection = self.shortfall(lines, staging)
+        if rejection is not None:
+            return rejection
+        self._ensure_accounts(lines, staging)
+        for line in lines:
+            staging.add_pending(line, 1)
+        return None
+
+    def stage_hold_post(self, held: tuple[Line, ...], posted: tuple[Line, ...], staging: Staging) -> None:
+        """Release a hold's pending amounts and stage the posted ones (each at most the held line)."""
+        check(len(held) == len(posted), "a posted hold has one line per held line")
+        for was, now in zip(held, posted, strict=True):
+            check(
+                (was.account_id, was.currency, was.side) == (now.account_id, now.currency, now.side)
+                and 0 < now.amount <= was.amount,
+                f"posted line {now.line_no} exceeds or differs from its held line",
+            )
+            staging.add_pending(was, -1)
+            staging.add(now)
+
+    def stage_hold_release(self, held: tuple[Line, ...], staging: Staging) -> None:
+        """Release a hold's pending amounts (void or expiry)."""
+        for line in held:
+            staging.add_pending(line, -1)
 
     # -- cross-shard parts -------------------------------------------------------------------
     def reserve(self, txid: str, lines: tuple[Line, ...], force: bool = False) -> Rejection | None:

@@ -3,7 +3,9 @@
 Recomputes every balance from the stored journal lines and compares it with the stored
 balances; checks that every journal balances per currency (cross-shard ones across all
 their parts), that every journal has lines, that no line is stored twice, and that each
-shard's chain links hash to hash. Returns the list of problems; empty means the ledger is
+shard's chain links hash to hash, and that the pending columns of balances equal the sum
+of the open holds' lines (a hold past its expiry stays pending until its shard voids it).
+Returns the list of problems; empty means the ledger is
 coherent.
 """
 
@@ -84,6 +86,25 @@ SELECT currency, sum(debits_posted) - sum(credits_posted) AS net FROM balances
 """
 
 
+_PENDING_DIFF = """
+WITH held AS (
+    SELECT l.account_id, l.currency,
+           COALESCE(sum(l.amount) FILTER (WHERE l.side = 'D'), 0)::bigint AS debits,
+           COALESCE(sum(l.amount) FILTER (WHERE l.side = 'C'), 0)::bigint AS credits
+      FROM hold_lines l JOIN holds h ON h.hold_id = l.hold_id
+     WHERE h.state = 'pending'
+     GROUP BY l.account_id, l.currency
+)
+SELECT COALESCE(h.account_id, b.account_id) AS account_id, COALESCE(h.currency, b.currency) AS currency,
+       COALESCE(h.debits, 0) AS held_debits, COALESCE(h.credits, 0) AS held_credits,
+       COALESCE(b.debits_pending, 0) AS stored_debits, COALESCE(b.credits_pending, 0) AS stored_credits
+  FROM held h FULL JOIN balances b ON b.account_id = h.account_id AND b.currency = h.currency
+ WHERE COALESCE(h.debits, 0) <> COALESCE(b.debits_pending, 0)
+    OR COALESCE(h.credits, 0) <> COALESCE(b.credits_pending, 0)
+ ORDER BY 1, 2
+"""
+
+
 async def run_check(conn: asyncpg.Connection, *, include_open: bool = False) -> list[Problem]:
     """Every inconsistency in the stored ledger. Open cross-shard transactions are skipped unless asked."""
     problems: list[Problem] = []
@@ -94,6 +115,16 @@ async def run_check(conn: asyncpg.Connection, *, include_open: bool = False) -> 
                 "balance_mismatch",
                 f"{r['account_id']} {r['currency']}",
                 f"lines debits/credits {r['line_debits']}/{r['line_credits']} vs stored "
+                f"{r['stored_debits']}/{r['stored_credits']}",
+            )
+        )
+    holds = await conn.fetchval("SELECT to_regclass('holds') IS NOT NULL")  # before migration 0014: none
+    for r in await conn.fetch(_PENDING_DIFF) if holds else []:
+        problems.append(
+            Problem(
+                "pending_mismatch",
+                f"{r['account_id']} {r['currency']}",
+                f"open holds debits/credits {r['held_debits']}/{r['held_credits']} vs stored pending "
                 f"{r['stored_debits']}/{r['stored_credits']}",
             )
         )

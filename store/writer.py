@@ -161,19 +161,23 @@ _LINE_COLUMNS = (
 )
 
 
-async def commit_batch(conn: asyncpg.Connection, rows: BatchRows) -> None:
+After = Callable[[asyncpg.Connection], Awaitable[None]]
+
+
+async def commit_batch(conn: asyncpg.Connection, rows: BatchRows, after: After | None = None) -> None:
     """Write one batch in one transaction; raise DuplicateJournals / PartsAlreadyApplied on conflict.
 
-    Nothing of the batch is written when either is raised.
+    Nothing of the batch is written when either is raised. `after` (holds only, never the posting
+    path) runs last inside the same transaction.
     """
     try:
-        await _write_batch(conn, rows, _copy_journals)
+        await _write_batch(conn, rows, _copy_journals, after)
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name not in JOURNALS_UNIQUE:
             raise
         # Some journal already exists (or appears twice): the COPY rolled back. The INSERT finds
         # out which, and raises DuplicateJournals for them.
-        await _write_batch(conn, rows, _insert_journals)
+        await _write_batch(conn, rows, _insert_journals, after)
 
 
 async def _copy_journals(conn: asyncpg.Connection, rows: BatchRows) -> None:
@@ -194,6 +198,7 @@ async def _write_batch(
     conn: asyncpg.Connection,
     rows: BatchRows,
     write_journals: Callable[[asyncpg.Connection, BatchRows], Awaitable[None]],
+    after: After | None = None,
 ) -> None:
     """The batch's transaction, with its journal rows written by `write_journals`."""
     async with conn.transaction():
@@ -225,3 +230,5 @@ async def _write_batch(
                 [d[3] for d in deltas],
                 [d[4] for d in deltas],
             )
+        if after is not None:
+            await after(conn)

@@ -77,6 +77,9 @@ class _DelayedShard:
     async def create_account(self, account_id: str, no_negative: bool, split: bool = False) -> bytes:
         return await self.engine.create_account(account_id, no_negative, split)
 
+    async def hold(self, payload: bytes) -> bytes:
+        return await self.engine.hold(payload)
+
     async def status(self) -> dict[str, Any]:
         return self.engine.status()
 

@@ -16,6 +16,7 @@ OPEN = ["asset:cash", "equity:cap", "liability:u1", "expense:e1"]
 ACCOUNTS = GUARDED + OPEN
 CURRENCIES = ["USD", "EUR"]
 TXIDS = [f"tx{i}" for i in range(5)]
+HOLDS = [f"hold{i}" for i in range(5)]
 
 Key = tuple[str, str]
 
@@ -53,6 +54,8 @@ class BookMachine(RuleBasedStateMachine):
             self.book.load_account(account, account_type, True)
         self.posted: dict[Key, list[int]] = {}
         self.reservations: dict[str, tuple[Line, ...]] = {}
+        self.holds: dict[str, tuple[Line, ...]] = {}  # open holds
+        self.closed: dict[str, str] = {}  # hold id -> "posted" | "voided" (never both)
 
     # -- the model ---------------------------------------------------------------------------
     def _normal(self, key: Key, extra: dict[Key, list[int]]) -> int:
@@ -63,10 +66,11 @@ class BookMachine(RuleBasedStateMachine):
         return normal_balance(account_type, debits + more[0], credits + more[1])
 
     def _reserved_reducing(self, key: Key, exclude: str | None = None) -> int:
+        held = [lines for txid, lines in self.reservations.items() if txid != exclude]
+        held.extend(self.holds.values())  # pending amounts of open holds count like reservations
         return sum(
             line.amount
-            for txid, lines in self.reservations.items()
-            if txid != exclude
+            for lines in held
             for line in lines
             if (line.account_id, line.currency) == key and _reduces(line)
         )
@@ -167,12 +171,68 @@ class BookMachine(RuleBasedStateMachine):
             pair[0] += debits
             pair[1] += credits
 
+    @rule(hold_id=st.sampled_from(HOLDS), lines=moves())
+    def create_hold(self, hold_id: str, lines: tuple[Line, ...]) -> None:
+        """A hold is checked like a posting and, if it fits, becomes pending (a new id only)."""
+        if hold_id in self.holds or hold_id in self.closed:
+            return
+        expected_ok = self._fits(lines, {})
+        staging = Staging()
+        rejection = self.book.hold(lines, staging)
+        if not expected_ok:
+            assert rejection is not None and rejection.code == ErrorCode.INSUFFICIENT_FUNDS
+            return
+        assert rejection is None, rejection.message
+        self.book.apply(staging)
+        self.holds[hold_id] = lines
+
+    @rule(hold_id=st.sampled_from(HOLDS), share=st.integers(min_value=1, max_value=100))
+    def post_hold(self, hold_id: str, share: int) -> None:
+        """Post an open hold with `share`% of its amount (at least 1): posted, the rest released."""
+        held = self.holds.get(hold_id)
+        if held is None:
+            return
+        amount = max(1, held[0].amount * share // 100)
+        posted = tuple(_line(x.line_no, x.account_id, x.side, amount, x.currency) for x in held)
+        staging = Staging()
+        self.book.stage_hold_post(held, posted, staging)
+        self.book.apply(staging)
+        del self.holds[hold_id]
+        self.closed[hold_id] = "posted"
+        staged: dict[Key, list[int]] = {}
+        self._add(staged, posted)
+        for key, (debits, credits) in staged.items():
+            pair = self.posted.setdefault(key, [0, 0])
+            pair[0] += debits
+            pair[1] += credits
+
+    @rule(hold_id=st.sampled_from(HOLDS))
+    def void_hold(self, hold_id: str) -> None:
+        """Void (or expire) an open hold: its pending amounts are released, nothing posted."""
+        held = self.holds.get(hold_id)
+        if held is None:
+            return
+        staging = Staging()
+        self.book.stage_hold_release(held, staging)
+        self.book.apply(staging)
+        del self.holds[hold_id]
+        self.closed[hold_id] = "voided"
+
     # -- invariants --------------------------------------------------------------------------
     @invariant()
     def posted_balances_match_the_model(self) -> None:
-        """The book's posted debits/credits equal the model's; nothing is pending."""
-        assert {k: v[:2] for k, v in self.book.balances.items()} == self.posted
-        assert all(v[2:] == [0, 0] for v in self.book.balances.values())
+        """The book's posted debits/credits equal the model's; pending = the open holds' lines."""
+        assert {k: v[:2] for k, v in self.book.balances.items() if v[:2] != [0, 0]} == {
+            k: v for k, v in self.posted.items() if v != [0, 0]
+        }
+        pending: dict[Key, list[int]] = {}
+        self._add(pending, tuple(line for lines in self.holds.values() for line in lines))
+        assert {k: v[2:] for k, v in self.book.balances.items() if v[2:] != [0, 0]} == pending
+
+    @invariant()
+    def a_hold_is_open_or_closed_once(self) -> None:
+        """A hold id is open or closed (posted or voided), never both."""
+        assert not set(self.holds) & set(self.closed)
 
     @invariant()
     def guarded_accounts_never_below_zero(self) -> None:

@@ -1,0 +1,133 @@
+"""Royalty participants, rule versions and accruals in PostgreSQL (migration 0013).
+
+Rows only: the accrual journals go through the ledger and balances are never written here. Rule
+versions are inserted, never updated; `insert_rule` numbers the version per subject under a
+transaction-level advisory lock so concurrent writers of one subject never collide.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+
+async def insert_participant(conn: asyncpg.Connection, values: dict[str, Any]) -> bool:
+    """Insert a participant; False when the id is taken (the caller compares `request_hash`)."""
+    status = await conn.execute(
+        "INSERT INTO royalty_participants (participant_id, name, stripe_account, minimum_currency,"
+        " minimum_amount, request_hash, principal) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        " ON CONFLICT (participant_id) DO NOTHING",
+        values["participant_id"],
+        values["name"],
+        values["stripe_account"],
+        values["minimum_currency"],
+        values["minimum_amount"],
+        values["request_hash"],
+        values["principal"],
+    )
+    return bool(status == "INSERT 0 1")
+
+
+async def participant(conn: asyncpg.Connection, participant_id: str) -> asyncpg.Record | None:
+    """The participant row, or None."""
+    return await conn.fetchrow("SELECT * FROM royalty_participants WHERE participant_id = $1", participant_id)
+
+
+async def existing_participants(conn: asyncpg.Connection, ids: list[str]) -> set[str]:
+    """Which of `ids` are participants."""
+    rows = await conn.fetch(
+        "SELECT participant_id FROM royalty_participants WHERE participant_id = ANY($1::text[])", ids
+    )
+    return {r["participant_id"] for r in rows}
+
+
+async def rule(conn: asyncpg.Connection, rule_id: str) -> asyncpg.Record | None:
+    """One rule version by id, or None."""
+    return await conn.fetchrow("SELECT * FROM royalty_rules WHERE rule_id = $1", rule_id)
+
+
+async def insert_rule(conn: asyncpg.Connection, values: dict[str, Any]) -> bool:
+    """Insert a new version of the subject's rule (inside the caller's transaction); False when
+    `rule_id` is taken."""
+    subject, key = values["subject"], values["subject_key"]
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('royalty_rules:' || $1 || ':' || $2))", subject, key
+    )
+    if await conn.fetchval("SELECT 1 FROM royalty_rules WHERE rule_id = $1", values["rule_id"]):
+        return False
+    version = await conn.fetchval(
+        "SELECT COALESCE(max(version), 0) + 1 FROM royalty_rules WHERE subject = $1 AND subject_key = $2",
+        subject,
+        key,
+    )
+    await conn.execute(
+        "INSERT INTO royalty_rules (rule_id, subject, subject_key, version, effective_from, body,"
+        " request_hash, principal) VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8)",
+        values["rule_id"],
+        subject,
+        key,
+        version,
+        values["effective_from"],
+        values["body"],
+        values["request_hash"],
+        values["principal"],
+    )
+    return True
+
+
+async def rule_in_force(
+    conn: asyncpg.Connection, subject: str, key: str, at: datetime
+) -> asyncpg.Record | None:
+    """The subject's version in force at `at`: latest `effective_from <= at`, ties to the higher version."""
+    return await conn.fetchrow(
+        "SELECT * FROM royalty_rules WHERE subject = $1 AND subject_key = $2 AND effective_from <= $3"
+        " ORDER BY effective_from DESC, version DESC LIMIT 1",
+        subject,
+        key,
+        at,
+    )
+
+
+async def accrued_rule(conn: asyncpg.Connection, invoice_id: str, sku: str) -> asyncpg.Record | None:
+    """The rule version an invoice already accrued a SKU under (its earlier installments), or None."""
+    return await conn.fetchrow(
+        "SELECT r.* FROM royalty_accruals a JOIN royalty_rules r USING (rule_id)"
+        " WHERE a.invoice_id = $1 AND a.sku = $2 LIMIT 1",
+        invoice_id,
+        sku,
+    )
+
+
+async def insert_accruals(conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Record accrual rows (journal_id, invoice_id, sku, participant_id, rule_id, rule_version,
+    installment, currency, revenue, amount, holdback, holdback_release_at, posted_at); a replay of
+    the same journal inserts nothing."""
+    await conn.executemany(
+        "INSERT INTO royalty_accruals (journal_id, invoice_id, sku, participant_id, rule_id, rule_version,"
+        " installment, currency, revenue, amount, holdback, holdback_release_at, posted_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+        " ON CONFLICT (journal_id, sku, participant_id) DO NOTHING",
+        rows,
+    )
+
+
+async def participant_accruals(
+    conn: asyncpg.Connection, participant_id: str, start: datetime | None, end: datetime | None
+) -> list[asyncpg.Record]:
+    """A participant's accruals with `start <= posted_at < end` (either bound optional), oldest first."""
+    return await conn.fetch(
+        "SELECT * FROM royalty_accruals WHERE participant_id = $1"
+        " AND ($2::timestamptz IS NULL OR posted_at >= $2) AND ($3::timestamptz IS NULL OR posted_at < $3)"
+        " ORDER BY posted_at, journal_id, sku",
+        participant_id,
+        start,
+        end,
+    )
+
+
+async def journal_posted_at(conn: asyncpg.Connection, journal_id: str) -> datetime | None:
+    """The ledger's commit time of a journal (DECISIONS D3), or None."""
+    value = await conn.fetchval("SELECT posted_at FROM journals WHERE journal_id = $1", journal_id)
+    return value if isinstance(value, datetime) else None
