@@ -17,6 +17,7 @@ from api import (
     fx_routes,
     hold_routes,
     ledger_routes,
+    payout_routes,
     proof_routes,
     royalty_routes,
     tax_routes,
@@ -136,6 +137,7 @@ def create_app(svc: Services, governance: approval_routes.GovernanceConfig | Non
         *approval_routes.ROUTES,
         *tax_routes.ROUTES,
         *royalty_routes.ROUTES,
+        *payout_routes.ROUTES,
     ]
     for method, path, handler, allowed in routes:
         app.router.add_route(method, path, handler)
@@ -143,5 +145,6 @@ def create_app(svc: Services, governance: approval_routes.GovernanceConfig | Non
     app[ROLES] = roles
     finance_routes.install(app)
     approval_routes.install(app, governance or approval_routes.GovernanceConfig())
+    payout_routes.install(app)
     app.on_cleanup.append(proof_routes.shutdown)
     return app

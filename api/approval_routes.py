@@ -51,7 +51,7 @@ class GovernanceConfig:
     """`LEDGER_MULTISIG` (m-of-n), `LEDGER_APPROVAL_THRESHOLDS`, `LEDGER_APPROVAL_TTL_S`."""
 
     policy: str = "3-of-5"
-    thresholds: str = "journal=10000000"
+    thresholds: str = "journal=10000000,payout_batch=10000000,payout=5000000"
     ttl_s: float = 7 * 24 * 3600.0
 
 

@@ -12,13 +12,14 @@ the same key) and `PermanentProviderError` (4xx: the request itself is wrong; re
 from __future__ import annotations
 
 import os
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 import stripe
 
 DEFAULT_API_BASE: Final = "https://api.stripe.com"
 NETWORK_RETRIES: Final = 2
+TIMEOUT_S: Final = 80.0
 
 
 class ProviderError(Exception):
@@ -43,13 +44,37 @@ class RefundResult(msgspec.Struct, frozen=True):
     status: str
 
 
+class TransferResult(msgspec.Struct, frozen=True):
+    """A Connect transfer to a connected account as the provider recorded it."""
+
+    transfer_id: str
+    destination: str
+    amount: int
+    currency: str
+
+
+def _classify(exc: Exception) -> ProviderError:
+    """Transient (network, timeout, 429, 5xx) or permanent (other 4xx) provider error."""
+    if isinstance(exc, (stripe.APIConnectionError, stripe.RateLimitError)):
+        return TransientProviderError(f"{type(exc).__name__}: {exc.user_message or exc}")
+    if isinstance(exc, stripe.StripeError):
+        status = exc.http_status or 0
+        kind = TransientProviderError if status >= 500 else PermanentProviderError
+        return kind(f"{type(exc).__name__} ({status}): {exc.user_message or exc}")
+    return TransientProviderError(f"{type(exc).__name__}: {exc}")
+
+
 class StripeGateway:
-    """The provider calls the finance flows make (refunds now; transfers with payouts)."""
+    """The provider calls the finance flows make: refunds, and Connect transfers for payouts."""
 
     def __init__(
-        self, api_key: str, api_base: str = DEFAULT_API_BASE, network_retries: int = NETWORK_RETRIES
+        self,
+        api_key: str,
+        api_base: str = DEFAULT_API_BASE,
+        network_retries: int = NETWORK_RETRIES,
+        timeout_s: float = TIMEOUT_S,
     ):
-        self.http = stripe.AIOHTTPClient()
+        self.http = stripe.AIOHTTPClient(timeout=timeout_s)
         self.client = stripe.StripeClient(
             api_key,
             base_addresses={"api": api_base},
@@ -58,12 +83,15 @@ class StripeGateway:
         )
 
     @classmethod
-    def from_env(cls) -> StripeGateway | None:
+    def from_env(
+        cls, network_retries: int = NETWORK_RETRIES, timeout_s: float = TIMEOUT_S
+    ) -> StripeGateway | None:
         """From `STRIPE_API_KEY` and `STRIPE_API_BASE`; None without a key (no outbound calls configured)."""
         key = os.environ.get("STRIPE_API_KEY")
         if not key:
             return None
-        return cls(key, os.environ.get("STRIPE_API_BASE") or DEFAULT_API_BASE)
+        base = os.environ.get("STRIPE_API_BASE") or DEFAULT_API_BASE
+        return cls(key, base, network_retries=network_retries, timeout_s=timeout_s)
 
     async def refund(self, payment_intent: str, amount: int, idempotency_key: str) -> RefundResult:
         """Refund `amount` minor units of a payment intent; the same key always names the same refund."""
@@ -84,6 +112,30 @@ class StripeGateway:
             int(refund.amount),
             str(refund.currency).upper(),
             str(refund.status),
+        )
+
+    async def transfer(
+        self,
+        destination: str,
+        amount: int,
+        currency: str,
+        idempotency_key: str,
+        metadata: dict[str, str] | None = None,
+    ) -> TransferResult:
+        """A Connect transfer of `amount` minor units to a connected account; the same key always
+        names the same transfer (a retry after a timeout answers the first one)."""
+        params: dict[str, Any] = {"destination": destination, "amount": amount, "currency": currency.lower()}
+        if metadata:
+            params["metadata"] = metadata
+        try:
+            transfer = await self.client.v1.transfers.create_async(
+                params=params,  # type: ignore[arg-type]
+                options={"idempotency_key": idempotency_key},
+            )
+        except Exception as exc:
+            raise _classify(exc) from exc
+        return TransferResult(
+            str(transfer.id), str(transfer.destination), int(transfer.amount), str(transfer.currency).upper()
         )
 
     async def close(self) -> None:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 DEFAULT_DATA_DIR = Path(".ledger-data")
 TOKEN_FILE = "api-tokens"
+APPROVAL_THRESHOLDS_DEFAULT = "journal=10000000,payout_batch=10000000,payout=5000000"
+"""Gated kinds and their thresholds (minor units of the base currency) unless LEDGER_APPROVAL_THRESHOLDS."""
 
 
 class ConfigError(ValueError):
@@ -60,7 +62,7 @@ class NodeConfig:
     # LEDGER_APPROVAL_THRESHOLDS (kind=minor units of the base currency at or above which an action
     # waits for approvals), LEDGER_APPROVAL_TTL_S (how long an action may wait; default 7 days).
     multisig: str = "3-of-5"
-    approval_thresholds: str = "journal=10000000"
+    approval_thresholds: str = APPROVAL_THRESHOLDS_DEFAULT
     approval_ttl_s: float = 7 * 24 * 3600.0
 
     @classmethod
@@ -80,7 +82,7 @@ class NodeConfig:
             base_currency=os.environ.get("LEDGER_BASE_CURRENCY") or "USD",
             recognition_interval_s=env_seconds("LEDGER_RECOGNITION_INTERVAL_S", 60.0),
             multisig=os.environ.get("LEDGER_MULTISIG") or "3-of-5",
-            approval_thresholds=os.environ.get("LEDGER_APPROVAL_THRESHOLDS", "journal=10000000"),
+            approval_thresholds=os.environ.get("LEDGER_APPROVAL_THRESHOLDS", APPROVAL_THRESHOLDS_DEFAULT),
             approval_ttl_s=env_seconds("LEDGER_APPROVAL_TTL_S", 7 * 24 * 3600.0),
         )
         for name, value in overrides.items():

@@ -4,7 +4,8 @@ The real API is unreachable here, so tests point the official `stripe` SDK at th
 (`STRIPE_API_BASE`). It speaks what the SDK sends: form-encoded bodies, Bearer keys, the
 `Idempotency-Key` header (a repeated key answers the first response, as Stripe does; the same key
 with different parameters is a 400 `idempotency_error`), and Stripe's error envelope. Tests can
-make the next calls fail (`fail_next`) with a status to exercise retries and error classes.
+make the next calls fail (`fail_next`) with a status to exercise retries and error classes, or
+answer late after applying them (`delay_next`: a client timeout that loses the answer).
 
 Endpoints: `POST /v1/refunds` (refunds a known payment intent; more than remains -> 400
 `charge_already_refunded`-style error), `POST /v1/payment_intents` (test setup), `POST /v1/transfers`.
@@ -12,6 +13,7 @@ Endpoints: `POST /v1/refunds` (refunds a known payment intent; more than remains
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import secrets
 import socket
@@ -38,6 +40,7 @@ class StripeState:
     seen_keys: dict[str, tuple[str, dict[str, str], Answer]] = field(default_factory=dict)
     calls: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     failures: list[int] = field(default_factory=list)
+    delays: list[float] = field(default_factory=list)
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
 
@@ -54,6 +57,11 @@ class StripeServer:
     def fail_next(self, *statuses: int) -> None:
         """The next calls answer these HTTP statuses (e.g. 500, 429), one each, before working again."""
         self.state.failures.extend(statuses)
+
+    def delay_next(self, *seconds: float) -> None:
+        """The next calls are processed, then answered only after these delays (a client that
+        times out has lost the answer of a request the provider did apply)."""
+        self.state.delays.extend(seconds)
 
     async def start(self) -> StripeServer:
         app = web.Application()
@@ -89,6 +97,8 @@ class StripeServer:
         """Authenticate, apply injected failures, then answer once per idempotency key."""
         params, failed = await self._guard(request)
         answer = failed if failed is not None else self._idempotent(request, params, make)
+        if failed is None and self.state.delays:
+            await asyncio.sleep(self.state.delays.pop(0))
         return web.json_response(answer[1], status=answer[0])
 
     def _idempotent(
@@ -134,6 +144,10 @@ class StripeServer:
 
     async def _transfer(self, request: web.Request) -> web.Response:
         def make(p: dict[str, str]) -> Answer:
+            if not p.get("destination", "").startswith("acct_"):
+                return _error(400, "resource_missing", f"No such destination: {p.get('destination')}")
+            if p["destination"].startswith("acct_closed"):
+                return _error(400, "account_closed", "The destination account cannot receive transfers")
             transfer_id = f"tr_{self.tag}{next(self.state.ids)}"
             transfer = {"id": transfer_id, "object": "transfer", "amount": int(p["amount"]),
                         "currency": p["currency"], "destination": p.get("destination")}  # fmt: skip
