@@ -167,7 +167,7 @@ class CoordinatorEngine:
         """Connect, load the stream position, start the round loop and the recovery loop."""
         self.lock_conn = await hold_writer_lock(self.dsn, COORDINATOR_STREAM)
         # Each round holds at most one connection at a time; one more for the recovery pass.
-        self.pool = await repository.create_pool(self.dsn, 2, self.rounds_max + 2)
+        self.pool = await repository.create_pool(self.dsn, 2, self.rounds_max + 2, writer=True)
         async with self.pool.acquire() as conn:
             await self._load_seq(conn)
         self.tasks = [

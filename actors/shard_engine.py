@@ -149,7 +149,7 @@ class ShardEngine:
     async def start(self) -> None:
         """Connect, rebuild the book from PostgreSQL, re-reserve in-doubt parts, start the loop."""
         self.lock_conn = await repository.hold_writer_lock(self.dsn, self.shard_id)
-        self.pool = await repository.create_pool(self.dsn, 2, 3)
+        self.pool = await repository.create_pool(self.dsn, 2, 3, writer=True)
         async with self.pool.acquire() as conn:
             # Streamed in chunks: holding every record at once would leave ~235 B/account of
             # freed heap behind in the actor (docs/benchmarks.md, target 5).

@@ -17,7 +17,11 @@ COORDINATOR_STREAM = -1
 # PostgreSQL switches a prepared statement to a generic plan after five runs; a generic plan
 # made while the ledger tables were still empty (sequential scans) stays in use until
 # autoanalyze invalidates it, which made fresh nodes 10-30x slower for minutes.
-SERVER_SETTINGS = {"plan_cache_mode": "force_custom_plan"}
+#
+# JIT off: the node's statements are short OLTP queries that never repay JIT compilation, and
+# asyncpg's type introspection (run when a codec is installed on a new connection) crosses the
+# JIT cost threshold and then takes ~100 ms instead of a few.
+SERVER_SETTINGS = {"plan_cache_mode": "force_custom_plan", "jit": "off"}
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -39,7 +43,7 @@ _INFINITY_US: Final = 2**63 - 1
 def pg_microseconds(moment: datetime) -> int:
     """A `timestamptz` as PostgreSQL stores it: microseconds since 2000-01-01 UTC.
 
-    Pooled connections take these integers wherever a `timestamptz` goes (see
+    Writer pools (`create_pool(..., writer=True)`) take these integers wherever a `timestamptz` goes (see
     `_encode_timestamptz`); the group commit passes one per journal and per line instead of a
     datetime, which asyncpg's own encoder converts at about 1 us each (a third of a shard's
     COPY cost, measured by a 20,000-row COPY: 1.1-1.3 us per datetime, 0.2 us per integer).
@@ -75,15 +79,21 @@ async def _setup_connection(conn: asyncpg.Connection) -> None:
     )
 
 
-async def create_pool(dsn: str, min_size: int, max_size: int) -> asyncpg.Pool:
-    """An asyncpg pool with the node's session settings and `timestamptz` codec."""
+async def create_pool(dsn: str, min_size: int, max_size: int, *, writer: bool = False) -> asyncpg.Pool:
+    """An asyncpg pool with the node's session settings.
+
+    `writer` (the shards' and the coordinator's group-commit pools): connections also get the
+    integer `timestamptz` codec. Installing a codec costs a type-introspection query per new
+    connection (tens of ms, more while PostgreSQL JIT-compiles it), which is fine for the few
+    long-lived writer connections and would show as latency spikes on the API's on-demand ones.
+    """
     return await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
         server_settings=SERVER_SETTINGS,
         reset=_keep_session,
-        init=_setup_connection,
+        init=_setup_connection if writer else None,
     )
 
 

@@ -1,4 +1,4 @@
-"""The pooled connections' `timestamptz` codec (store.repository): integers in, the same
+"""The writer pools' `timestamptz` codec (store.repository): integers in, the same
 datetimes out as asyncpg's own codec, for every value the node writes or reads."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def test_pooled_codec_matches_asyncpg_and_takes_integers() -> None:
 
     async def main() -> None:
         plain = await asyncpg.connect(SHARED_ADMIN_DSN, server_settings=SERVER_SETTINGS)
-        pool = await create_pool(SHARED_ADMIN_DSN, 1, 1)
+        pool = await create_pool(SHARED_ADMIN_DSN, 1, 1, writer=True)
         try:
             async with pool.acquire() as conn:
                 for moment in MOMENTS:
