@@ -7,13 +7,14 @@ and ends with `ledger-node check` clean (pending columns equal the open holds' l
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from actors import runtime as actor_runtime
 from node.config import NodeConfig
 from node.runtime import Node
-from tests.e2e.test_errors import Client, expect_error, expect_ok, lines, on_shard, run
+from tests.e2e.test_errors import Client, Reply, expect_error, expect_ok, lines, on_shard, run
 from tests.support.node import TOKEN_SPEC, NodeHarness, check_store, journal
 
 SHARD = 1
@@ -274,16 +275,22 @@ def test_open_hold_survives_a_shard_restart(node: NodeHarness) -> None:
         soon = (datetime.now(UTC) + timedelta(seconds=4)).isoformat()
         expect_ok(await _hold(c, {**journal("hrst-2", wallet, merchant, 100), "expires_at": soon}))
 
+    async def until_served(call: Callable[[], Awaitable[Reply]]) -> Reply:
+        # While Ray restarts the actor, calls answer 503 SERVICE_UNAVAILABLE (retryable), and Ray
+        # may report the actor unavailable once more right after its first answers.
+        for _ in range(120):
+            reply = await call()
+            if reply.status != 503:
+                return reply
+            await asyncio.sleep(0.5)
+        return reply
+
     async def after(c: Client) -> None:
         wallet, cash, _merchant = _accounts("hrst")
-        for _ in range(120):
-            reply = await c.post(journal("hrst-spend", wallet, cash, 500))
-            if reply.status != 503:
-                break
-            await asyncio.sleep(0.5)
+        reply = await until_served(lambda: c.post(journal("hrst-spend", wallet, cash, 500)))
         expect_error(reply, 409, "INSUFFICIENT_FUNDS")
         assert (await _pending(c, wallet))["debits_pending"] == 700
-        expect_ok(await c.call("POST", "/ledger/holds/hrst-1/post"))
+        expect_ok(await until_served(lambda: c.call("POST", "/ledger/holds/hrst-1/post")))
         await asyncio.sleep(4.5)
         assert (await _get(c, "hrst-2"))["state"] == "expired"
         for _ in range(20):  # the shard's sweeper writes the expiry shortly after
