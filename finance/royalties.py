@@ -21,12 +21,19 @@ Accrual lines (`accrual_entries`), per SKU: debit `expense:royalties:{sku}` with
 total; credit `liability:royalty:{participant}` with each payable part and
 `liability:royalty-holdback:{participant}` with each holdback. The platform fee stays on
 `revenue:sales:{sku}` (gross model: revenue minus royalty expense is the platform's fee).
+
+Clawbacks (`clawback`, `clawback_entries`): a refund or lost dispute that reverses recognised
+revenue of a SKU (its `revenue:refunds:{sku}` debits) takes the participants' share of it back
+from their payables `liability:royalty:{participant}` and reduces `expense:royalties:{sku}`, under
+the rule version the invoice accrued with. Holdbacks are not touched: they are released on their
+date as planned. A payable already paid out goes negative (a debit balance), and payout runs pay
+nothing to a participant whose payable is not positive, so the next accruals net it.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Final
 
@@ -253,19 +260,24 @@ def release_at(terms: Terms, posted_at: datetime) -> datetime | None:
     return posted_at + timedelta(days=terms.holdback_days or 0)
 
 
+def _balanced_lines(rows: list[tuple[str, str, int]], currency: str, what: str) -> list[dict[str, Any]]:
+    """Journal lines from (account, side, amount) rows, zero amounts left out; checks they balance."""
+    kept = [(account, side, amount) for account, side, amount in rows if amount > 0]
+    debits = sum(amount for _, side, amount in kept if side == "debit")
+    check(debits == sum(amount for _, side, amount in kept if side == "credit"), f"unbalanced {what}")
+    return [
+        {"account_id": account, "side": side, "amount_cents": amount, "currency": currency}
+        for account, side, amount in kept
+    ]
+
+
 def accrual_entries(sku: str, accruals: Sequence[Accrual], currency: str) -> list[dict[str, Any]]:
     """Journal lines of one SKU's accrual (zero amounts left out); they balance by construction."""
     rows = [(chart.royalty_expense(sku), "debit", sum(a.amount for a in accruals))]
     for a in accruals:
         rows.append((chart.royalty_payable(a.participant_id), "credit", a.payable))
         rows.append((chart.royalty_holdback(a.participant_id), "credit", a.holdback))
-    kept = [(account, side, amount) for account, side, amount in rows if amount > 0]
-    debits = sum(amount for _, side, amount in kept if side == "debit")
-    check(debits == sum(amount for _, side, amount in kept if side == "credit"), "unbalanced accrual")
-    return [
-        {"account_id": account, "side": side, "amount_cents": amount, "currency": currency}
-        for account, side, amount in kept
-    ]
+    return _balanced_lines(rows, currency, "accrual")
 
 
 def recognised_by_sku(body: dict[str, Any]) -> dict[str, int]:
@@ -278,6 +290,69 @@ def recognised_by_sku(body: dict[str, Any]) -> dict[str, int]:
             sku = account[len(prefix) :]
             out[sku] = out.get(sku, 0) + int(entry["amount_cents"])
     return out
+
+
+def reversed_by_sku(body: dict[str, Any], currency: str) -> dict[str, int]:
+    """Recognised revenue a refund (or lost dispute) journal body reverses per SKU: its debits of
+    the contra revenue account `revenue:refunds:{sku}` in the invoice's currency (what was still
+    deferred had accrued nothing, so it claws nothing back)."""
+    prefix = chart.refunds_contra("x")[: -len("x")]
+    out: dict[str, int] = {}
+    for entry in body.get("entries", []):
+        account = str(entry["account_id"])
+        if entry["side"] == "debit" and entry.get("currency") == currency and account.startswith(prefix):
+            sku = account[len(prefix) :]
+            out[sku] = out.get(sku, 0) + int(entry["amount_cents"])
+    return {sku: amount for sku, amount in out.items() if amount > 0}
+
+
+class Clawed(msgspec.Struct, frozen=True):
+    """What an invoice's SKU accrued and has had clawed back so far (royalty_accruals and
+    royalty_clawbacks rows), the input of `clawback`."""
+
+    accrued_revenue: int
+    accrued: dict[str, int]
+    reversed_revenue: int
+    clawed: dict[str, int]
+
+
+def clawback(reversed_now: int, so_far: Clawed, terms: Terms) -> dict[str, int]:
+    """Per participant, what a reversal of `reversed_now` recognised revenue claws back.
+
+    Cumulative, so rounding never drifts: after the reversal, the total clawed back from a
+    participant is its share of the revenue reversed so far (`split` of the cumulative amount,
+    capped at what it accrued); once the whole accrued revenue is reversed, it is exactly what it
+    accrued. This reversal's clawback is that target minus what earlier ones took. It can be
+    negative by a minor unit when the largest-remainder split of a larger amount gives a party one
+    unit less (the Alabama paradox); the journal then credits that unit back.
+    """
+    check(reversed_now > 0, "clawback: nothing reversed")
+    check(all(v >= 0 for v in so_far.accrued.values()), "clawback: negative accrual")
+    cumulative = min(so_far.reversed_revenue + reversed_now, so_far.accrued_revenue)
+    if cumulative >= so_far.accrued_revenue:
+        target = dict(so_far.accrued)
+    else:
+        shares, _fee = split(cumulative, terms.splits, terms.platform_fee_bp)
+        by_id = {s.participant_id: share for s, share in zip(terms.splits, shares, strict=True)}
+        target = {p: min(by_id.get(p, 0), accrued) for p, accrued in so_far.accrued.items()}
+    out = {p: target[p] - so_far.clawed.get(p, 0) for p in sorted(so_far.accrued)}
+    check(
+        all(0 <= so_far.clawed.get(p, 0) + d <= so_far.accrued[p] for p, d in out.items()),
+        "clawback beyond what was accrued",
+    )
+    return out
+
+
+def clawback_entries(sku: str, amounts: Mapping[str, int], currency: str) -> list[dict[str, Any]]:
+    """Journal lines of one SKU's clawback: each participant's payable is debited (a negative amount:
+    credited) and the royalty expense is reduced by the total; zero amounts are left out."""
+    total = sum(amounts.values())
+    rows = [(chart.royalty_expense(sku), "credit" if total > 0 else "debit", abs(total))]
+    rows += [
+        (chart.royalty_payable(p), "debit" if amount > 0 else "credit", abs(amount))
+        for p, amount in sorted(amounts.items())
+    ]
+    return _balanced_lines(rows, currency, "clawback")
 
 
 def contract_of(lines: Sequence[Any], sku: str) -> str | None:

@@ -472,6 +472,20 @@ def _missing(resource: str, resource_id: str) -> LedgerError:
     )
 
 
+class ClawbackPlan(msgspec.Struct, frozen=True):
+    """A posted clawback journal (None: every amount was zero) and its rows (source_journal,
+    invoice_id, sku, participant_id, rule_id, rule_version, currency, revenue, amount)."""
+
+    journal_id: str | None
+    rows: tuple[tuple[Any, ...], ...]
+
+
+def _int_map(value: Any) -> dict[str, int]:
+    """A jsonb object of integers (text on pools without a json codec) as a dict."""
+    decoded = msgspec.json.decode(value) if isinstance(value, str | bytes) else value
+    return {str(k): int(v) for k, v in dict(decoded or {}).items()}
+
+
 def _rule_of(record: asyncpg.Record) -> royalties.Rule:
     terms = msgspec.json.decode(record["body"], type=royalties.Terms)
     return royalties.Rule(record["rule_id"], record["version"], terms)
@@ -523,6 +537,22 @@ def accrual_view(row: asyncpg.Record) -> dict[str, Any]:
         "holdback_release_at": _iso(row["holdback_release_at"]),
         "posted_at": rfc3339(row["posted_at"]),
         "journal_id": row["journal_id"],
+    }
+
+
+def clawback_view(row: asyncpg.Record) -> dict[str, Any]:
+    """One clawback row of a participant statement (`amount` is taken from the payable)."""
+    return {
+        "invoice_id": row["invoice_id"],
+        "sku": row["sku"],
+        "rule_id": row["rule_id"],
+        "rule_version": row["rule_version"],
+        "currency": row["currency"],
+        "revenue_reversed": row["revenue"],
+        "amount": row["amount"],
+        "source_journal_id": row["source_journal"],
+        "journal_id": row["journal_id"],
+        "posted_at": rfc3339(row["posted_at"]),
     }
 
 
@@ -830,6 +860,69 @@ class FinanceService:
         ]
         await royalty_repo.insert_accruals(conn, rows)
 
+    async def _claw_back(
+        self, invoice: Invoice, body: dict[str, Any], source_journal: str, refund_id: str, principal: str
+    ) -> ClawbackPlan | None:
+        """Post the royalty clawback of a refund or lost-dispute journal `body` (royalties.clawback):
+        journal `{invoice_id}.clawback.{refund_id}`, derived, so a retry replays it. None when the
+        journal reversed no recognised revenue of a SKU that accrued royalties."""
+        reversed_ = royalties.reversed_by_sku(body, invoice.currency)
+        if not reversed_:
+            return None
+        entries: list[dict[str, Any]] = []
+        rows: list[tuple[Any, ...]] = []
+        async with self.pool.acquire() as conn:
+            for sku, revenue in sorted(reversed_.items()):
+                found = await royalty_repo.clawed_so_far(conn, invoice.invoice_id, sku)
+                rule_row = await royalty_repo.accrued_rule(conn, invoice.invoice_id, sku)
+                if found is None or rule_row is None:
+                    continue
+                rule = _rule_of(rule_row)
+                so_far = royalties.Clawed(
+                    int(found["accrued_revenue"]),
+                    _int_map(found["accrued"]),
+                    int(found["reversed_revenue"]),
+                    _int_map(found["clawed"]),
+                )
+                amounts = royalties.clawback(revenue, so_far, rule.terms)
+                entries += royalties.clawback_entries(sku, amounts, invoice.currency)
+                rows += [
+                    (source_journal, invoice.invoice_id, sku, p, rule.rule_id, rule.version,
+                     invoice.currency, revenue, amount)
+                    for p, amount in amounts.items()
+                ]  # fmt: skip
+        if not rows:
+            return None
+        journal_id = None
+        if entries:
+            clawback_body = {
+                "entries": entries,
+                "memo": "royalty clawback",
+                "source_ref": invoice.invoice_id,
+                "context": {
+                    "invoice_id": invoice.invoice_id,
+                    "flow": "royalty.clawback",
+                    "source_journal": source_journal,
+                },
+            }
+            journal_id = await self._post(
+                clawback_body, f"{invoice.invoice_id}.clawback.{refund_id}", principal
+            )
+        return ClawbackPlan(journal_id, tuple(rows))
+
+    async def _record_clawbacks(self, conn: asyncpg.Connection, plan: ClawbackPlan | None) -> None:
+        """Store what a clawback took back (inside the caller's transaction)."""
+        if plan is None:
+            return
+        posted_at = None
+        if plan.journal_id is not None:
+            posted_at = await royalty_repo.journal_posted_at(conn, plan.journal_id)
+        posted_at = posted_at or self.clock()
+        await royalty_repo.insert_clawbacks(
+            conn,
+            [(*row[:4], plan.journal_id, *row[4:], posted_at) for row in plan.rows],
+        )
+
     async def create_participant(
         self, request: royalties.ParticipantRequest, principal: str
     ) -> tuple[dict[str, Any], bool]:
@@ -913,8 +1006,9 @@ class FinanceService:
     async def statement(
         self, participant_id: str, start: datetime | None, end: datetime | None
     ) -> dict[str, Any]:
-        """`GET /finance/participants/{id}/statement`: accruals with `start <= posted_at < end` and
-        the current ledger balances of the participant's payable and holdback accounts."""
+        """`GET /finance/participants/{id}/statement`: accruals and clawbacks with
+        `start <= posted_at < end` and the current ledger balances of the participant's payable and
+        holdback accounts (a negative payable is a clawback not yet netted by later accruals)."""
         accounts = {
             "payable": chart.royalty_payable(participant_id),
             "holdback": chart.royalty_holdback(participant_id),
@@ -923,17 +1017,22 @@ class FinanceService:
             if await royalty_repo.participant(conn, participant_id) is None:
                 raise _missing("participant", participant_id)
             rows = await royalty_repo.participant_accruals(conn, participant_id, start, end)
+            clawbacks = await royalty_repo.participant_clawbacks(conn, participant_id, start, end)
             balances = {name: await repository.balances_now(conn, a) for name, a in accounts.items()}
         totals: dict[str, dict[str, int]] = {}
         for r in rows:
-            total = totals.setdefault(r["currency"], {"accrued": 0, "holdback": 0})
+            total = totals.setdefault(r["currency"], {"accrued": 0, "holdback": 0, "clawed_back": 0})
             total["accrued"] += r["amount"]
             total["holdback"] += r["holdback"]
+        for r in clawbacks:
+            total = totals.setdefault(r["currency"], {"accrued": 0, "holdback": 0, "clawed_back": 0})
+            total["clawed_back"] += r["amount"]
         return {
             "participant_id": participant_id,
             "from": _iso(start),
             "to": _iso(end),
             "accruals": [accrual_view(r) for r in rows],
+            "clawbacks": [clawback_view(r) for r in clawbacks],
             "totals": [{"currency": c, **t} for c, t in sorted(totals.items())],
             "balances": {
                 name: {
@@ -1133,6 +1232,7 @@ class FinanceService:
             if kind == "refund" and await self._finish_crashed_installments(invoice_id, invoice, principal):
                 invoice, row = await self._load(invoice_id, requested)
             settled: dict[str, Any] = {}
+            clawback: ClawbackPlan | None = None
             if kind == "payment" and request.currency != invoice.currency:
                 step, settled = await self._settle_across(invoice, row, request)
             elif kind == "payment":
@@ -1150,6 +1250,8 @@ class FinanceService:
                 suffix = "pay" if kind == "payment" else "refund"
                 body = step.journal if kind == "payment" else _reversing(step.journal, invoice_id)
                 journal_id = await self._post(body, f"{invoice_id}.{suffix}.{money_id}", principal)
+                if kind == "refund":
+                    clawback = await self._claw_back(invoice, body, journal_id, money_id, principal)
             answer = {
                 f"{kind}Id": money_id,
                 f"{kind}_id": money_id,
@@ -1166,6 +1268,7 @@ class FinanceService:
                 **settled,
                 **(extra or {}),
                 **_refund_details(kind, step, lines),
+                **_clawback_answer(clawback),
             }
             values = {
                 "id": money_id,
@@ -1182,6 +1285,7 @@ class FinanceService:
             async with self.pool.acquire() as conn, conn.transaction():
                 await self._store(conn, row, step.invoice, journal_id)
                 await finance_repo.insert_money(conn, kind, values)
+                await self._record_clawbacks(conn, clawback)
                 if kind == "refund" and step.invoice.schedule is not None:
                     await recognition_repo.sync_installments(
                         conn, invoice_id, _installment_rows(step.invoice.schedule)
@@ -1580,6 +1684,9 @@ class FinanceService:
             )
             covered = settled["applied_amount"]
             refund_id = payment_id_of(stripe, dispute_id, MONEY_PREFIX["refund"]) if covered else None
+            clawback = None
+            if refund_id is not None:
+                clawback = await self._claw_back(invoice, body, journal_id, refund_id, principal)
             answer = {
                 **_dispute_answer(found),
                 "status": "lost",
@@ -1591,6 +1698,7 @@ class FinanceService:
                 **step.amounts,
                 "amount_refunded": step.invoice.refunded,
                 **settled,
+                **_clawback_answer(clawback),
             }
             encoded = msgspec.json.encode(answer).decode()
             async with self.pool.acquire() as conn, conn.transaction():
@@ -1608,6 +1716,7 @@ class FinanceService:
                         "answer": encoded,
                     }
                     await finance_repo.insert_money(conn, "refund", values)
+                    await self._record_clawbacks(conn, clawback)
                 await finance_repo.close_stripe_dispute(
                     conn, dispute_id, "lost", action.event_id, journal_id, encoded
                 )
@@ -1754,6 +1863,16 @@ class FinanceService:
         if lost:
             settled["excess_base"] = excess_base
         return msgspec.structs.replace(step, journal=journal), settled
+
+
+def _clawback_answer(plan: ClawbackPlan | None) -> dict[str, Any]:
+    """The `royalty_clawback` part of a refund's answer: its journal and per-participant amounts."""
+    if plan is None:
+        return {}
+    amounts: dict[str, int] = {}
+    for row in plan.rows:
+        amounts[row[3]] = amounts.get(row[3], 0) + row[8]
+    return {"royalty_clawback": {"journal_id": plan.journal_id, "participants": amounts}}
 
 
 def _dispute_answer(row: asyncpg.Record) -> dict[str, Any]:

@@ -117,10 +117,21 @@ async def participant_accruals(
     conn: asyncpg.Connection, participant_id: str, start: datetime | None, end: datetime | None
 ) -> list[asyncpg.Record]:
     """A participant's accruals with `start <= posted_at < end` (either bound optional), oldest first."""
+    return await _participant_rows(conn, "royalty_accruals", "journal_id", participant_id, start, end)
+
+
+async def _participant_rows(
+    conn: asyncpg.Connection,
+    table: str,
+    journal_column: str,
+    participant_id: str,
+    start: datetime | None,
+    end: datetime | None,
+) -> list[asyncpg.Record]:
     return await conn.fetch(
-        "SELECT * FROM royalty_accruals WHERE participant_id = $1"
+        f"SELECT * FROM {table} WHERE participant_id = $1"
         " AND ($2::timestamptz IS NULL OR posted_at >= $2) AND ($3::timestamptz IS NULL OR posted_at < $3)"
-        " ORDER BY posted_at, journal_id, sku",
+        f" ORDER BY posted_at, {journal_column}, sku",
         participant_id,
         start,
         end,
@@ -131,3 +142,46 @@ async def journal_posted_at(conn: asyncpg.Connection, journal_id: str) -> dateti
     """The ledger's commit time of a journal (DECISIONS D3), or None."""
     value = await conn.fetchval("SELECT posted_at FROM journals WHERE journal_id = $1", journal_id)
     return value if isinstance(value, datetime) else None
+
+
+async def clawed_so_far(conn: asyncpg.Connection, invoice_id: str, sku: str) -> asyncpg.Record | None:
+    """What an invoice's SKU accrued and had clawed back: `accrued_revenue`, `accrued` (jsonb
+    participant -> amount), `reversed_revenue`, `clawed` (jsonb); None when it accrued nothing."""
+    return await conn.fetchrow(
+        """
+        WITH acc AS (SELECT * FROM royalty_accruals WHERE invoice_id = $1 AND sku = $2),
+             cb AS (SELECT * FROM royalty_clawbacks WHERE invoice_id = $1 AND sku = $2)
+        SELECT (SELECT coalesce(sum(revenue), 0)
+                  FROM (SELECT DISTINCT journal_id, revenue FROM acc) j)::bigint AS accrued_revenue,
+               (SELECT coalesce(jsonb_object_agg(participant_id, total), '{}') FROM
+                   (SELECT participant_id, sum(amount) AS total FROM acc GROUP BY participant_id) a)
+                   AS accrued,
+               (SELECT coalesce(sum(revenue), 0)
+                  FROM (SELECT DISTINCT source_journal, revenue FROM cb) j)::bigint AS reversed_revenue,
+               (SELECT coalesce(jsonb_object_agg(participant_id, total), '{}') FROM
+                   (SELECT participant_id, sum(amount) AS total FROM cb GROUP BY participant_id) c)
+                   AS clawed
+         WHERE EXISTS (SELECT 1 FROM acc)
+        """,
+        invoice_id,
+        sku,
+    )
+
+
+async def insert_clawbacks(conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Record clawback rows (source_journal, invoice_id, sku, participant_id, journal_id, rule_id,
+    rule_version, currency, revenue, amount, posted_at); a replay inserts nothing."""
+    await conn.executemany(
+        "INSERT INTO royalty_clawbacks (source_journal, invoice_id, sku, participant_id, journal_id,"
+        " rule_id, rule_version, currency, revenue, amount, posted_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+        " ON CONFLICT (source_journal, sku, participant_id) DO NOTHING",
+        rows,
+    )
+
+
+async def participant_clawbacks(
+    conn: asyncpg.Connection, participant_id: str, start: datetime | None, end: datetime | None
+) -> list[asyncpg.Record]:
+    """A participant's clawbacks with `start <= posted_at < end` (either bound optional), oldest first."""
+    return await _participant_rows(conn, "royalty_clawbacks", "source_journal", participant_id, start, end)

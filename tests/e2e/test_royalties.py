@@ -178,7 +178,7 @@ def test_three_way_split_accrues_on_fulfilment_with_holdback_and_statement(node:
         assert abs((posted - before).total_seconds()) < 30
         release = datetime.fromisoformat(row["holdback_release_at"])
         assert (release - posted).days == 30
-        assert statement["totals"] == [{"currency": "EUR", "accrued": 134, "holdback": 13}]
+        assert statement["totals"] == [{"currency": "EUR", "accrued": 134, "holdback": 13, "clawed_back": 0}]
         assert statement["balances"]["payable"] == {
             "account_id": "liability:royalty:ry-carol",
             "balances": [{"currency": "EUR", "balance": 121}],

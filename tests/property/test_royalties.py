@@ -52,3 +52,35 @@ def test_accrued_royalties_plus_platform_fee_equal_recognised_revenue(
     debits = sum(e["amount_cents"] for e in entries if e["side"] == "debit")
     credits = sum(e["amount_cents"] for e in entries if e["side"] == "credit")
     assert debits == credits == revenue - accrued_fee
+
+
+@given(rules(), st.integers(1, 10**9), st.lists(st.integers(1, 10**6), min_size=1, max_size=8))
+def test_clawbacks_of_any_partial_refunds_return_exactly_what_accrued(
+    rule: tuple[list[Split], int, int], revenue: int, cuts: list[int]
+) -> None:
+    """Refunds that together reverse all recognised revenue claw back exactly each participant's
+    accrual; after every refund each participant's cumulative clawback stays within [0, accrued],
+    and every clawback journal balances."""
+    splits, fee_bp, holdback_bp = rule
+    terms = royalties.Terms(
+        "sku", "s", datetime(2026, 1, 1, tzinfo=UTC), tuple(splits), fee_bp, holdback_bp, 1
+    )
+    accruals, _fee = royalties.accrue(revenue, terms)
+    accrued = {a.participant_id: a.amount for a in accruals}
+    total_cut = sum(cuts)
+    parts = [revenue * c // total_cut for c in cuts]
+    parts[-1] += revenue - sum(parts)
+    parts = [p for p in parts if p > 0]
+    clawed: dict[str, int] = {}
+    reversed_so_far = 0
+    for part in parts:
+        so_far = royalties.Clawed(revenue, accrued, reversed_so_far, dict(clawed))
+        amounts = royalties.clawback(part, so_far, terms)
+        for pid, amount in amounts.items():
+            clawed[pid] = clawed.get(pid, 0) + amount
+            assert 0 <= clawed[pid] <= accrued[pid]
+        entries = royalties.clawback_entries("s", amounts, "EUR")
+        debits = sum(e["amount_cents"] for e in entries if e["side"] == "debit")
+        assert debits == sum(e["amount_cents"] for e in entries if e["side"] == "credit")
+        reversed_so_far += part
+    assert clawed == accrued

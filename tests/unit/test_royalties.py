@@ -141,3 +141,30 @@ def test_a_line_without_contract_encodes_as_before() -> None:
         b'{"sku":"a","qty":1,"unit_price":100,"tax_code":"standard"}'
     )
     assert isinstance(Terms, type)
+
+
+def test_clawback_reads_contra_debits_and_may_credit_back_a_rounding_unit() -> None:
+    """Tried: a refund body with contra debits for two SKUs, one in another currency, and a
+    deferred-revenue debit -> only the invoice currency's contra debits count; a clawback of a
+    negative rounding unit credits the payable and debits the expense, still balanced."""
+    body = {
+        "entries": [
+            {"account_id": "revenue:refunds:a", "side": "debit", "amount_cents": 300, "currency": "EUR"},
+            {"account_id": "revenue:refunds:a", "side": "debit", "amount_cents": 20, "currency": "EUR"},
+            {"account_id": "revenue:refunds:b", "side": "debit", "amount_cents": 50, "currency": "USD"},
+            {
+                "account_id": "liability:deferred-revenue:c",
+                "side": "debit",
+                "amount_cents": 9,
+                "currency": "EUR",
+            },
+            {"account_id": "asset:cash:bank:EUR", "side": "credit", "amount_cents": 379, "currency": "EUR"},
+        ]
+    }
+    assert royalties.reversed_by_sku(body, "EUR") == {"a": 320}
+    entries = royalties.clawback_entries("a", {"p1": 5, "p2": -1}, "EUR")
+    assert {(e["account_id"], e["side"], e["amount_cents"]) for e in entries} == {
+        ("expense:royalties:a", "credit", 4),
+        ("liability:royalty:p1", "debit", 5),
+        ("liability:royalty:p2", "credit", 1),
+    }
