@@ -16,11 +16,15 @@ from typing import Any
 
 import pytest
 
+from finance.service import dispute_journal_id
 from tests.e2e.test_errors import Client, expect_ok, run
 from tests.e2e.test_payouts import _stripe
 from tests.e2e.test_royalties import _add_rule, _entries, _fulfil, _rule
+from tests.e2e.test_stripe_webhooks import _deliver
+from tests.e2e.test_stripe_webhooks import _invoice as _stripe_invoice
 from tests.support.node import NodeHarness, check_store
 from tests.support.stripe_server import StripeServer
+from tests.unit.test_stripe_events import SECRET, dispute_closed, disputed, paid
 
 CCY = "USD"  # the node's base currency: payout thresholds need no FX rate
 
@@ -43,10 +47,10 @@ async def _participant(c: Client, pid: str, minimum: int) -> None:
     expect_ok(await c.call("POST", "/finance/participants", body=body), 201)
 
 
-async def _payable(c: Client, pid: str) -> int:
+async def _payable(c: Client, pid: str, currency: str = CCY) -> int:
     """Credits - debits (posted) of the participant's payable; negative: owed back by it."""
     reply = await c.balances(f"liability:royalty:{pid}")
-    rows = [r for r in expect_ok(reply)["balances"] if r["currency"] == CCY]
+    rows = [r for r in expect_ok(reply)["balances"] if r["currency"] == currency]
     assert rows[0]["debits_pending"] == 0
     return int(rows[0]["credits_posted"] - rows[0]["debits_posted"])
 
@@ -185,6 +189,41 @@ def test_full_refund_claws_back_exactly_what_accrued(
         other = await _sold(c, f"{tag}-2", [{"sku": f"{tag}-norule", "unit_price": 500}])
         await _fulfil(c, f"{tag}-2")
         assert "royalty_clawback" not in await _refund(c, f"{tag}-2", other["total"])
+
+    run(node, flow)
+    assert node.run(check_store(node.dsn)) == []
+
+
+def test_a_lost_dispute_claws_back_like_a_refund(node: NodeHarness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tried: an invoice paid through a signed Stripe webhook, SKU `-a` (3,000 net) under a 50 %
+    rule, fulfilled -> the participant accrues 1,500; a dispute over the whole payment opened and
+    lost -> the lost-dispute journal reverses the revenue and a clawback journal takes the 1,500
+    back (payable 0, statement row naming the lost-dispute journal); the lost close redelivered
+    -> duplicate, nothing clawed twice; clean store check."""
+    monkeypatch.setenv("STRIPE_WEBHOOK_SECRET", SECRET)
+    monkeypatch.delenv("STRIPE_API_KEY", raising=False)
+    tag = f"cd{secrets.token_hex(3)}"
+    pid, invoice_id = f"{tag}-p", f"{tag}-1"
+
+    async def flow(c: Client) -> None:
+        await _participant(c, pid, 0)
+        await _add_rule(c, _rule(f"{invoice_id}-a", [(pid, 5000)], 5000))
+        expect_ok(await c.call("POST", "/finance/invoice", body=_stripe_invoice(invoice_id, f"{tag}-b")), 201)
+        expect_ok(await _deliver(c, paid(f"evt_{tag}1", f"pi_{tag}", amount=4639, invoice=invoice_id)))
+        await _fulfil(c, invoice_id)
+        assert await _payable(c, pid, "EUR") == 1500
+        opened = disputed(f"evt_{tag}2", f"pi_{tag}", dispute=f"du_{tag}", amount=4639)
+        assert expect_ok(await _deliver(c, opened))["outcome"] == "applied"
+        lost = dispute_closed(f"evt_{tag}3", f"pi_{tag}", "lost", dispute=f"du_{tag}", amount=4639)
+        assert expect_ok(await _deliver(c, lost))["outcome"] == "applied"
+        assert await _payable(c, pid, "EUR") == 0
+        statement = expect_ok(await c.call("GET", f"/finance/participants/{pid}/statement", role="auditor"))
+        (row,) = statement["statement"]["clawbacks"]
+        assert row["source_journal_id"] == f"{dispute_journal_id(invoice_id, f'du_{tag}')}.lost"
+        assert (row["revenue_reversed"], row["amount"]) == (3000, 1500)
+        again = dispute_closed(f"evt_{tag}4", f"pi_{tag}", "lost", dispute=f"du_{tag}", amount=4639)
+        assert expect_ok(await _deliver(c, again))["outcome"] == "duplicate"
+        assert await _payable(c, pid, "EUR") == 0
 
     run(node, flow)
     assert node.run(check_store(node.dsn)) == []
