@@ -273,6 +273,8 @@ async def create_refund(request: web.Request) -> web.Response:
             }
             if decoded.lines is not None:
                 payload["lines"] = answer["refund_lines"]
+            if "royalty_clawback" in answer:
+                payload["royalty_clawback"] = answer["royalty_clawback"]
             await audit_event(request, "refund.issued", payload)
         return 200, answer
 
@@ -440,6 +442,8 @@ async def _audit_stripe(request: web.Request, done: StripeApplied) -> None:
         k: answer[k] for k in (f"{kind}_id", "invoice_id", "journal_id", "amount", "currency", "status")
     }
     payload["event_id"] = action.event_id
+    if "royalty_clawback" in answer:
+        payload["royalty_clawback"] = answer["royalty_clawback"]
     await audit_as(
         request, STRIPE_ACTOR, "payment.received" if kind == "payment" else "refund.issued", payload
     )

@@ -123,6 +123,12 @@ def test_split_sale_payout_refund_clawback_then_netted(
         assert await _payables(c, alice, bob, carol) == [-2500, -1250, 200]
         replay = await _refund(c, f"{tag}-1", sale["total"] // 2)
         assert replay["royalty_clawback"] == claw and await _payable(c, alice) == -2500
+        events = expect_ok(await c.call("GET", "/audit/events", role="auditor", params={"limit": "1000"}))
+        (issued,) = [
+            e["payload"] for e in events["events"]
+            if e["event_type"] == "refund.issued" and e["payload"]["invoice_id"] == f"{tag}-1"
+        ]  # fmt: skip
+        assert issued["royalty_clawback"] == claw
 
         statement = expect_ok(
             await c.call("GET", f"/finance/participants/{alice}/statement", role="auditor")
