@@ -13,6 +13,7 @@ from api import (
     admin_routes,
     approval_routes,
     audit_log,
+    escrow_routes,
     finance_routes,
     fx_routes,
     hold_routes,
@@ -138,6 +139,7 @@ def create_app(svc: Services, governance: approval_routes.GovernanceConfig | Non
         *tax_routes.ROUTES,
         *royalty_routes.ROUTES,
         *payout_routes.ROUTES,
+        *escrow_routes.ROUTES,
     ]
     for method, path, handler, allowed in routes:
         app.router.add_route(method, path, handler)
@@ -146,5 +148,6 @@ def create_app(svc: Services, governance: approval_routes.GovernanceConfig | Non
     finance_routes.install(app)
     approval_routes.install(app, governance or approval_routes.GovernanceConfig())
     payout_routes.install(app)
+    escrow_routes.install(app)
     app.on_cleanup.append(proof_routes.shutdown)
     return app

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import msgspec
 from aiohttp import web
@@ -33,7 +33,7 @@ from api.audit_log import audit_event
 from api.auth import ADMINS, PRINCIPAL, READERS, Role
 from api.envelope import ok
 from api.posting import Submission
-from api.requests import json_body
+from api.requests import decode_json, json_body
 from api.services import SERVICES
 from finance.governance import Governance, parse_thresholds
 from finance.multisig import parse_policy
@@ -51,7 +51,7 @@ class GovernanceConfig:
     """`LEDGER_MULTISIG` (m-of-n), `LEDGER_APPROVAL_THRESHOLDS`, `LEDGER_APPROVAL_TTL_S`."""
 
     policy: str = "3-of-5"
-    thresholds: str = "journal=10000000,payout_batch=10000000,payout=5000000"
+    thresholds: str = "journal=10000000,payout_batch=10000000,payout=5000000,escrow_release=5000000"
     ttl_s: float = 7 * 24 * 3600.0
 
 
@@ -86,18 +86,6 @@ class AdjustingJournalIn(msgspec.Struct, forbid_unknown_fields=True):
     reverses: str | None = None
     memo: str | None = None
     source_ref: str | None = None
-
-
-T = TypeVar("T")
-
-
-def _decode(body: bytes, kind: type[T]) -> T:
-    try:
-        return msgspec.json.decode(body, type=kind)
-    except msgspec.ValidationError as exc:
-        raise rejection_from_msgspec(exc) from None
-    except msgspec.DecodeError as exc:
-        raise validation_error(f"malformed JSON: {exc}", "$") from None
 
 
 def _who(request: web.Request) -> str:
@@ -140,7 +128,7 @@ def install(app: web.Application, config: GovernanceConfig) -> None:
 # -- approvers ---------------------------------------------------------------------------------
 async def add_approver(request: web.Request) -> web.Response:
     """POST /admin/approvers: 201 new, 200 replay."""
-    decoded = _decode(await json_body(request), ApproverIn)
+    decoded = decode_json(await json_body(request), ApproverIn)
     view, created = await _gov(request).add_approver(decoded.approver_id, decoded.public_key, _who(request))
     if created:
         await audit_event(request, "approver.register", {k: view[k] for k in ("approver_id", "fingerprint")})
@@ -163,7 +151,7 @@ async def revoke_approver(request: web.Request) -> web.Response:
 # -- actions ------------------------------------------------------------------------------------
 async def approve(request: web.Request) -> web.Response:
     """POST /finance/approvals/{action_id}: record one approval (executes on the quorum)."""
-    decoded = _decode(await json_body(request), ApprovalIn)
+    decoded = decode_json(await json_body(request), ApprovalIn)
     action_id = request.match_info["action_id"]
     view, recorded = await _gov(request).approve(
         action_id, decoded.approver_id, decoded.signature, _who(request)
@@ -197,7 +185,7 @@ async def get_action(request: web.Request) -> web.Response:
 async def reject(request: web.Request) -> web.Response:
     """POST /finance/approvals/{action_id}/reject."""
     body = await json_body(request)
-    decoded = _decode(body, RejectIn) if body.strip() else RejectIn()
+    decoded = decode_json(body, RejectIn) if body.strip() else RejectIn()
     view = await _gov(request).reject(request.match_info["action_id"], _who(request), decoded.reason)
     await audit_event(request, "approval.reject", {"action_id": view["action_id"], "reason": view["reason"]})
     return ok(action=view)
@@ -215,7 +203,7 @@ def _largest_side_total(journal_lines: Any) -> tuple[int, str]:
 
 async def adjusting_journal(request: web.Request) -> web.Response:
     """POST /finance/journal: an operator's adjusting journal, gated above the `journal` threshold."""
-    decoded = _decode(await json_body(request), AdjustingJournalIn)
+    decoded = decode_json(await json_body(request), AdjustingJournalIn)
     reason = decoded.reason.strip()
     if not 1 <= len(reason) <= REASON_MAX:
         raise validation_error(f"reason is required, 1-{REASON_MAX} characters", "$.reason")

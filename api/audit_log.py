@@ -190,6 +190,20 @@ async def audit_event(request: web.Request, event_type: str, payload: dict[str, 
         await asyncio.wait([future])
 
 
+async def record_event(app: web.Application, actor: str, event_type: str, payload: dict[str, Any]) -> None:
+    """Record one event for a flow acting on its own (an executor, a run): failures are logged,
+    never raised (the change it records already happened)."""
+    writer = app.get(AUDIT_WRITER)
+    if writer is None:
+        return
+    try:
+        future = await writer.enqueue(actor, event_type, payload)
+        if writer.answer_after_commit:
+            await asyncio.wait([future])
+    except Exception:
+        log.exception("audit event %s not recorded", event_type)
+
+
 async def _journal_hashes(request: web.Request, journal_ids: list[str]) -> dict[str, str]:
     async with request.app[SERVICES].pool.acquire() as conn:
         rows = await conn.fetch(

@@ -16,7 +16,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import msgspec
 from aiohttp import web
@@ -24,7 +24,7 @@ from aiohttp import web
 from api.audit_log import AUDIT_WRITER, audit_event, audit_failures
 from api.auth import PRINCIPAL, PUBLIC, READERS, WRITERS, Role
 from api.posting import Poster, Submission
-from api.requests import idempotency_key, json_body
+from api.requests import decode_json, idempotency_key, json_body
 from api.services import SERVICES
 from finance import recognition
 from finance.service import (
@@ -40,7 +40,7 @@ from finance.service import (
 )
 from finance.stripe_events import DisputeClosed, DisputeOpened, PaymentSucceeded, verify_event
 from ledger.errors import ErrorCode, LedgerError, Rejection, validation_error
-from ledger.journal import Journal, rejection_from_msgspec
+from ledger.journal import Journal
 from ledger.timestamps import parse_rfc3339
 from store import finance_repo
 
@@ -49,7 +49,6 @@ STRIPE_SECRET_ENV: Final = "STRIPE_WEBHOOK_SECRET"
 STRIPE_ACTOR: Final = "stripe:webhook"
 """The audit actor and posting principal of `POST /webhooks/stripe` (authenticated by signature, D5)."""
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 class LedgerJournals:
@@ -103,15 +102,6 @@ class EmptyRequest(msgspec.Struct, forbid_unknown_fields=True):
     """A step endpoint's (optional) body."""
 
     reason: str | None = None
-
-
-def _decode(body: bytes, kind: type[T]) -> T:
-    try:
-        return msgspec.json.decode(body, type=kind)
-    except msgspec.ValidationError as exc:
-        raise rejection_from_msgspec(exc) from None
-    except msgspec.DecodeError as exc:
-        raise validation_error(f"malformed JSON: {exc}", "$") from None
 
 
 def _finance(request: web.Request) -> FinanceService:
@@ -170,7 +160,7 @@ def _new_invoice_id(request: web.Request) -> str:
 
 async def create_invoice(request: web.Request) -> web.Response:
     """POST /finance/invoice: price, store and issue (unless `draft`) an invoice."""
-    decoded = _decode(await json_body(request), InvoiceRequest)
+    decoded = decode_json(await json_body(request), InvoiceRequest)
 
     async def work() -> tuple[int, dict[str, Any]]:
         view, created = await _finance(request).create(decoded, _new_invoice_id(request), _who(request))
@@ -186,7 +176,9 @@ async def create_invoice(request: web.Request) -> web.Response:
 
 def _step_handler(name: str, event: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
-        decoded = _decode(await json_body(request), EmptyRequest) if request.can_read_body else EmptyRequest()
+        decoded = (
+            decode_json(await json_body(request), EmptyRequest) if request.can_read_body else EmptyRequest()
+        )
         invoice_id = request.match_info["invoice_id"]
 
         async def work() -> tuple[int, dict[str, Any]]:
@@ -211,7 +203,7 @@ close_invoice = _step_handler("close", "invoice.closed")
 async def fulfil_invoice(request: web.Request) -> web.Response:
     """POST /finance/fulfill: recognise revenue (deferred revenue -> revenue) on delivery, or
     attach a ratable recognition schedule (`recognition`, finance/recognition.py)."""
-    decoded = _decode(await json_body(request), FulfilRequest)
+    decoded = decode_json(await json_body(request), FulfilRequest)
     invoice_id = one_id(decoded.invoiceId, decoded.invoice_id, "$.invoiceId")
     if invoice_id is None:
         raise validation_error("invoiceId is required", "$.invoiceId")
@@ -251,7 +243,7 @@ async def _payment(
 
 async def create_payment(request: web.Request) -> web.Response:
     """POST /finance/payment: debit cash, credit AR (overpayment -> customer credit)."""
-    decoded = _decode(await json_body(request), PaymentRequest)
+    decoded = decode_json(await json_body(request), PaymentRequest)
 
     async def work() -> tuple[int, dict[str, Any]]:
         return 200, await _payment(request, decoded, None)
@@ -262,7 +254,7 @@ async def create_payment(request: web.Request) -> web.Response:
 async def create_refund(request: web.Request) -> web.Response:
     """POST /finance/refund: return money (customer credit first, or the given `lines`); reversing
     journal through the ledger."""
-    decoded = _decode(await json_body(request), RefundRequest)
+    decoded = decode_json(await json_body(request), RefundRequest)
 
     async def work() -> tuple[int, dict[str, Any]]:
         answer, posted = await _finance(request).refund(decoded, _who(request))
@@ -302,7 +294,7 @@ def _run_payload(result: dict[str, Any], trigger: str) -> dict[str, Any]:
 async def run_recognition(request: web.Request) -> web.Response:
     """POST /finance/recognition/run: post every recognition installment due at `as_of`."""
     decoded = (
-        _decode(await json_body(request), RecognitionRunRequest)
+        decode_json(await json_body(request), RecognitionRunRequest)
         if request.can_read_body
         else RecognitionRunRequest()
     )
@@ -361,7 +353,7 @@ async def recognition_task(app: web.Application) -> AsyncIterator[None]:
 
 async def settle(request: web.Request) -> web.Response:
     """POST /settlement: the seed's settlement, mapped onto the payment path."""
-    decoded = _decode(await json_body(request), SettlementRequest)
+    decoded = decode_json(await json_body(request), SettlementRequest)
     payment = PaymentRequest(
         amount=decoded.payment.amount_cents,
         currency=decoded.payment.currency,
@@ -387,7 +379,7 @@ async def settle(request: web.Request) -> web.Response:
 
 async def record_invoice(request: web.Request) -> web.Response:
     """POST /invoices: record an issued invoice referring to an existing journal; posts nothing."""
-    decoded = _decode(await json_body(request), ExternalInvoiceRequest)
+    decoded = decode_json(await json_body(request), ExternalInvoiceRequest)
 
     async def work() -> tuple[int, dict[str, Any]]:
         created = await _finance(request).record_external(decoded, _who(request))

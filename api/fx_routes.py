@@ -19,11 +19,10 @@ from aiohttp import web
 from api.audit_log import audit_event
 from api.auth import READERS, WRITERS, Role
 from api.envelope import ok
-from api.requests import json_body, query_time
+from api.requests import decode_json, json_body, query_time
 from api.services import SERVICES
 from finance import fx
 from ledger.errors import ErrorCode, Rejection, validation_error
-from ledger.journal import rejection_from_msgspec
 from ledger.money import is_currency
 from ledger.timestamps import rfc3339
 from store import fx_repo
@@ -52,15 +51,6 @@ class RatesIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     source: str | None = None
     as_of: str | None = None
     rates: list[RateIn] | None = None
-
-
-def _decode(body: bytes) -> RatesIn:
-    try:
-        return msgspec.json.decode(body, type=RatesIn)
-    except msgspec.ValidationError as exc:
-        raise rejection_from_msgspec(exc) from None
-    except msgspec.DecodeError as exc:
-        raise validation_error(f"malformed JSON: {exc}", "$") from None
 
 
 def _requested(decoded: RatesIn, base: str) -> list[fx.Rate]:
@@ -97,7 +87,7 @@ def _check_base(rate: fx.Rate, base: str, path: str) -> None:
 async def post_rates(request: web.Request) -> web.Response:
     """POST /finance/fx/rates: store one rate or a batch; 201 when any is new, 200 for a replay."""
     svc = request.app[SERVICES]
-    decoded = _decode(await json_body(request))
+    decoded = decode_json(await json_body(request), RatesIn)
     rates = _requested(decoded, svc.base_currency)
     for index, rate in enumerate(rates):
         _check_base(rate, svc.base_currency, "$" if decoded.rates is None else f"$.rates[{index}]")

@@ -16,10 +16,11 @@ from typing import Any, Final
 import msgspec
 from aiohttp import web
 
-from actors.messages import ENCODER, JOURNAL, RESULTS, HoldItem, Result
+from actors.messages import JOURNAL, HoldItem, Result
 from api.audit_log import audit_event
 from api.auth import PRINCIPAL, READERS, WRITERS
 from api.envelope import error_response, ok
+from api.hold_calls import VOID_HASH, post_digest, result_error, send_hold
 from api.requests import idempotency_key, json_body
 from api.services import SERVICES, Services
 from ledger.errors import ErrorCode, LedgerError, Rejection, validation_error
@@ -51,7 +52,6 @@ class HoldPostIn(msgspec.Struct, forbid_unknown_fields=True):
 
 _hold_decoder: Final = msgspec.json.Decoder(HoldIn)
 _post_decoder: Final = msgspec.json.Decoder(HoldPostIn)
-_VOID_HASH: Final = hashlib.sha256(b"void").digest()
 
 
 def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
@@ -63,25 +63,9 @@ def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
         raise validation_error(f"malformed JSON: {exc}", "$") from None
 
 
-def _result_error(result: Result) -> LedgerError:
-    code = ErrorCode(result.code or ErrorCode.INTERNAL_ERROR)
-    return LedgerError(code, result.message or code.value, dict(result.details or {}))
-
-
-async def _send(svc: Services, shard: int, item: HoldItem) -> Result:
-    try:
-        (result,) = RESULTS.decode(await svc.shards[shard].hold(ENCODER.encode([item])))
-    except Exception as exc:
-        return Result(
-            item.hold_id, False, code=ErrorCode.SERVICE_UNAVAILABLE,
-            message=f"shard {shard} unavailable: {type(exc).__name__}", details={"retryable": True},
-        )  # fmt: skip
-    return result
-
-
 def _answer(result: Result) -> web.Response:
     if not result.ok:
-        return error_response(_result_error(result))
+        return error_response(result_error(result))
     details = result.details or {}
     body: dict[str, Any] = {"hold_id": result.journal_id, "state": details.get("state")}
     if details.get("state") == "posted":
@@ -123,7 +107,7 @@ async def create_hold(request: web.Request) -> web.Response:
         "create", hold_id, who, key, digest, journal.with_id(hold_id),
         expires_at=rfc3339(expires_at) if expires_at is not None else None,
     )  # fmt: skip
-    result = await _send(svc, shard, item)
+    result = await send_hold(svc, shard, item)
     if result.ok:
         await audit_event(
             request, "ledger.hold", {"hold_id": result.journal_id, "created_at": result.posted_at}
@@ -207,9 +191,9 @@ async def post_hold(request: web.Request) -> web.Response:
     post = _decode(_post_decoder, body) if body.strip() else HoldPostIn()
     row, _ = await _hold_or_404(svc, hold_id)
     lines = _posted_lines(JOURNAL.decode(row["journal"]).lines, post)
-    digest = hashlib.sha256(canonical(["post", [line.amount for line in lines]])).digest()
     who = request[PRINCIPAL].name
-    result = await _send(svc, row["shard_id"], HoldItem("post", hold_id, who, None, digest, lines=lines))
+    item = HoldItem("post", hold_id, who, None, post_digest(lines), lines=lines)
+    result = await send_hold(svc, row["shard_id"], item)
     if result.ok:
         payload = {"hold_id": hold_id, "journal_id": hold_id, "posted_at": result.posted_at,
                    "hash": result.hash.hex() if result.hash is not None else None}  # fmt: skip
@@ -223,7 +207,7 @@ async def void_hold(request: web.Request) -> web.Response:
     hold_id = request.match_info["hold_id"]
     row, _ = await _hold_or_404(svc, hold_id)
     who = request[PRINCIPAL].name
-    result = await _send(svc, row["shard_id"], HoldItem("void", hold_id, who, None, _VOID_HASH))
+    result = await send_hold(svc, row["shard_id"], HoldItem("void", hold_id, who, None, VOID_HASH))
     if result.ok:
         await audit_event(request, "ledger.hold_void", {"hold_id": hold_id, "voided_at": result.posted_at})
     return _answer(result)

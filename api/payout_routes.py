@@ -28,7 +28,6 @@ import asyncio
 import csv
 import hashlib
 import io
-import logging
 import os
 from collections.abc import Awaitable, Callable
 from datetime import date
@@ -38,9 +37,10 @@ import asyncpg
 import msgspec
 from aiohttp import web
 
-from actors.messages import ENCODER, JOURNAL, RESULTS, HoldItem, Result
+from actors.messages import Result
+from api import hold_calls
 from api.approval_routes import GOVERNANCE
-from api.audit_log import AUDIT_WRITER
+from api.audit_log import record_event
 from api.auth import PRINCIPAL, READERS, WRITERS, Role
 from api.envelope import ok
 from api.posting import Submission
@@ -49,12 +49,10 @@ from api.services import SERVICES, Services
 from finance import payouts
 from finance.stripe_gateway import PermanentProviderError, StripeGateway, TransientProviderError
 from ledger.errors import ErrorCode, LedgerError, Rejection, validation_error
-from ledger.journal import JOURNAL_ID_PATTERN, JournalIn, Line, rejection_from_msgspec, validate_journal
+from ledger.journal import JOURNAL_ID_PATTERN, JournalIn, rejection_from_msgspec, validate_journal
 from ledger.timestamps import rfc3339
-from signer.canonical import canonical, request_hash
-from store import holds_repo, payout_repo
-
-log = logging.getLogger(__name__)
+from signer.canonical import canonical
+from store import payout_repo
 
 SYSTEM_PRINCIPAL: Final = "system:payouts"
 BATCH_KIND: Final = "payout_batch"
@@ -62,13 +60,14 @@ PAYOUT_KIND: Final = "payout"
 TIMEOUT_ENV: Final = "LEDGER_PAYOUT_TIMEOUT_S"
 BACKOFF_ENV: Final = "LEDGER_PAYOUT_BACKOFF_S"
 TIMEOUT_DEFAULT_S: Final = 30.0
-_VOID_HASH: Final = hashlib.sha256(b"void").digest()
 _run_decoder: Final = msgspec.json.Decoder(payouts.RunRequest)
 
 
-def _failed(result: Result) -> LedgerError:
-    code = ErrorCode(result.code or ErrorCode.INTERNAL_ERROR)
-    return LedgerError(code, result.message or code.value, dict(result.details or {}))
+def _retryable(result: Result) -> Result:
+    """A shard that could not be reached stops the run (a re-run resumes); other results return."""
+    if result.code == ErrorCode.SERVICE_UNAVAILABLE:
+        raise hold_calls.result_error(result)
+    return result
 
 
 def _env_float(name: str, default: float) -> float:
@@ -89,64 +88,21 @@ class PayoutRunner:
     # -- audit ---------------------------------------------------------------------------------
     async def audit(self, actor: str, event_type: str, payload: dict[str, Any]) -> None:
         """Record an event (failures are logged, never raised: the money already moved)."""
-        writer = self.app.get(AUDIT_WRITER)
-        if writer is None:
-            return
-        try:
-            future = await writer.enqueue(actor, event_type, payload)
-            if writer.answer_after_commit:
-                await asyncio.wait([future])
-        except Exception:
-            log.exception("audit event %s not recorded", event_type)
+        await record_event(self.app, actor, event_type, payload)
 
     # -- ledger calls --------------------------------------------------------------------------
-    async def _hold_call(self, shard: int, item: HoldItem) -> Result:
-        try:
-            (result,) = RESULTS.decode(await self.svc.shards[shard].hold(ENCODER.encode([item])))
-        except Exception as exc:
-            raise LedgerError(
-                ErrorCode.SERVICE_UNAVAILABLE, f"shard {shard} unavailable: {type(exc).__name__}",
-                {"retryable": True},
-            ) from exc  # fmt: skip
-        return result
-
     async def ensure_in_transit(self, currency: str) -> None:
         """Create the split in-transit account of a currency on first use."""
-        account = payouts.in_transit_account(currency)
-        if account in self.svc.poster.split:
-            return
-        shard = self.svc.slot_map.shard_of(account)
-        (result,) = RESULTS.decode(await self.svc.shards[shard].create_account(account, False, True))
-        if not result.ok:
-            raise _failed(result)
-        self.svc.poster.add_split(account)
+        await hold_calls.ensure_split_account(self.svc, payouts.in_transit_account(currency))
 
     async def create_hold(self, row: asyncpg.Record) -> Result:
-        entries = payouts.hold_entries(_planned(row))
-        body = {"journal_id": row["payout_id"], "entries": entries, "memo": "payout pending",
-                "source_ref": row["batch_id"], "context": {"payout_id": row["payout_id"]}}  # fmt: skip
-        journal = validate_journal(msgspec.convert(body, JournalIn))
-        shard = self.svc.poster.shard_of_lines(row["payout_id"], journal.lines)
-        if shard is None:
-            raise LedgerError(
-                ErrorCode.INTERNAL_ERROR, "payout hold spans shards", {"payout": row["payout_id"]}
-            )
-        digest = hashlib.sha256(request_hash(journal) + canonical(None)).digest()
-        item = HoldItem("create", row["payout_id"], SYSTEM_PRINCIPAL, None, digest, journal)
-        return await self._hold_call(shard, item)
+        body = {"journal_id": row["payout_id"], "entries": payouts.hold_entries(_planned(row)),
+                "memo": "payout pending", "source_ref": row["batch_id"],
+                "context": {"payout_id": row["payout_id"]}}  # fmt: skip
+        return _retryable(await hold_calls.create_hold(self.svc, SYSTEM_PRINCIPAL, body))
 
     async def resolve_hold(self, payout_id: str, post: bool) -> Result:
-        async with self.svc.pool.acquire() as conn:
-            hold = await holds_repo.hold_row(conn, payout_id)
-        if hold is None:
-            raise LedgerError(ErrorCode.INTERNAL_ERROR, "payout without its hold", {"payout": payout_id})
-        if not post:
-            item = HoldItem("void", payout_id, SYSTEM_PRINCIPAL, None, _VOID_HASH)
-            return await self._hold_call(hold["shard_id"], item)
-        lines: tuple[Line, ...] = JOURNAL.decode(hold["journal"]).lines
-        digest = hashlib.sha256(canonical(["post", [line.amount for line in lines]])).digest()
-        item = HoldItem("post", payout_id, SYSTEM_PRINCIPAL, None, digest, lines=lines)
-        return await self._hold_call(hold["shard_id"], item)
+        return _retryable(await hold_calls.resolve_hold(self.svc, payout_id, SYSTEM_PRINCIPAL, post))
 
     async def settle(self, row: asyncpg.Record) -> Result:
         body = {"journal_id": payouts.settle_journal_id(row["payout_id"]),
@@ -230,10 +186,10 @@ class PayoutRunner:
         payout_id = row["payout_id"]
         posted = await self.resolve_hold(payout_id, post=True)
         if not posted.ok:
-            raise _failed(posted)  # stays pending: a re-run replays the transfer and posts it
+            raise hold_calls.result_error(posted)  # stays pending: a re-run replays the transfer and posts it
         settled = await self.settle({**dict(row), "transfer_id": transfer_id})  # type: ignore[arg-type]
         if not settled.ok:
-            raise _failed(settled)
+            raise hold_calls.result_error(settled)
         async with self.svc.pool.acquire() as conn:
             await payout_repo.set_state(conn, payout_id, "paid", transfer_id=transfer_id)
         await self.audit(
@@ -245,7 +201,7 @@ class PayoutRunner:
     async def _fail(self, payout_id: str, reason: str, actor: str) -> None:
         voided = await self.resolve_hold(payout_id, post=False)
         if not voided.ok:
-            raise _failed(voided)
+            raise hold_calls.result_error(voided)
         async with self.svc.pool.acquire() as conn:
             await payout_repo.set_state(conn, payout_id, "failed", reason=reason)
         await self.audit(actor, "payout.failed", {"payout_id": payout_id, "reason": reason})

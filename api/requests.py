@@ -4,16 +4,30 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Final
+from typing import Final, TypeVar
 
+import msgspec
 from aiohttp import web
 
 from ledger.errors import ErrorCode, LedgerError, validation_error
+from ledger.journal import rejection_from_msgspec
 from ledger.timestamps import parse_rfc3339
 
 SINGLE_BODY_MAX: Final = 1024 * 1024
 BATCH_BODY_MAX: Final = 32 * 1024 * 1024
 IDEMPOTENCY_KEY_PATTERN: Final = re.compile(r"^[\x21-\x7e]{1,200}$")
+
+T = TypeVar("T")
+
+
+def decode_json(body: bytes, kind: type[T]) -> T:
+    """Decode a JSON body into `kind` (strict msgspec types); VALIDATION_ERROR naming the bad field."""
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        raise rejection_from_msgspec(exc) from None
+    except msgspec.DecodeError as exc:
+        raise validation_error(f"malformed JSON: {exc}", "$") from None
 
 
 async def json_body(request: web.Request, limit: int = SINGLE_BODY_MAX) -> bytes:

@@ -16,8 +16,8 @@ from aiohttp import web
 
 from api.audit_log import audit_event
 from api.auth import READERS, WRITERS, Role
-from api.finance_routes import FINANCE, _answer, _decode, _idempotent, _who
-from api.requests import json_body
+from api.finance_routes import FINANCE, _answer, _idempotent, _who
+from api.requests import decode_json, json_body
 from finance import chart, royalties
 from ledger.errors import validation_error
 from ledger.timestamps import parse_rfc3339
@@ -35,7 +35,7 @@ def _time(request: web.Request, name: str) -> datetime | None:
 
 async def create_participant(request: web.Request) -> web.Response:
     """POST /finance/participants: register a royalty participant (payee)."""
-    decoded = _decode(await json_body(request), royalties.ParticipantRequest)
+    decoded = decode_json(await json_body(request), royalties.ParticipantRequest)
 
     async def work() -> tuple[int, dict[str, Any]]:
         view, created = await request.app[FINANCE].create_participant(decoded, _who(request))
@@ -54,7 +54,7 @@ async def get_participant(request: web.Request) -> web.Response:
 
 async def create_rule(request: web.Request) -> web.Response:
     """POST /finance/royalty_rules: a new version of a SKU's or contract's royalty rule."""
-    decoded = _decode(await json_body(request), royalties.RuleRequest)
+    decoded = decode_json(await json_body(request), royalties.RuleRequest)
 
     async def work() -> tuple[int, dict[str, Any]]:
         view, created = await request.app[FINANCE].create_rule(decoded, _who(request))

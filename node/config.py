@@ -10,7 +10,7 @@ from pathlib import Path
 
 DEFAULT_DATA_DIR = Path(".ledger-data")
 TOKEN_FILE = "api-tokens"
-APPROVAL_THRESHOLDS_DEFAULT = "journal=10000000,payout_batch=10000000,payout=5000000"
+APPROVAL_THRESHOLDS_DEFAULT = "journal=10000000,payout_batch=10000000,payout=5000000,escrow_release=5000000"
 """Gated kinds and their thresholds (minor units of the base currency) unless LEDGER_APPROVAL_THRESHOLDS."""
 
 
