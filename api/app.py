@@ -18,6 +18,7 @@ from api import (
     hold_routes,
     ledger_routes,
     payout_routes,
+    payout_tasks,
     proof_routes,
     royalty_routes,
     tax_routes,
@@ -146,5 +147,6 @@ def create_app(svc: Services, governance: approval_routes.GovernanceConfig | Non
     finance_routes.install(app)
     approval_routes.install(app, governance or approval_routes.GovernanceConfig())
     payout_routes.install(app)
+    app.cleanup_ctx.append(payout_tasks.payout_tasks)
     app.on_cleanup.append(proof_routes.shutdown)
     return app
