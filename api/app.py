@@ -19,6 +19,7 @@ from api import (
     hold_routes,
     ledger_routes,
     payout_routes,
+    payout_tasks,
     proof_routes,
     royalty_routes,
     tax_routes,
@@ -149,5 +150,6 @@ def create_app(svc: Services, governance: approval_routes.GovernanceConfig | Non
     approval_routes.install(app, governance or approval_routes.GovernanceConfig())
     payout_routes.install(app)
     escrow_routes.install(app)
+    app.cleanup_ctx.append(payout_tasks.payout_tasks)
     app.on_cleanup.append(proof_routes.shutdown)
     return app

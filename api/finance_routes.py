@@ -278,6 +278,8 @@ RECOGNITION_INTERVAL_S: Final = web.AppKey("recognition_interval_s", float)
 """Seconds between the node's recognition runs (`LEDGER_RECOGNITION_INTERVAL_S`); absent or <= 0: off."""
 RECOGNITION_ACTOR: Final = "node:recognition"
 """The audit actor and posting principal of the node's periodic recognition runs."""
+HOLDBACK_ACTOR: Final = "node:holdbacks"
+"""The audit actor and posting principal of the node's periodic holdback releases."""
 
 
 class RecognitionRunRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -324,8 +326,26 @@ async def audit_app(app: web.Application, actor_id: str, event_type: str, payloa
         audit_failures(app[SERVICES].metrics).labels(event_type).inc()
 
 
+def holdback_release_payload(result: dict[str, Any], trigger: str) -> dict[str, Any]:
+    """The `royalty.holdback_release` audit payload (`trigger`: api, schedule or payout_run)."""
+    return {"as_of": result["as_of"], "trigger": trigger, "released": result["released"],
+            "failed": result["failed"]}  # fmt: skip
+
+
+async def release_holdbacks(app: web.Application, actor: str, trigger: str) -> dict[str, Any]:
+    """Release the holdbacks due now as `actor` (no request: the node's ticker, a payout run);
+    one `royalty.holdback_release` audit event when the run released something."""
+    finance = app[FINANCE]
+    result = await finance.release_holdbacks(finance.clock(), actor)
+    if result["released"]:
+        await audit_app(app, actor, "royalty.holdback_release", holdback_release_payload(result, trigger))
+    return result
+
+
 async def _recognition_loop(app: web.Application, interval_s: float) -> None:
-    """Every `interval_s`: post the installments due now; audited when something posted or failed."""
+    """Every `interval_s`: post the installments due now, then release the holdbacks due now (so an
+    accrual whose holdback is already due is released in the same tick); each run is audited when
+    it changed something."""
     while True:
         await asyncio.sleep(interval_s)
         finance = app[FINANCE]
@@ -333,11 +353,15 @@ async def _recognition_loop(app: web.Application, interval_s: float) -> None:
             result = await finance.run_recognition(finance.clock(), RECOGNITION_ACTOR)
         except Exception:
             log.exception("recognition run failed; retrying in %ss", interval_s)
-            continue
-        if result["posted"] or result["failed"]:
-            await audit_app(
-                app, RECOGNITION_ACTOR, "revenue.recognition_run", _run_payload(result, "schedule")
-            )
+        else:
+            if result["posted"] or result["failed"]:
+                await audit_app(
+                    app, RECOGNITION_ACTOR, "revenue.recognition_run", _run_payload(result, "schedule")
+                )
+        try:
+            await release_holdbacks(app, HOLDBACK_ACTOR, "schedule")
+        except Exception:
+            log.exception("holdback release failed; retrying in %ss", interval_s)
 
 
 async def recognition_task(app: web.Application) -> AsyncIterator[None]:

@@ -50,6 +50,19 @@ class Metrics:
             ["shard"],
             registry=self.registry,
         )
+        self.payout_schedule_last_run = Gauge(
+            "ledger_payout_schedule_last_run_timestamp_seconds",
+            "Unix time at which the last scheduled payout run started (LEDGER_PAYOUT_SCHEDULE)",
+            registry=self.registry,
+        )
+        self.payout_schedule_runs = Counter(
+            "ledger_payout_schedule_runs_total", "Scheduled payout runs started", registry=self.registry
+        )
+        self.payout_schedule_failures = Counter(
+            "ledger_payout_schedule_failures_total",
+            "Scheduled payout runs that raised (retried at the next scheduled time)",
+            registry=self.registry,
+        )
         self.twophase_outcomes = Gauge(
             "ledger_twophase_outcomes", "Cross-shard outcomes since the coordinator started", ["outcome"],
             registry=self.registry,

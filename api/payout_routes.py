@@ -7,7 +7,10 @@
   another request with that batch id is 409 IDEMPOTENCY_CONFLICT. A batch whose total in one
   currency reaches the `payout_batch` approval threshold, or with a payout reaching `payout`, answers
   `202 {action_id, status: "pending_approval", approvals_required, payoutBatchId}` and runs when the
-  quorum approves. Otherwise 200 `{payoutBatchId, payout_batch_id, batch}`.
+  quorum approves. Otherwise 200 `{payoutBatchId, payout_batch_id, batch}`. Every run first
+  releases the holdbacks due now (finance/holdbacks.py; listed in `holdbacks_released`), so a
+  released holdback is paid by the same run. Scheduled runs (`LEDGER_PAYOUT_SCHEDULE`) and the
+  start-up resume of open batches go through `run_payouts` / `run_batch` too (api/payout_tasks.py).
 - `GET /payout/{payout_id}`, `GET /finance/payout/batches/{batch_id}`,
   `GET /finance/payout/batches/{batch_id}/file?format=csv|json` (the file for bank rails).
 
@@ -43,6 +46,7 @@ from api.approval_routes import GOVERNANCE
 from api.audit_log import record_event
 from api.auth import PRINCIPAL, READERS, WRITERS, Role
 from api.envelope import ok
+from api.finance_routes import release_holdbacks
 from api.posting import Submission
 from api.requests import json_body
 from api.services import SERVICES, Services
@@ -294,9 +298,9 @@ async def _plan(conn: asyncpg.Connection, batch_id: str, items: list[payouts.Ite
     return payouts.plan(batch_id, dues, participants, items)
 
 
-async def _gate(request: web.Request, planned: list[payouts.Planned]) -> tuple[int, str] | None:
+async def _gate(app: web.Application, planned: list[payouts.Planned]) -> tuple[int, str] | None:
     """(amount, currency) the batch is gated on, or None when it may run at once."""
-    governance = request.app[GOVERNANCE]
+    governance = app[GOVERNANCE]
     totals: dict[str, int] = {}
     for p in planned:
         totals[p.currency] = totals.get(p.currency, 0) + p.amount
@@ -319,9 +323,25 @@ async def run(request: web.Request) -> web.Response:
     batch_id = decoded.batch_id or payouts.batch_id_for(payout_date.isoformat())
     if not JOURNAL_ID_PATTERN.fullmatch(batch_id) or len(batch_id) > 120:
         raise validation_error("batch_id must be 1-120 characters of [A-Za-z0-9:._-]", "$.batch_id")
-    items = _items(decoded)
-    who = request[PRINCIPAL].name
-    svc, runner = request.app[SERVICES], request.app[RUNNER]
+    outcome = await run_payouts(request.app, payout_date, batch_id, _items(decoded), request[PRINCIPAL].name)
+    assert outcome is not None  # for mypy; only skip_empty runs answer None
+    status, answer = outcome
+    return ok(status, **answer)
+
+
+async def run_payouts(
+    app: web.Application,
+    payout_date: date,
+    batch_id: str,
+    items: list[payouts.ItemIn] | None,
+    who: str,
+    *,
+    skip_empty: bool = False,
+) -> tuple[int, dict[str, Any]] | None:
+    """A payout run (the endpoint's and the schedule's): release the holdbacks due now, plan the
+    batch once (a replay resumes it), gate it on multisig or run it; (HTTP status, answer).
+    `skip_empty` (scheduled runs): a new batch that would plan no payout is not created (None)."""
+    svc, runner = app[SERVICES], app[RUNNER]
     digest = hashlib.sha256(canonical({"payout_date": payout_date.isoformat(), "batch_id": batch_id,
                                        "items": msgspec.to_builtins(items)})).hexdigest()  # fmt: skip
     if not os.environ.get("STRIPE_API_KEY"):
@@ -329,6 +349,7 @@ async def run(request: web.Request) -> web.Response:
             ErrorCode.SERVICE_UNAVAILABLE, "payouts need STRIPE_API_KEY (and STRIPE_API_BASE)",
             {"env": "STRIPE_API_KEY"},
         )  # fmt: skip
+    released = await release_holdbacks(app, who, "payout_run")
     gated: tuple[int, str] | None = None
     async with svc.pool.acquire() as conn, conn.transaction():
         await payout_repo.lock_planning(conn)
@@ -342,7 +363,9 @@ async def run(request: web.Request) -> web.Response:
                 )  # fmt: skip
         else:
             planned, skipped = await _plan(conn, batch_id, items)
-            gated = await _gate(request, planned)
+            if skip_empty and not planned:
+                return None
+            gated = await _gate(app, planned)
             await payout_repo.insert_batch(
                 conn, batch_id=batch_id, payout_date=payout_date,
                 status="pending_approval" if gated else "open",
@@ -361,35 +384,50 @@ async def run(request: web.Request) -> web.Response:
                                               "totals": view["totals"], "payouts": len(view["payouts"]),
                                               "gated": gated is not None})  # fmt: skip
     if gated is not None or (existing is not None and existing["status"] == "pending_approval"):
-        return await _submit(request, batch_id, gated)
-    await runner.run_batch(batch_id, who)
-    async with svc.pool.acquire() as conn:
-        view = await batch_view(conn, batch_id)
-    return ok(200, payoutBatchId=batch_id, payout_batch_id=batch_id, batch=view)
+        status, answer = await _submit(app, who, batch_id, gated)
+    else:
+        await runner.run_batch(batch_id, who)
+        async with svc.pool.acquire() as conn:
+            view = await batch_view(conn, batch_id)
+        status, answer = 200, {"payoutBatchId": batch_id, "payout_batch_id": batch_id, "batch": view}
+    return status, {**answer, "holdbacks_released": released["released"]}
 
 
-async def _submit(request: web.Request, batch_id: str, gated: tuple[int, str] | None) -> web.Response:
-    governance = request.app[GOVERNANCE]
-    svc = request.app[SERVICES]
+async def _submit(
+    app: web.Application, who: str, batch_id: str, gated: tuple[int, str] | None
+) -> tuple[int, dict[str, Any]]:
+    governance = app[GOVERNANCE]
+    svc = app[SERVICES]
     action_id = f"{BATCH_KIND}.{batch_id}"
     if gated is None:  # a replay of a gated run: the action exists
         view = await governance.view(action_id)
     else:
         amount, currency = gated
         view, created = await governance.submit(
-            BATCH_KIND, action_id, {"batch_id": batch_id}, amount, currency, request[PRINCIPAL].name
+            BATCH_KIND, action_id, {"batch_id": batch_id}, amount, currency, who
         )
         async with svc.pool.acquire() as conn:
             await payout_repo.set_batch(conn, batch_id, "pending_approval", action_id=action_id)
         if created:
-            await request.app[RUNNER].audit(
-                request[PRINCIPAL].name, "approval.request",
+            await app[RUNNER].audit(
+                who, "approval.request",
                 {"action_id": action_id, "kind": BATCH_KIND, "params_hash": view["statement"]["params_hash"]},
             )  # fmt: skip
-    return ok(
-        202, action_id=action_id, status=view["status"], approvals_required=view["approvals_required"],
-        payoutBatchId=batch_id, payout_batch_id=batch_id, action=view,
-    )  # fmt: skip
+    return 202, {
+        "action_id": action_id, "status": view["status"], "approvals_required": view["approvals_required"],
+        "payoutBatchId": batch_id, "payout_batch_id": batch_id, "action": view,
+    }  # fmt: skip
+
+
+async def resume_open_batches(app: web.Application, actor: str) -> list[str]:
+    """Run again every batch left `open` (payouts planned or pending when the node stopped):
+    re-running is idempotent (ids and provider keys derive from the payout). The batches resumed."""
+    runner = app[RUNNER]
+    async with runner.svc.pool.acquire() as conn:
+        batch_ids = await payout_repo.open_batches(conn)
+    for batch_id in batch_ids:
+        await runner.run_batch(batch_id, actor)
+    return batch_ids
 
 
 async def get_payout(request: web.Request) -> web.Response:

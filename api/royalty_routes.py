@@ -1,9 +1,15 @@
-"""Royalty endpoints: participants, versioned royalty rules, participant statements.
+"""Royalty endpoints: participants, versioned royalty rules, participant statements, holdback release.
 
 Writes (service, operator, admin) are idempotent by id (an exact replay answers 200 with the
 stored object, a different payload 409 IDEMPOTENCY_CONFLICT), also accept an `Idempotency-Key`,
 and record an audit event when they create something. The work is done by
-`finance.service.FinanceService` (finance/royalties.py for the rules and the split).
+`finance.service.FinanceService` (finance/royalties.py for the rules and the split,
+finance/holdbacks.py for the release of holdbacks).
+
+`POST /finance/holdbacks/release` (operator, admin) `{as_of?}` releases every holdback due at
+`as_of` (default now; a time after now is VALIDATION_ERROR: releasing before the release date would
+change the rule's terms, which is a new rule version, not a release). The node also releases due
+holdbacks from its periodic ticker and at the start of every payout run.
 """
 
 from __future__ import annotations
@@ -12,15 +18,16 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, Final
 
+import msgspec
 from aiohttp import web
 
 from api.audit_log import audit_event
 from api.auth import READERS, WRITERS, Role
-from api.finance_routes import FINANCE, _answer, _idempotent, _who
+from api.finance_routes import FINANCE, _answer, _idempotent, _who, holdback_release_payload
 from api.requests import decode_json, json_body
 from finance import chart, royalties
 from ledger.errors import validation_error
-from ledger.timestamps import parse_rfc3339
+from ledger.timestamps import parse_rfc3339, rfc3339
 
 
 def _time(request: web.Request, name: str) -> datetime | None:
@@ -87,6 +94,42 @@ async def get_statement(request: web.Request) -> web.Response:
     return _answer(200, {"statement": statement})
 
 
+RELEASERS: Final = frozenset({Role.OPERATOR, Role.ADMIN})
+"""Who may release holdbacks on demand (an operator decision; runs and the ticker release as the node)."""
+
+
+class HoldbackReleaseRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """`POST /finance/holdbacks/release`: release what is due at `as_of` (RFC 3339, <= now; default now)."""
+
+    as_of: str | None = None
+
+
+async def release_holdbacks(request: web.Request) -> web.Response:
+    """POST /finance/holdbacks/release: release every holdback due at `as_of`; lists the releases."""
+    decoded = (
+        decode_json(await json_body(request), HoldbackReleaseRequest)
+        if request.can_read_body
+        else HoldbackReleaseRequest()
+    )
+    finance = request.app[FINANCE]
+    now = finance.clock()
+    as_of = now
+    if decoded.as_of is not None:
+        parsed = parse_rfc3339(decoded.as_of)
+        if parsed is None:
+            raise validation_error("as_of must be an RFC 3339 time with an offset", "$.as_of")
+        if parsed > now:
+            raise validation_error(
+                "as_of must not be in the future (holdbacks are released on or after their release time)",
+                "$.as_of", now=rfc3339(now),
+            )  # fmt: skip
+        as_of = parsed
+    result = await finance.release_holdbacks(as_of, _who(request))
+    if result["released"]:
+        await audit_event(request, "royalty.holdback_release", holdback_release_payload(result, "api"))
+    return _answer(200, result)
+
+
 ROUTES: Final[
     list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]], frozenset[Role]]]
 ] = [
@@ -95,4 +138,5 @@ ROUTES: Final[
     ("GET", "/finance/participants/{participant_id}/statement", get_statement, READERS),
     ("POST", "/finance/royalty_rules", create_rule, WRITERS),
     ("GET", "/finance/royalty_rules", get_rule, READERS),
+    ("POST", "/finance/holdbacks/release", release_holdbacks, RELEASERS),
 ]

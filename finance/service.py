@@ -30,7 +30,7 @@ from typing import Any, Final, Protocol
 import asyncpg
 import msgspec
 
-from finance import chart, fx, invoices, recognition, royalties
+from finance import chart, fx, holdbacks, invoices, recognition, royalties
 from finance.invoices import Buyer, Invoice, InvoiceStatus, LineItem, LineRefund, Step
 from finance.recognition import Policy
 from finance.stripe_events import (
@@ -537,6 +537,29 @@ def accrual_view(row: asyncpg.Record) -> dict[str, Any]:
         "holdback_release_at": _iso(row["holdback_release_at"]),
         "posted_at": rfc3339(row["posted_at"]),
         "journal_id": row["journal_id"],
+        "holdback_released_at": _iso(row["holdback_released_at"]),
+        "holdback_release_journal_id": row["holdback_release_journal"],
+    }
+
+
+def _held(row: asyncpg.Record) -> holdbacks.HeldAccrual:
+    return holdbacks.HeldAccrual(
+        row["journal_id"], row["sku"], row["participant_id"], row["currency"], row["holdback"],
+        row["holdback_release_at"], row["released"],
+    )  # fmt: skip
+
+
+def release_view(release: holdbacks.Release, released_at: datetime | None) -> dict[str, Any]:
+    """One holdback release as `POST /finance/holdbacks/release` and its audit event show it."""
+    return {
+        "journal_id": release.journal_id,
+        "accrual_journal_id": release.accrual_journal_id,
+        "holdback_release_at": rfc3339(release.release_at),
+        "released_at": _iso(released_at),
+        "amounts": [
+            {"participant_id": a.participant_id, "currency": a.currency, "amount": a.amount}
+            for a in release.amounts
+        ],
     }
 
 
@@ -922,6 +945,41 @@ class FinanceService:
             conn,
             [(*row[:4], plan.journal_id, *row[4:], posted_at) for row in plan.rows],
         )
+
+    # -- holdback release (finance/holdbacks.py, migration 0018) ----------------------------------
+    async def release_holdbacks(self, as_of: datetime, principal: str) -> dict[str, Any]:
+        """Release every holdback due at `as_of` (one journal per accrual journal and release time,
+        id derived from it, then its rows marked released); `{as_of, released: [...], failed:
+        [...]}`. A release that fails is reported and retried by the next run; the others still
+        go through. A crash between the posting and the marking is repaired by the next run, whose
+        posting of the same id is a replay."""
+        async with self._locked("holdback-release"):
+            async with self.pool.acquire() as conn:
+                rows = await royalty_repo.held_accruals(conn, as_of, holdbacks.JOURNALS_MAX)
+            released: list[dict[str, Any]] = []
+            failed: list[dict[str, Any]] = []
+            for release in holdbacks.plan_releases([_held(r) for r in rows], as_of):
+                try:
+                    view = await self._release(release, principal)
+                except LedgerError as exc:
+                    failed.append(
+                        {"journal_id": release.journal_id, "accrual_journal_id": release.accrual_journal_id,
+                         "code": str(exc.code), "message": exc.message}
+                    )  # fmt: skip
+                    continue
+                if view is not None:
+                    released.append(view)
+        return {"as_of": rfc3339(as_of), "released": released, "failed": failed}
+
+    async def _release(self, release: holdbacks.Release, principal: str) -> dict[str, Any] | None:
+        """Post one release (or replay it) and mark its rows; its view, None if another run marked them."""
+        journal_id = await self._post(holdbacks.release_body(release), release.journal_id, principal)
+        async with self.pool.acquire() as conn, conn.transaction():
+            released_at = await royalty_repo.journal_posted_at(conn, journal_id) or self.clock()
+            marked = await royalty_repo.mark_released(
+                conn, release.accrual_journal_id, release.release_at, journal_id, released_at
+            )
+        return release_view(release, released_at) if marked else None
 
     async def create_participant(
         self, request: royalties.ParticipantRequest, principal: str

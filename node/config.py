@@ -8,6 +8,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from finance import payout_schedule
+
 DEFAULT_DATA_DIR = Path(".ledger-data")
 TOKEN_FILE = "api-tokens"
 APPROVAL_THRESHOLDS_DEFAULT = "journal=10000000,payout_batch=10000000,payout=5000000,escrow_release=5000000"
@@ -30,6 +32,16 @@ def env_seconds(name: str, default: float) -> float:
     if not value >= 0 or value == float("inf"):
         raise ConfigError(f"{name} must be a finite number of seconds >= 0, got {text!r}")
     return value
+
+
+def env_payout_schedule(name: str = payout_schedule.ENV) -> str:
+    """`LEDGER_PAYOUT_SCHEDULE` checked (off, every:<seconds>, daily@HH:MM UTC); unset or empty: `off`."""
+    text = (os.environ.get(name) or "").strip() or "off"
+    try:
+        payout_schedule.parse(text)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    return text
 
 
 @dataclass(slots=True)
@@ -58,6 +70,9 @@ class NodeConfig:
     # LEDGER_RECOGNITION_INTERVAL_S: seconds between the node's revenue recognition runs (posting
     # due installments of ratable schedules); 0 turns the periodic run off.
     recognition_interval_s: float = 60.0
+    # LEDGER_PAYOUT_SCHEDULE: off (default), every:<seconds> or daily@HH:MM (UTC): the node runs an
+    # "all due" payout run at that schedule (finance/payout_schedule.py, api/payout_tasks.py).
+    payout_schedule: str = "off"
     # Multisig governance (finance/governance.py): LEDGER_MULTISIG (m-of-n approvals, default 3-of-5),
     # LEDGER_APPROVAL_THRESHOLDS (kind=minor units of the base currency at or above which an action
     # waits for approvals), LEDGER_APPROVAL_TTL_S (how long an action may wait; default 7 days).
@@ -81,6 +96,7 @@ class NodeConfig:
             audit_wait=os.environ.get("LEDGER_AUDIT_WAIT", "0") == "1",
             base_currency=os.environ.get("LEDGER_BASE_CURRENCY") or "USD",
             recognition_interval_s=env_seconds("LEDGER_RECOGNITION_INTERVAL_S", 60.0),
+            payout_schedule=env_payout_schedule(),
             multisig=os.environ.get("LEDGER_MULTISIG") or "3-of-5",
             approval_thresholds=os.environ.get("LEDGER_APPROVAL_THRESHOLDS", APPROVAL_THRESHOLDS_DEFAULT),
             approval_ttl_s=env_seconds("LEDGER_APPROVAL_TTL_S", 7 * 24 * 3600.0),

@@ -23,8 +23,10 @@ from api.approval_routes import GovernanceConfig
 from api.audit_log import AUDIT_WRITER
 from api.auth import Authenticator, TokenError, parse_tokens
 from api.finance_routes import RECOGNITION_INTERVAL_S
+from api.payout_tasks import PAYOUT_SCHEDULE
 from api.posting import Poster
 from api.services import Services
+from finance import payout_schedule
 from finance.governance import parse_thresholds
 from finance.multisig import parse_policy
 from node.config import TOKEN_FILE, NodeConfig, ensure_token_file
@@ -76,10 +78,18 @@ class Node:
             raise StartupError("LEDGER_APPROVAL_TTL_S must be > 0")
         return GovernanceConfig(config.multisig, config.approval_thresholds, config.approval_ttl_s)
 
+    def _payout_schedule(self) -> payout_schedule.Schedule | None:
+        """The payout schedule, checked (StartupError naming the variable)."""
+        try:
+            return payout_schedule.parse(self.config.payout_schedule)
+        except ValueError as exc:
+            raise StartupError(f"{payout_schedule.ENV}: {exc}") from None
+
     async def start(self) -> None:
         """Bring the whole node up; raise StartupError with a clear message on failure."""
         config = self.config
         self._governance()  # refuse bad settings before anything starts
+        self._payout_schedule()
         auth = self._authenticator()
         self.dsn = config.database_url or self._start_embedded()
         self.pool = await repository.create_pool(self.dsn, 2, 8)
@@ -163,6 +173,9 @@ class Node:
         app = create_app(self.services, self._governance())
         app[AUDIT_WRITER] = self.audit
         app[RECOGNITION_INTERVAL_S] = self.config.recognition_interval_s
+        schedule = self._payout_schedule()
+        if schedule is not None:
+            app[PAYOUT_SCHEDULE] = schedule
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.config.host, self.config.port, backlog=1024, reuse_address=True)

@@ -162,3 +162,11 @@ async def record_attempt(conn: asyncpg.Connection, payout_id: str, outcome: str,
         detail,
     )
     return number
+
+
+async def open_batches(conn: asyncpg.Connection) -> list[str]:
+    """Batches left `open` (some payout planned or pending), oldest first: resumed at start-up."""
+    rows = await conn.fetch(
+        "SELECT batch_id FROM payout_batches WHERE status = 'open' ORDER BY created_at, batch_id"
+    )
+    return [r["batch_id"] for r in rows]

@@ -185,3 +185,47 @@ async def participant_clawbacks(
 ) -> list[asyncpg.Record]:
     """A participant's clawbacks with `start <= posted_at < end` (either bound optional), oldest first."""
     return await _participant_rows(conn, "royalty_clawbacks", "source_journal", participant_id, start, end)
+
+
+async def held_accruals(conn: asyncpg.Connection, as_of: datetime, journals_max: int) -> list[asyncpg.Record]:
+    """Every accrual row with a holdback of the (at most `journals_max`, oldest release first)
+    accrual journals that have a holdback due at `as_of` and not released yet: released rows and
+    rows due later included, so a journal's release times (and the ids derived from them) are
+    always seen whole."""
+    return await conn.fetch(
+        """
+        WITH due AS (
+            SELECT journal_id, min(holdback_release_at) AS first_due FROM royalty_accruals
+             WHERE holdback > 0 AND holdback_released_at IS NULL AND holdback_release_at <= $1
+             GROUP BY journal_id ORDER BY first_due, journal_id LIMIT $2
+        )
+        SELECT a.journal_id, a.sku, a.participant_id, a.currency::text AS currency, a.holdback,
+               a.holdback_release_at, a.holdback_released_at IS NOT NULL AS released
+          FROM royalty_accruals a JOIN due USING (journal_id)
+         WHERE a.holdback > 0 AND a.holdback_release_at IS NOT NULL
+         ORDER BY due.first_due, a.journal_id, a.sku, a.participant_id
+        """,
+        as_of,
+        journals_max,
+    )
+
+
+async def mark_released(
+    conn: asyncpg.Connection,
+    accrual_journal_id: str,
+    release_at: datetime,
+    release_journal_id: str,
+    released_at: datetime,
+) -> int:
+    """Mark the accrual journal's rows due at `release_at` released by `release_journal_id`; how
+    many rows this call marked (0: another run marked them first)."""
+    status = await conn.execute(
+        "UPDATE royalty_accruals SET holdback_released_at = $4, holdback_release_journal = $3"
+        " WHERE journal_id = $1 AND holdback_release_at = $2 AND holdback > 0"
+        " AND holdback_released_at IS NULL",
+        accrual_journal_id,
+        release_at,
+        release_journal_id,
+        released_at,
+    )
+    return int(status.split()[-1])

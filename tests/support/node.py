@@ -34,8 +34,12 @@ class NodeHarness:
         signing: bool = True,
         signer_env: dict[str, str] | None = None,
         hash_alg: str | None = None,
+        recognition_interval_s: float | None = None,
+        payout_schedule: str | None = None,
     ) -> None:
         self.shards = shards
+        self.recognition_interval_s = recognition_interval_s
+        self.payout_schedule = payout_schedule
         self.hash_alg = hash_alg
         self.batch_max = batch_max
         self.signing = signing
@@ -67,9 +71,21 @@ class NodeHarness:
             checkpoint_every_s=0.1,
             hash_alg=self.hash_alg,
         )
+        if self.recognition_interval_s is not None:
+            config.recognition_interval_s = self.recognition_interval_s
+        if self.payout_schedule is not None:
+            config.payout_schedule = self.payout_schedule
         self.node = Node(config)
         self.run(self.node.start())
         return self
+
+    def restart(self) -> None:
+        """Stop the node (HTTP, actors, pool) and start it again on the same database and port."""
+        assert self.node is not None
+        config = self.node.config
+        self.run(self.node.stop())
+        self.node = Node(config)
+        self.run(self.node.start())
 
     @property
     def url(self) -> str:

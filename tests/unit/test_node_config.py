@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from node.config import NodeConfig
+from node.config import ConfigError, NodeConfig
 
 
 def test_audit_wait_defaults_to_answering_before_the_audit_commit(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -26,3 +26,19 @@ def test_signing_is_on_unless_switched_off(monkeypatch: pytest.MonkeyPatch) -> N
     assert NodeConfig.from_env().signing is False
     monkeypatch.setenv("LEDGER_SIGNING", "on")
     assert NodeConfig.from_env().signing is True
+
+
+def test_payout_schedule_is_off_by_default_and_malformed_refuses_start_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tried: LEDGER_PAYOUT_SCHEDULE unset, empty, every:30, daily@02:00 -> kept as given (off when
+    unset); "hourly" and daily@25:00 -> ConfigError naming the variable and the accepted forms."""
+    monkeypatch.delenv("LEDGER_PAYOUT_SCHEDULE", raising=False)
+    assert NodeConfig.from_env().payout_schedule == "off"
+    for value, expected in (("", "off"), ("every:30", "every:30"), ("daily@02:00", "daily@02:00")):
+        monkeypatch.setenv("LEDGER_PAYOUT_SCHEDULE", value)
+        assert NodeConfig.from_env().payout_schedule == expected
+    for value in ("hourly", "daily@25:00"):
+        monkeypatch.setenv("LEDGER_PAYOUT_SCHEDULE", value)
+        with pytest.raises(ConfigError, match=r"^LEDGER_PAYOUT_SCHEDULE: .*daily@HH:MM"):
+            NodeConfig.from_env()

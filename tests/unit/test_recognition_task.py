@@ -16,6 +16,7 @@ from node.config import NodeConfig
 class FakeFinance:
     def __init__(self) -> None:
         self.calls: list[tuple[datetime, str]] = []
+        self.releases: list[tuple[datetime, str]] = []
 
     def clock(self) -> datetime:
         return datetime(2026, 5, 1, tzinfo=UTC)
@@ -25,6 +26,10 @@ class FakeFinance:
         if len(self.calls) == 1:
             raise RuntimeError("database away")  # a failing run is logged; the loop goes on
         return {"as_of": "2026-05-01T00:00:00.000000Z", "posted": [], "failed": []}
+
+    async def release_holdbacks(self, as_of: datetime, principal: str) -> dict[str, Any]:
+        self.releases.append((as_of, principal))
+        return {"as_of": "2026-05-01T00:00:00.000000Z", "released": [], "failed": []}
 
 
 async def _lifecycle(interval_s: float | None) -> FakeFinance:
@@ -50,9 +55,18 @@ def test_the_periodic_run_posts_at_the_clock_and_stops_at_shutdown() -> None:
     assert all(call == (datetime(2026, 5, 1, tzinfo=UTC), "node:recognition") for call in fake.calls)
 
 
+def test_the_same_ticker_releases_due_holdbacks_even_when_recognition_fails() -> None:
+    """Tried: a ticker whose first recognition run raises -> every tick, that one included, still
+    releases the holdbacks due at the clock as `node:holdbacks`."""
+    fake = asyncio.run(_lifecycle(0.01))
+    assert len(fake.releases) == len(fake.calls) >= 3
+    assert all(call == (datetime(2026, 5, 1, tzinfo=UTC), "node:holdbacks") for call in fake.releases)
+
+
 @pytest.mark.parametrize("interval_s", [None, 0.0])
 def test_no_interval_no_task(interval_s: float | None) -> None:
-    assert asyncio.run(_lifecycle(interval_s)).calls == []
+    fake = asyncio.run(_lifecycle(interval_s))
+    assert fake.calls == [] and fake.releases == []
 
 
 def test_the_interval_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
