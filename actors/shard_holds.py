@@ -82,9 +82,25 @@ class ShardHolds:
         self.next_expiry: datetime | None = None
 
     async def load(self, conn: asyncpg.Connection) -> None:
-        """Reload the shard's open holds (their pending amounts come back with the balances)."""
+        """Reload the shard's open holds.
+
+        Their pending amounts come back with the balances of the shard's own slots. A line on a
+        split account homed in another shard's slot is the exception: its one `balances` row is
+        loaded by that shard, so this shard re-adds the pending amounts of its own open holds on
+        it (without them, posting or voiding such a hold after a restart would take this shard's
+        in-memory pending figure below zero)."""
+        own = set(self.engine.slots)
+        foreign = Staging()
         for row in await holds_repo.open_holds(conn, self.engine.shard_id):
-            self.open[row["hold_id"]] = OpenHold(JOURNAL.decode(row["journal"]), row["expires_at"])
+            journal = JOURNAL.decode(row["journal"])
+            self.open[row["hold_id"]] = OpenHold(journal, row["expires_at"])
+            elsewhere = tuple(ln for ln in journal.lines if slot_of(ln.account_id) not in own)
+            if elsewhere:
+                check(
+                    self.engine.book.hold(elsewhere, foreign) is None,
+                    "a held line on another shard's slot must be on an unguarded (split) account",
+                )
+        self.engine.book.apply(foreign)
         self._reschedule()
 
     def _reschedule(self) -> None:
