@@ -15,6 +15,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from api.kafka_consumer import KafkaSettings
 from node.config import NodeConfig
 from node.runtime import Node
 from sharding.slots import SlotMap, even_slot_map
@@ -34,7 +35,9 @@ class NodeHarness:
         signing: bool = True,
         signer_env: dict[str, str] | None = None,
         hash_alg: str | None = None,
+        kafka: KafkaSettings | None = None,
     ) -> None:
+        self.kafka = kafka
         self.shards = shards
         self.hash_alg = hash_alg
         self.batch_max = batch_max
@@ -66,6 +69,7 @@ class NodeHarness:
             signer_env=self.signer_env,
             checkpoint_every_s=0.1,
             hash_alg=self.hash_alg,
+            kafka=self.kafka,
         )
         self.node = Node(config)
         self.run(self.node.start())
