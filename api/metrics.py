@@ -67,3 +67,46 @@ class Metrics:
             "ledger_twophase_outcomes", "Cross-shard outcomes since the coordinator started", ["outcome"],
             registry=self.registry,
         )  # fmt: skip
+
+
+class KafkaMetrics:
+    """The Kafka consumer's metrics (api/kafka_consumer.py), in the node's registry or their own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.consumed = Counter(
+            "ledger_kafka_consumed_total", "Records taken from the topic", ["topic"], registry=self.registry
+        )
+        self.events = Counter(
+            "ledger_kafka_events_total",
+            "Events acknowledged by the ledger, by outcome (posted, replayed)",
+            ["topic", "outcome"],
+            registry=self.registry,
+        )
+        self.dead_letters = Counter(
+            "ledger_kafka_dlq_total",
+            "Records sent to the dead-letter topic, by reason (undecodable, invalid, rejected) and code",
+            ["reason", "code"],
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "ledger_kafka_retries_total",
+            "Events (or batches) retried after a retryable failure, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.lag = Gauge(
+            "ledger_kafka_consumer_lag",
+            "High watermark minus committed offset, per assigned partition",
+            ["topic", "partition"],
+            registry=self.registry,
+        )
+        self.batch_seconds = Histogram(
+            "ledger_kafka_batch_seconds",
+            "Time from a batch taken to its offsets committed",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=self.registry,
+        )
+        self.paused = Gauge(
+            "ledger_kafka_paused", "1 while consumption is paused for a retry", registry=self.registry
+        )

@@ -1,6 +1,10 @@
 """The `ledger-node` command line.
 
     ledger-node serve  [--host H] [--port P] [--shards N] [--data-dir DIR] [--ray-address A]
+                                                 (also consumes Kafka when KAFKA_BOOTSTRAP_SERVERS is set)
+    ledger-node consume --url URL [--metrics-port P]
+                                                 consume Kafka payment events in a separate process,
+                                                 posting them to the node at URL (LEDGER_API_TOKEN)
     ledger-node check  [--data-dir DIR]          recompute balances, verify chains and signatures
     ledger-node migrate [--data-dir DIR]         apply pending schema migrations and exit
     ledger-node verify PROOF --public-key PEM    verify a proof package offline (no server needed)
@@ -18,17 +22,24 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from actors.runtime import stop_ray
 from api.auth import TokenError
+from api.kafka_consumer import PaymentConsumer
+from api.kafka_sinks import HttpSink
+from api.metrics import KafkaMetrics
 from node import approve_cli, keys_cli, verify_cli
-from node.config import DEFAULT_DATA_DIR, TOKEN_FILE, ConfigError, NodeConfig
+from node.config import DEFAULT_DATA_DIR, TOKEN_FILE, ConfigError, NodeConfig, kafka_from_env
 from node.runtime import Node, StartupError
 from signer.keys import verify_signature
 from store.audit import verify_audit_chain
@@ -52,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     serve.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
     serve.add_argument("--ray-num-cpus", type=int, default=None)
+    consume = commands.add_parser(
+        "consume", help="consume Kafka payment events and post them to a node over HTTP (docs/kafka.md)"
+    )
+    consume.add_argument("--url", required=True, help="the node's base URL, e.g. http://127.0.0.1:8080")
+    consume.add_argument("--metrics-host", default="127.0.0.1")
+    consume.add_argument("--metrics-port", type=int, default=9108, help="GET /metrics here (0: off)")
     for name, text in (
         ("check", "verify balances, chains and signatures"),
         ("migrate", "apply schema migrations"),
@@ -115,6 +132,56 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _serve_metrics(registry: Any, host: str, port: int) -> web.AppRunner | None:
+    """`GET /metrics` of a `consume` process (its own registry); None when `port` is 0."""
+    if port == 0:
+        return None
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
+async def _consume(args: argparse.Namespace) -> int:
+    """Consume payment events (KAFKA_BOOTSTRAP_SERVERS, LEDGER_KAFKA_*) into the node at --url."""
+    try:
+        settings = kafka_from_env()
+    except ConfigError as exc:
+        print(f"ledger-node: cannot start: {exc}", file=sys.stderr)
+        return 2
+    token = os.environ.get("LEDGER_API_TOKEN") or ""
+    if settings is None or not token:
+        print("ledger-node: consume needs KAFKA_BOOTSTRAP_SERVERS and LEDGER_API_TOKEN", file=sys.stderr)
+        return 2
+    sink = HttpSink(args.url, token)
+    metrics = KafkaMetrics()
+    consumer = PaymentConsumer(settings, sink, metrics)
+    try:
+        await consumer.start()
+        runner = await _serve_metrics(metrics.registry, args.metrics_host, args.metrics_port)
+    except Exception as exc:
+        print(f"ledger-node: cannot start: {exc!r}", file=sys.stderr)
+        await consumer.stop()
+        await sink.close()
+        return 1
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    print(f"ledger-node consuming {settings.topic} into {args.url}", flush=True)
+    await stop.wait()
+    await consumer.stop()
+    await sink.close()
+    if runner is not None:
+        await runner.cleanup()
+    return 0
+
+
 @contextlib.asynccontextmanager
 async def _database(data_dir: Path) -> AsyncIterator[asyncpg.Connection]:
     """A connection to DATABASE_URL, or to the embedded PostgreSQL of the data dir."""
@@ -175,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return approve_cli.run(args)
     import uvloop
 
-    handlers = {"serve": _serve, "check": _check, "migrate": _migrate}
+    handlers = {"serve": _serve, "consume": _consume, "check": _check, "migrate": _migrate}
     return int(uvloop.run(handlers[args.command](args)))
 
 

@@ -8,6 +8,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from api.kafka_consumer import KafkaSettings
 from finance import payout_schedule
 
 DEFAULT_DATA_DIR = Path(".ledger-data")
@@ -42,6 +43,48 @@ def env_payout_schedule(name: str = payout_schedule.ENV) -> str:
     except ValueError as exc:
         raise ConfigError(f"{name}: {exc}") from None
     return text
+
+
+def env_int(name: str, default: int, low: int, high: int) -> int:
+    """An integer in [low, high] from the environment (unset or empty: `default`)."""
+    text = os.environ.get(name) or ""
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {text!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def kafka_from_env() -> KafkaSettings | None:
+    """The Kafka consumer's settings when `KAFKA_BOOTSTRAP_SERVERS` is set (docs/kafka.md), else None.
+
+    `LEDGER_KAFKA_TOPIC` (payments), `LEDGER_KAFKA_GROUP` (ledger-node-payments),
+    `LEDGER_KAFKA_DLQ_TOPIC` ({topic}.dlq), `LEDGER_KAFKA_BATCH_MAX` (500, 1..10000),
+    `LEDGER_KAFKA_CONCURRENCY` (64, 1..1024), `LEDGER_KAFKA_RETRY_MAX_S` (10).
+    """
+    servers = (os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or "").strip()
+    if not servers:
+        return None
+    topic = os.environ.get("LEDGER_KAFKA_TOPIC") or "payments"
+    dlq_topic = os.environ.get("LEDGER_KAFKA_DLQ_TOPIC") or ""
+    if dlq_topic == topic:
+        raise ConfigError("LEDGER_KAFKA_DLQ_TOPIC must differ from LEDGER_KAFKA_TOPIC")
+    retry_max_s = env_seconds("LEDGER_KAFKA_RETRY_MAX_S", 10.0)
+    if retry_max_s <= 0:
+        raise ConfigError("LEDGER_KAFKA_RETRY_MAX_S must be > 0")
+    return KafkaSettings(
+        bootstrap_servers=servers,
+        topic=topic,
+        group_id=os.environ.get("LEDGER_KAFKA_GROUP") or "ledger-node-payments",
+        dlq_topic=dlq_topic,
+        batch_max=env_int("LEDGER_KAFKA_BATCH_MAX", 500, 1, 10_000),
+        concurrency=env_int("LEDGER_KAFKA_CONCURRENCY", 64, 1, 1024),
+        retry_max_s=retry_max_s,
+    )
 
 
 @dataclass(slots=True)
@@ -79,6 +122,8 @@ class NodeConfig:
     multisig: str = "3-of-5"
     approval_thresholds: str = APPROVAL_THRESHOLDS_DEFAULT
     approval_ttl_s: float = 7 * 24 * 3600.0
+    # KAFKA_BOOTSTRAP_SERVERS and LEDGER_KAFKA_*: the payment-event consumer `serve` runs (None: off).
+    kafka: KafkaSettings | None = None
 
     @classmethod
     def from_env(cls, **overrides: object) -> NodeConfig:
@@ -100,6 +145,7 @@ class NodeConfig:
             multisig=os.environ.get("LEDGER_MULTISIG") or "3-of-5",
             approval_thresholds=os.environ.get("LEDGER_APPROVAL_THRESHOLDS", APPROVAL_THRESHOLDS_DEFAULT),
             approval_ttl_s=env_seconds("LEDGER_APPROVAL_TTL_S", 7 * 24 * 3600.0),
+            kafka=kafka_from_env(),
         )
         for name, value in overrides.items():
             if value is not None:

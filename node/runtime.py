@@ -1,8 +1,8 @@
 """Start-up and shutdown of a node: database, migrations, slot map, Ray actors, HTTP.
 
 Order at start: PostgreSQL (given or embedded) -> migrations -> slot map -> Ray and the
-actors (each rebuilds its state from PostgreSQL) -> the HTTP front end. Shutdown runs
-the other way round.
+actors (each rebuilds its state from PostgreSQL) -> the HTTP front end -> the Kafka payment
+consumer (when KAFKA_BOOTSTRAP_SERVERS is set). Shutdown runs the other way round.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from api.approval_routes import GovernanceConfig
 from api.audit_log import AUDIT_WRITER
 from api.auth import Authenticator, TokenError, parse_tokens
 from api.finance_routes import RECOGNITION_INTERVAL_S
+from api.kafka_consumer import PaymentConsumer
+from api.kafka_sinks import FinanceSink
+from api.metrics import KafkaMetrics
 from api.payout_tasks import PAYOUT_SCHEDULE
 from api.posting import Poster
 from api.services import Services
@@ -57,6 +60,8 @@ class Node:
     ports: list[Any] = field(default_factory=list)
     token_generated: str | None = None
     audit: AuditWriter | None = None
+    app: web.Application | None = None
+    consumer: PaymentConsumer | None = None
 
     @property
     def url(self) -> str:
@@ -130,6 +135,7 @@ class Node:
         self.audit = AuditWriter(self.dsn, signer, hash_alg=hash_alg, answer_after_commit=config.audit_wait)
         await self.audit.start()
         await self._serve_http()
+        await self._start_consumer()
         tune_gc()
         log.info("ledger node serving on %s with %s shards", self.url, len(slot_map.shards))
 
@@ -168,9 +174,24 @@ class Node:
             )
         return signer, signer_kind
 
+    async def _start_consumer(self) -> None:
+        """The Kafka payment consumer (KAFKA_BOOTSTRAP_SERVERS), posting through this node's finance
+        service; its metrics join the node's `/metrics`."""
+        settings = self.config.kafka
+        if settings is None:
+            return
+        assert self.app is not None and self.services is not None
+        metrics = KafkaMetrics(self.services.metrics.registry)
+        self.consumer = PaymentConsumer(settings, FinanceSink(self.app, settings.topic), metrics)
+        try:
+            await self.consumer.start()
+        except Exception as exc:
+            self.consumer = None
+            raise StartupError(f"Kafka at {settings.bootstrap_servers} unreachable: {exc!r}") from None
+
     async def _serve_http(self) -> None:
         assert self.services is not None and self.audit is not None
-        app = create_app(self.services, self._governance())
+        self.app = app = create_app(self.services, self._governance())
         app[AUDIT_WRITER] = self.audit
         app[RECOGNITION_INTERVAL_S] = self.config.recognition_interval_s
         schedule = self._payout_schedule()
@@ -207,7 +228,10 @@ class Node:
         return slot_map
 
     async def stop(self) -> None:
-        """Shut everything down (HTTP, actors, pool, embedded PostgreSQL)."""
+        """Shut everything down (Kafka consumer, HTTP, actors, pool, embedded PostgreSQL)."""
+        if self.consumer is not None:
+            await self.consumer.stop()
+            self.consumer = None
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None

@@ -28,3 +28,13 @@ def node(ray_cluster: None) -> Iterator[NodeHarness]:
     harness = NodeHarness().start()
     yield harness
     harness.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_broker() -> Iterator[str]:
+    """A Tansu broker (Kafka protocol, in-memory) on a free loopback port; yields `host:port`."""
+    from tests.support.tansu import TansuBroker
+
+    broker = TansuBroker().start()
+    yield broker.bootstrap
+    broker.stop()

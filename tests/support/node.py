@@ -15,6 +15,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from api.kafka_consumer import KafkaSettings
 from node.config import NodeConfig
 from node.runtime import Node
 from sharding.slots import SlotMap, even_slot_map
@@ -36,7 +37,9 @@ class NodeHarness:
         hash_alg: str | None = None,
         recognition_interval_s: float | None = None,
         payout_schedule: str | None = None,
+        kafka: KafkaSettings | None = None,
     ) -> None:
+        self.kafka = kafka
         self.shards = shards
         self.recognition_interval_s = recognition_interval_s
         self.payout_schedule = payout_schedule
@@ -70,6 +73,7 @@ class NodeHarness:
             signer_env=self.signer_env,
             checkpoint_every_s=0.1,
             hash_alg=self.hash_alg,
+            kafka=self.kafka,
         )
         if self.recognition_interval_s is not None:
             config.recognition_interval_s = self.recognition_interval_s

