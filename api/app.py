@@ -19,6 +19,7 @@ from api import (
     ledger_routes,
     payout_routes,
     proof_routes,
+    reconcile_routes,
     royalty_routes,
     tax_routes,
 )
@@ -138,6 +139,7 @@ def create_app(svc: Services, governance: approval_routes.GovernanceConfig | Non
         *tax_routes.ROUTES,
         *royalty_routes.ROUTES,
         *payout_routes.ROUTES,
+        *reconcile_routes.ROUTES,
     ]
     for method, path, handler, allowed in routes:
         app.router.add_route(method, path, handler)
@@ -146,5 +148,6 @@ def create_app(svc: Services, governance: approval_routes.GovernanceConfig | Non
     finance_routes.install(app)
     approval_routes.install(app, governance or approval_routes.GovernanceConfig())
     payout_routes.install(app)
+    reconcile_routes.install(app)
     app.on_cleanup.append(proof_routes.shutdown)
     return app

@@ -24,6 +24,7 @@ from api.audit_log import AUDIT_WRITER
 from api.auth import Authenticator, TokenError, parse_tokens
 from api.finance_routes import RECOGNITION_INTERVAL_S
 from api.posting import Poster
+from api.reconcile_routes import RECONCILE_EVERY_S
 from api.services import Services
 from finance.governance import parse_thresholds
 from finance.multisig import parse_policy
@@ -163,6 +164,7 @@ class Node:
         app = create_app(self.services, self._governance())
         app[AUDIT_WRITER] = self.audit
         app[RECOGNITION_INTERVAL_S] = self.config.recognition_interval_s
+        app[RECONCILE_EVERY_S] = self.config.reconcile_every_s
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.config.host, self.config.port, backlog=1024, reuse_address=True)
