@@ -21,6 +21,7 @@ from api import (
     payout_routes,
     payout_tasks,
     proof_routes,
+    reconcile_routes,
     royalty_routes,
     tax_routes,
 )
@@ -141,6 +142,7 @@ def create_app(svc: Services, governance: approval_routes.GovernanceConfig | Non
         *royalty_routes.ROUTES,
         *payout_routes.ROUTES,
         *escrow_routes.ROUTES,
+        *reconcile_routes.ROUTES,
     ]
     for method, path, handler, allowed in routes:
         app.router.add_route(method, path, handler)
@@ -151,5 +153,6 @@ def create_app(svc: Services, governance: approval_routes.GovernanceConfig | Non
     payout_routes.install(app)
     escrow_routes.install(app)
     app.cleanup_ctx.append(payout_tasks.payout_tasks)
+    reconcile_routes.install(app)
     app.on_cleanup.append(proof_routes.shutdown)
     return app

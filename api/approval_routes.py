@@ -34,7 +34,7 @@ from api.auth import ADMINS, PRINCIPAL, READERS, Role
 from api.envelope import ok
 from api.posting import Submission
 from api.requests import decode_json, json_body
-from api.services import SERVICES
+from api.services import SERVICES, Services
 from finance.governance import Governance, parse_thresholds
 from finance.multisig import parse_policy
 from ledger.errors import ErrorCode, Rejection, validation_error
@@ -108,13 +108,7 @@ def install(app: web.Application, config: GovernanceConfig) -> None:
     )
 
     async def post_adjustment(params: dict[str, Any], principal: str) -> dict[str, Any]:
-        journal = validate_journal(msgspec.convert(params["journal"], JournalIn))
-        (result,) = await svc.poster.post([Submission(journal, principal, None)])
-        if not result.ok:
-            raise Rejection(
-                ErrorCode(result.code or ErrorCode.INTERNAL_ERROR), result.message or "", result.details or {}
-            )
-        return {"journal_id": result.journal_id, "posted_at": result.posted_at}
+        return await post_journal_body(svc, params["journal"], principal)
 
     governance.register(JOURNAL_KIND, post_adjustment)
     app[GOVERNANCE] = governance
@@ -201,6 +195,46 @@ def _largest_side_total(journal_lines: Any) -> tuple[int, str]:
     return totals[currency], currency
 
 
+async def post_journal_body(svc: Services, body: dict[str, Any], principal: str) -> dict[str, Any]:
+    """Post a journal body now: `{journal_id, posted_at}`; a rejection is raised."""
+    journal = validate_journal(msgspec.convert(body, JournalIn))
+    (result,) = await svc.poster.post([Submission(journal, principal, None)])
+    if not result.ok:
+        raise Rejection(
+            ErrorCode(result.code or ErrorCode.INTERNAL_ERROR), result.message or "", result.details or {}
+        )
+    return {"journal_id": result.journal_id, "posted_at": result.posted_at}
+
+
+async def adjust(
+    request: web.Request, body: dict[str, Any], kind: str = JOURNAL_KIND, params: dict[str, Any] | None = None
+) -> tuple[int, dict[str, Any]]:
+    """Post an adjusting journal body, or submit it for approval when its largest per-currency side
+    reaches the `journal` threshold (as action `{kind}.{journal_id}` of `kind` with `params`,
+    default `{"journal": body}`): (200, {journal_id, posted_at}) or (202, the pending action)."""
+    try:
+        journal = validate_journal(msgspec.convert(body, JournalIn))
+    except msgspec.ValidationError as exc:
+        raise rejection_from_msgspec(exc) from None
+    amount, currency = _largest_side_total(journal.lines)
+    governance = _gov(request)
+    who = _who(request)
+    if await governance.requires_approval(JOURNAL_KIND, amount, currency):
+        action_id = f"{kind}.{body['journal_id']}"
+        view, created = await governance.submit(
+            kind, action_id, params or {"journal": body}, amount, currency, who
+        )
+        if created:
+            await audit_event(
+                request,
+                "approval.request",
+                {"action_id": action_id, "kind": kind, "params_hash": view["statement"]["params_hash"]},
+            )
+        return 202, {"action_id": action_id, "status": view["status"],
+                     "approvals_required": view["approvals_required"], "action": view}  # fmt: skip
+    return 200, await post_journal_body(request.app[SERVICES], body, who)
+
+
 async def adjusting_journal(request: web.Request) -> web.Response:
     """POST /finance/journal: an operator's adjusting journal, gated above the `journal` threshold."""
     decoded = decode_json(await json_body(request), AdjustingJournalIn)
@@ -218,41 +252,10 @@ async def adjusting_journal(request: web.Request) -> web.Response:
         "memo": decoded.memo,
         "source_ref": decoded.source_ref,
     }
-    try:
-        journal = validate_journal(msgspec.convert(body, JournalIn))
-    except msgspec.ValidationError as exc:
-        raise rejection_from_msgspec(exc) from None
-    amount, currency = _largest_side_total(journal.lines)
-    governance = _gov(request)
-    if await governance.requires_approval(JOURNAL_KIND, amount, currency):
-        action_id = f"journal.{journal_id}"
-        view, created = await governance.submit(
-            JOURNAL_KIND, action_id, {"journal": body}, amount, currency, who
-        )
-        if created:
-            await audit_event(
-                request,
-                "approval.request",
-                {
-                    "action_id": action_id,
-                    "kind": JOURNAL_KIND,
-                    "params_hash": view["statement"]["params_hash"],
-                },
-            )
-        return ok(
-            202,
-            action_id=action_id,
-            status=view["status"],
-            approvals_required=view["approvals_required"],
-            action=view,
-        )
-    (result,) = await request.app[SERVICES].poster.post([Submission(journal, who, None)])
-    if not result.ok:
-        raise Rejection(
-            ErrorCode(result.code or ErrorCode.INTERNAL_ERROR), result.message or "", result.details or {}
-        )
-    await audit_event(request, "finance.journal", {"journal_id": result.journal_id, "reason": reason})
-    return ok(journal_id=result.journal_id, posted_at=result.posted_at)
+    status, answer = await adjust(request, body)
+    if status == 200:
+        await audit_event(request, "finance.journal", {"journal_id": answer["journal_id"], "reason": reason})
+    return ok(status, **answer)
 
 
 ROUTES: Final[

@@ -34,6 +34,15 @@ class PermanentProviderError(ProviderError):
     """The provider refused the request; retrying it unchanged will not help."""
 
 
+class ProviderDataError(PermanentProviderError):
+    """The provider answered something that is not its API's JSON (a body that cannot be parsed)."""
+
+
+LIST_PAGE_SIZE: Final = 100
+LISTED: Final = {"payment": "payment_intents", "refund": "refunds", "payout": "transfers"}
+"""What reconciliation lists, by record kind: the `StripeClient.v1` service of each."""
+
+
 class RefundResult(msgspec.Struct, frozen=True):
     """A refund as the provider recorded it."""
 
@@ -54,7 +63,10 @@ class TransferResult(msgspec.Struct, frozen=True):
 
 
 def _classify(exc: Exception) -> ProviderError:
-    """Transient (network, timeout, 429, 5xx) or permanent (other 4xx) provider error."""
+    """Transient (network, timeout, 429, 5xx), data (a 2xx body that is not JSON) or permanent
+    (other 4xx) provider error."""
+    if isinstance(exc, stripe.APIError) and 200 <= (exc.http_status or 0) < 300:
+        return ProviderDataError(f"unreadable answer from the provider: {exc.user_message or exc}"[:500])
     if isinstance(exc, (stripe.APIConnectionError, stripe.RateLimitError)):
         return TransientProviderError(f"{type(exc).__name__}: {exc.user_message or exc}")
     if isinstance(exc, stripe.StripeError):
@@ -137,6 +149,23 @@ class StripeGateway:
         return TransferResult(
             str(transfer.id), str(transfer.destination), int(transfer.amount), str(transfer.currency).upper()
         )
+
+    async def list_created(self, kind: str, created_gte: int, created_lt: int) -> list[dict[str, Any]]:
+        """Every object of a kind (`LISTED`) created in `[created_gte, created_lt)` (Unix seconds),
+        newest first, as plain JSON dicts; the SDK's auto-paging follows `has_more` with
+        `starting_after`. Raises `ProviderError` (`ProviderDataError` for an unreadable body)."""
+        service = getattr(self.client.v1, LISTED[kind])
+        params = {"created": {"gte": created_gte, "lt": created_lt}, "limit": LIST_PAGE_SIZE}
+        found: list[dict[str, Any]] = []
+        try:
+            page = await service.list_async(params=params)
+            async for obj in page.auto_paging_iter():
+                found.append(obj.to_dict() if isinstance(obj, stripe.StripeObject) else obj)
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:  # a page the SDK cannot walk
+            raise ProviderDataError(f"unreadable {LISTED[kind]} page: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:
+            raise _classify(exc) from exc
+        return found
 
     async def close(self) -> None:
         """Release the HTTP session."""

@@ -87,6 +87,27 @@ def kafka_from_env() -> KafkaSettings | None:
     )
 
 
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def env_duration(name: str, default: float) -> float:
+    """Seconds from the environment, as a number of seconds (`900`) or a duration with one unit
+    (`30s`, `15m`, `1h`, `1d`); unset or empty: `default`. Anything else is a `ConfigError`."""
+    text = (os.environ.get(name) or "").strip()
+    if not text:
+        return default
+    unit = _DURATION_UNITS.get(text[-1:].lower())
+    if unit is None:
+        return env_seconds(name, default)
+    try:
+        value = float(text[:-1]) * unit
+    except ValueError:
+        raise ConfigError(f"{name} must be seconds or a duration like 15m, 1h, 1d; got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise ConfigError(f"{name} must be a finite duration >= 0, got {text!r}")
+    return value
+
+
 @dataclass(slots=True)
 class NodeConfig:
     """Everything `ledger-node serve` needs to start."""
@@ -116,6 +137,9 @@ class NodeConfig:
     # LEDGER_PAYOUT_SCHEDULE: off (default), every:<seconds> or daily@HH:MM (UTC): the node runs an
     # "all due" payout run at that schedule (finance/payout_schedule.py, api/payout_tasks.py).
     payout_schedule: str = "off"
+    # LEDGER_RECONCILE_EVERY: seconds (or 30s / 15m / 1h / 1d) between scheduled reconciliation runs
+    # against Stripe, each covering the window since the previous one; unset or 0: off.
+    reconcile_every_s: float = 0.0
     # Multisig governance (finance/governance.py): LEDGER_MULTISIG (m-of-n approvals, default 3-of-5),
     # LEDGER_APPROVAL_THRESHOLDS (kind=minor units of the base currency at or above which an action
     # waits for approvals), LEDGER_APPROVAL_TTL_S (how long an action may wait; default 7 days).
@@ -142,6 +166,7 @@ class NodeConfig:
             base_currency=os.environ.get("LEDGER_BASE_CURRENCY") or "USD",
             recognition_interval_s=env_seconds("LEDGER_RECOGNITION_INTERVAL_S", 60.0),
             payout_schedule=env_payout_schedule(),
+            reconcile_every_s=env_duration("LEDGER_RECONCILE_EVERY", 0.0),
             multisig=os.environ.get("LEDGER_MULTISIG") or "3-of-5",
             approval_thresholds=os.environ.get("LEDGER_APPROVAL_THRESHOLDS", APPROVAL_THRESHOLDS_DEFAULT),
             approval_ttl_s=env_seconds("LEDGER_APPROVAL_TTL_S", 7 * 24 * 3600.0),

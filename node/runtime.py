@@ -28,6 +28,7 @@ from api.kafka_sinks import FinanceSink
 from api.metrics import KafkaMetrics
 from api.payout_tasks import PAYOUT_SCHEDULE
 from api.posting import Poster
+from api.reconcile_routes import RECONCILE_EVERY_S
 from api.services import Services
 from finance import payout_schedule
 from finance.governance import parse_thresholds
@@ -197,6 +198,7 @@ class Node:
         schedule = self._payout_schedule()
         if schedule is not None:
             app[PAYOUT_SCHEDULE] = schedule
+        app[RECONCILE_EVERY_S] = self.config.reconcile_every_s
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.config.host, self.config.port, backlog=1024, reuse_address=True)

@@ -8,7 +8,11 @@ make the next calls fail (`fail_next`) with a status to exercise retries and err
 answer late after applying them (`delay_next`: a client timeout that loses the answer).
 
 Endpoints: `POST /v1/refunds` (refunds a known payment intent; more than remains -> 400
-`charge_already_refunded`-style error), `POST /v1/payment_intents` (test setup), `POST /v1/transfers`.
+`charge_already_refunded`-style error), `POST /v1/payment_intents` (test setup), `POST /v1/transfers`,
+and the lists `GET /v1/payment_intents`, `/v1/refunds`, `/v1/transfers` (newest first, `created[gte]`,
+`created[lt]`, `limit` 1-100 default 10, `starting_after`, `has_more`). Every object has `created`
+(Unix seconds; tests may rewrite it, or any field, in `state`). `listed_twice` ids are listed twice
+(a provider-side duplicate); `garbage_next(n)`: the next n calls answer 200 with a body that is not JSON.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import asyncio
 import itertools
 import secrets
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +47,8 @@ class StripeState:
     failures: list[int] = field(default_factory=list)
     delays: list[float] = field(default_factory=list)
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    listed_twice: set[str] = field(default_factory=set)
+    garbage: int = 0
 
 
 class StripeServer:
@@ -63,11 +70,19 @@ class StripeServer:
         times out has lost the answer of a request the provider did apply)."""
         self.state.delays.extend(seconds)
 
+    def garbage_next(self, calls: int = 1) -> None:
+        """The next `calls` calls answer 200 with a body that is not JSON (unparseable provider data)."""
+        self.state.garbage += calls
+
     async def start(self) -> StripeServer:
         app = web.Application()
         app.router.add_post("/v1/refunds", self._refund)
         app.router.add_post("/v1/payment_intents", self._intent)
         app.router.add_post("/v1/transfers", self._transfer)
+        listed = {"/v1/refunds": self.state.refunds, "/v1/payment_intents": self.state.intents,
+                  "/v1/transfers": self.state.transfers}  # fmt: skip
+        for path, objects in listed.items():
+            app.router.add_get(path, self._lister(objects))
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         with socket.socket() as probe:
@@ -115,11 +130,47 @@ class StripeServer:
             self.state.seen_keys[key] = (request.path, params, answer)
         return answer
 
+    def _lister(self, objects: dict[str, dict[str, Any]]) -> Callable[[web.Request], Any]:
+        async def handler(request: web.Request) -> web.Response:
+            _, failed = await self._guard(request)
+            if failed is None and self.state.garbage:
+                self.state.garbage -= 1
+                return web.Response(status=200, text="<html>upstream hiccup", content_type="text/html")
+            answer = failed if failed is not None else self._page(request, objects)
+            return web.json_response(answer[1], status=answer[0])
+
+        return handler
+
+    def _page(self, request: web.Request, objects: dict[str, dict[str, Any]]) -> Answer:
+        """One page of a list, newest first (Stripe's order), filtered by `created[gte]`/`created[lt]`."""
+        q = request.query
+        try:
+            gte, lt = int(q.get("created[gte]", 0)), int(q.get("created[lt]", 2**62))
+            limit = int(q.get("limit", 10))
+        except ValueError:
+            return _error(400, "parameter_invalid_integer", "Invalid integer")
+        if not 1 <= limit <= 100:
+            return _error(400, "parameter_invalid_integer", "limit must be between 1 and 100")
+        ordered = sorted(enumerate(objects.values()), key=lambda p: (-_created(p[1]), -p[0]))
+        listed: list[dict[str, Any]] = []
+        for _, obj in ordered:
+            if gte <= _created(obj) < lt:
+                listed.extend([obj, obj] if obj.get("id") in self.state.listed_twice else [obj])
+        after = q.get("starting_after")
+        if after is not None:
+            ids = [o.get("id") for o in listed]
+            if after not in ids:
+                return _error(400, "resource_missing", f"No such object: {after}")
+            listed = listed[ids.index(after) + 1 :]
+        page = listed[:limit]
+        return 200, {"object": "list", "url": request.path, "data": page, "has_more": len(listed) > limit}
+
     async def _intent(self, request: web.Request) -> web.Response:
         def make(p: dict[str, str]) -> Answer:
             intent_id = f"pi_{self.tag}{next(self.state.ids)}"
             intent = {"id": intent_id, "object": "payment_intent", "amount": int(p["amount"]),
-                      "currency": p["currency"], "status": "succeeded", "refunded": 0}  # fmt: skip
+                      "currency": p["currency"], "status": "succeeded", "refunded": 0,
+                      "created": int(time.time())}  # fmt: skip
             self.state.intents[intent_id] = intent
             return 200, intent
 
@@ -136,7 +187,8 @@ class StripeServer:
             intent["refunded"] += amount
             refund_id = f"re_{self.tag}{next(self.state.ids)}"
             refund = {"id": refund_id, "object": "refund", "amount": amount, "currency": intent["currency"],
-                      "payment_intent": intent["id"], "status": "succeeded"}  # fmt: skip
+                      "payment_intent": intent["id"], "status": "succeeded",
+                      "created": int(time.time())}  # fmt: skip
             self.state.refunds[refund_id] = refund
             return 200, refund
 
@@ -150,8 +202,14 @@ class StripeServer:
                 return _error(400, "account_closed", "The destination account cannot receive transfers")
             transfer_id = f"tr_{self.tag}{next(self.state.ids)}"
             transfer = {"id": transfer_id, "object": "transfer", "amount": int(p["amount"]),
-                        "currency": p["currency"], "destination": p.get("destination")}  # fmt: skip
+                        "currency": p["currency"], "destination": p.get("destination"),
+                        "created": int(time.time())}  # fmt: skip
             self.state.transfers[transfer_id] = transfer
             return 200, transfer
 
         return await self._serve(request, make)
+
+
+def _created(obj: dict[str, Any]) -> int:
+    created = obj.get("created", 0)
+    return created if isinstance(created, int) else 0
