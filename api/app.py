@@ -19,6 +19,7 @@ from api import (
     ledger_routes,
     payout_routes,
     proof_routes,
+    report_routes,
     royalty_routes,
     tax_routes,
 )
@@ -132,6 +133,7 @@ def create_app(svc: Services, governance: approval_routes.GovernanceConfig | Non
         *proof_routes.ROUTES,
         *audit_log.ROUTES,
         *admin_routes.ROUTES,
+        *report_routes.ROUTES,  # before finance_routes: `/finance/invoice/{id}.pdf`
         *finance_routes.ROUTES,
         *fx_routes.ROUTES,
         *approval_routes.ROUTES,
