@@ -22,6 +22,7 @@ from api import (
     payout_tasks,
     proof_routes,
     reconcile_routes,
+    report_routes,
     royalty_routes,
     tax_routes,
 )
@@ -135,6 +136,7 @@ def create_app(svc: Services, governance: approval_routes.GovernanceConfig | Non
         *proof_routes.ROUTES,
         *audit_log.ROUTES,
         *admin_routes.ROUTES,
+        *report_routes.ROUTES,  # before finance_routes: `/finance/invoice/{id}.pdf`
         *finance_routes.ROUTES,
         *fx_routes.ROUTES,
         *approval_routes.ROUTES,
