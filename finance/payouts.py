@@ -23,6 +23,7 @@ Journals of one payout (amount `A`, provider `stripe`, currency `CCY`):
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -244,3 +245,59 @@ def backoff_s(attempt: int, base_s: float = BACKOFF_BASE_S, cap_s: float = BACKO
 def batch_status(states: Sequence[str]) -> str:
     """A batch's status from its payouts: `done` once every payout is paid or failed, else `open`."""
     return "done" if all(s in ("paid", "failed") for s in states) else "open"
+
+
+# -- clawback transfer reversals (LEDGER_CLAWBACK_REVERSALS, migration 0020) ---------------------------
+REVERSALS_ENV: Final = "LEDGER_CLAWBACK_REVERSALS"
+_SWITCH: Final = {"on": True, "1": True, "true": True, "off": False, "0": False, "false": False, "": False}
+
+
+def parse_reversals(text: str) -> bool:
+    """`LEDGER_CLAWBACK_REVERSALS`: on|off (also 1/0, true/false; empty: off); ValueError otherwise."""
+    value = _SWITCH.get(text.strip().lower())
+    if value is None:
+        raise ValueError(f"must be on or off, got {text!r}")
+    return value
+
+
+class Reversible(msgspec.Struct, frozen=True):
+    """A paid payout's transfer and what can still be reversed from it."""
+
+    payout_id: str
+    transfer_id: str
+    reversible: int
+
+
+def reversal_plan(owed: int, transfers: Sequence[Reversible]) -> list[tuple[Reversible, int]]:
+    """Take `owed` back from `transfers` in their order (the caller passes newest first), each at
+    most what is still reversible on it; less than `owed` when the transfers do not cover it."""
+    check(owed >= 0, "reversal: negative amount owed")
+    plan: list[tuple[Reversible, int]] = []
+    left = owed
+    for transfer in transfers:
+        if left == 0:
+            break
+        take = min(left, max(transfer.reversible, 0))
+        if take > 0:
+            plan.append((transfer, take))
+            left -= take
+    check(sum(amount for _, amount in plan) <= owed, "reversal plan exceeds what is owed")
+    return plan
+
+
+def reversal_id(clawback_journal: str, payout_id: str) -> str:
+    """The reversal's id, provider idempotency key and journal id: derived from the clawback and the
+    payout, so a retry names the same reversal (`rv.` + 40 hex of SHA-256)."""
+    digest = hashlib.sha256(f"{clawback_journal}\x00{payout_id}".encode()).hexdigest()
+    return f"rv.{digest[:40]}"
+
+
+def reversal_entries(participant_id: str, currency: str, amount: int) -> list[dict[str, Any]]:
+    """The journal of a reversed transfer: the money is back in the provider's cash, and the
+    participant's (negative) payable is credited by it."""
+    check(amount > 0, "a reversal moves money")
+    return [
+        {"account_id": cash_account(currency), "side": "debit", "amount_cents": amount, "currency": currency},
+        {"account_id": payable_account(participant_id), "side": "credit", "amount_cents": amount,
+         "currency": currency},
+    ]  # fmt: skip

@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any, Final, Protocol
@@ -30,7 +32,7 @@ from typing import Any, Final, Protocol
 import asyncpg
 import msgspec
 
-from finance import chart, fx, holdbacks, invoices, recognition, royalties
+from finance import chart, fx, holdbacks, invoices, payouts, recognition, royalties
 from finance.invoices import Buyer, Invoice, InvoiceStatus, LineItem, LineRefund, Step
 from finance.recognition import Policy
 from finance.stripe_events import (
@@ -55,10 +57,12 @@ from ledger.journal import JOURNAL_ID_PATTERN, LINES_MAX, Journal, JournalIn, va
 from ledger.money import fits_int64, is_currency
 from ledger.timestamps import rfc3339
 from signer.canonical import canonical, request_hash
-from store import finance_repo, fx_repo, recognition_repo, repository, royalty_repo
+from store import finance_repo, fx_repo, payout_repo, recognition_repo, repository, royalty_repo
 from store.finance_repo import InvoiceRow
 
 REFERENCE_MAX: Final = 200
+log = logging.getLogger(__name__)
+
 INVOICE_ID_MAX: Final = 150
 """Invoice ids stay short enough that every journal id derived from them fits the ledger's 200."""
 
@@ -579,6 +583,23 @@ def clawback_view(row: asyncpg.Record) -> dict[str, Any]:
     }
 
 
+def reversal_view(row: asyncpg.Record) -> dict[str, Any]:
+    """One clawback transfer reversal of a participant statement (LEDGER_CLAWBACK_REVERSALS)."""
+    return {
+        "reversal_id": row["reversal_id"],
+        "clawback_journal_id": row["clawback_journal"],
+        "payout_id": row["payout_id"],
+        "transfer_id": row["transfer_id"],
+        "currency": row["currency"],
+        "amount": row["amount"],
+        "state": row["state"],
+        "provider_reversal_id": row["provider_reversal_id"],
+        "journal_id": row["journal_id"],
+        "reason": row["reason"],
+        "created_at": rfc3339(row["created_at"]),
+    }
+
+
 class FinanceService:
     """Invoices and payments: persisted rows plus journals posted through the ledger."""
 
@@ -933,6 +954,91 @@ class FinanceService:
             )
         return ClawbackPlan(journal_id, tuple(rows))
 
+    async def _reverse_transfers(self, plan: ClawbackPlan | None, currency: str, principal: str) -> None:
+        """With `LEDGER_CLAWBACK_REVERSALS=on` and Stripe configured: take what a clawback left a
+        participant owing (its payable below zero, at most what this clawback took) back from its
+        paid transfers, newest first (Stripe transfer reversals, idempotency key = reversal id),
+        each booked by journal `{reversal_id}`: provider cash debited, payable credited. A
+        provider failure leaves the negative payable to be netted by later accruals; a transient
+        one leaves the reversal `requested`, finished by the participant's next reversal run."""
+        if plan is None or plan.journal_id is None:
+            return
+        if not payouts.parse_reversals(os.environ.get(payouts.REVERSALS_ENV, "")):
+            return
+        clawed: dict[str, int] = {}
+        for row in plan.rows:
+            clawed[row[3]] = clawed.get(row[3], 0) + row[8]
+        gateway = self.gateway_factory()
+        if gateway is None:
+            return
+        try:
+            for participant, amount in sorted(clawed.items()):
+                if amount > 0:
+                    async with self._locked(f"reversal:{participant}:{currency}"):
+                        await self._reverse_for(
+                            gateway, plan.journal_id, participant, amount, currency, principal
+                        )
+        finally:
+            await gateway.close()
+
+    async def _reverse_for(
+        self, gateway: StripeGateway, clawback_journal: str, participant: str, clawed: int, currency: str,
+        principal: str,
+    ) -> None:  # fmt: skip
+        async with self.pool.acquire() as conn:
+            unfinished = await payout_repo.open_reversals(conn, participant, currency)
+        for row in unfinished:
+            await self._request_reversal(gateway, row, principal)
+        async with self.pool.acquire() as conn:
+            found = [
+                b for b in await repository.balances_now(conn, payouts.payable_account(participant))
+                if b["currency"] == currency
+            ]  # fmt: skip
+            payable = int(found[0]["credits_posted"] - found[0]["debits_posted"]) if found else 0
+            rows = await payout_repo.reversible_transfers(conn, participant, currency)
+            owed = min(clawed, max(0, -payable))
+            transfers = [
+                payouts.Reversible(r["payout_id"], r["transfer_id"], int(r["reversible"])) for r in rows
+            ]
+            planned = payouts.reversal_plan(owed, transfers)
+            for transfer, amount in planned:
+                values = (
+                    payouts.reversal_id(clawback_journal, transfer.payout_id), clawback_journal, participant,
+                    transfer.payout_id, transfer.transfer_id, currency, amount,
+                )  # fmt: skip
+                await payout_repo.insert_reversal(conn, values)
+            unfinished = await payout_repo.open_reversals(conn, participant, currency)
+        for row in unfinished:
+            await self._request_reversal(gateway, row, principal)
+
+    async def _request_reversal(self, gateway: StripeGateway, row: asyncpg.Record, principal: str) -> None:
+        reversal_id = row["reversal_id"]
+        try:
+            result = await gateway.reverse_transfer(row["transfer_id"], row["amount"], reversal_id)
+        except TransientProviderError as exc:
+            log.warning("transfer reversal %s left requested: %s", reversal_id, exc)
+            return
+        except PermanentProviderError as exc:
+            async with self.pool.acquire() as conn:
+                await payout_repo.finish_reversal(conn, reversal_id, "failed", reason=str(exc)[:500])
+            return
+        body = {
+            "entries": payouts.reversal_entries(row["participant_id"], row["currency"], row["amount"]),
+            "memo": "clawback transfer reversal",
+            "source_ref": row["payout_id"],
+            "context": {
+                "flow": "royalty.clawback_reversal",
+                "clawback_journal": row["clawback_journal"],
+                "transfer_id": row["transfer_id"],
+                "provider_reversal_id": result.reversal_id,
+            },
+        }
+        journal_id = await self._post(body, reversal_id, principal)
+        async with self.pool.acquire() as conn:
+            await payout_repo.finish_reversal(
+                conn, reversal_id, "reversed", provider_reversal_id=result.reversal_id, journal_id=journal_id
+            )
+
     async def _record_clawbacks(self, conn: asyncpg.Connection, plan: ClawbackPlan | None) -> None:
         """Store what a clawback took back (inside the caller's transaction)."""
         if plan is None:
@@ -1076,6 +1182,7 @@ class FinanceService:
                 raise _missing("participant", participant_id)
             rows = await royalty_repo.participant_accruals(conn, participant_id, start, end)
             clawbacks = await royalty_repo.participant_clawbacks(conn, participant_id, start, end)
+            reversals = await payout_repo.participant_reversals(conn, participant_id)
             balances = {name: await repository.balances_now(conn, a) for name, a in accounts.items()}
         totals: dict[str, dict[str, int]] = {}
         for r in rows:
@@ -1091,6 +1198,7 @@ class FinanceService:
             "to": _iso(end),
             "accruals": [accrual_view(r) for r in rows],
             "clawbacks": [clawback_view(r) for r in clawbacks],
+            "reversals": [reversal_view(r) for r in reversals],
             "totals": [{"currency": c, **t} for c, t in sorted(totals.items())],
             "balances": {
                 name: {
@@ -1350,6 +1458,7 @@ class FinanceService:
                     )
                 if settled:
                     await fx_repo.record_applied(conn, money_id, settled["applied_amount"], invoice.currency)
+            await self._reverse_transfers(clawback, invoice.currency, principal)
         return answer, True
 
     # -- FX settlement ---------------------------------------------------------------------------
@@ -1778,6 +1887,7 @@ class FinanceService:
                 await finance_repo.close_stripe_dispute(
                     conn, dispute_id, "lost", action.event_id, journal_id, encoded
                 )
+            await self._reverse_transfers(clawback, invoice.currency, principal)
         return answer
 
     # -- cross-currency refunds (docs/accounting.md "Cross-currency refund") ---------------------

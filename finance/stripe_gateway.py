@@ -62,6 +62,15 @@ class TransferResult(msgspec.Struct, frozen=True):
     currency: str
 
 
+class ReversalResult(msgspec.Struct, frozen=True):
+    """A reversal of (part of) a Connect transfer as the provider recorded it."""
+
+    reversal_id: str
+    transfer_id: str
+    amount: int
+    currency: str
+
+
 def _classify(exc: Exception) -> ProviderError:
     """Transient (network, timeout, 429, 5xx), data (a 2xx body that is not JSON) or permanent
     (other 4xx) provider error."""
@@ -148,6 +157,19 @@ class StripeGateway:
             raise _classify(exc) from exc
         return TransferResult(
             str(transfer.id), str(transfer.destination), int(transfer.amount), str(transfer.currency).upper()
+        )
+
+    async def reverse_transfer(self, transfer_id: str, amount: int, idempotency_key: str) -> ReversalResult:
+        """Take `amount` minor units of a Connect transfer back from the connected account; the same
+        key always names the same reversal."""
+        try:
+            reversal = await self.client.v1.transfers.reversals.create_async(
+                transfer_id, params={"amount": amount}, options={"idempotency_key": idempotency_key}
+            )
+        except Exception as exc:
+            raise _classify(exc) from exc
+        return ReversalResult(
+            str(reversal.id), str(reversal.transfer), int(reversal.amount), str(reversal.currency).upper()
         )
 
     async def list_created(self, kind: str, created_gte: int, created_lt: int) -> list[dict[str, Any]]:

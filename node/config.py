@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from api.kafka_consumer import KafkaSettings
-from finance import payout_schedule
+from finance import payout_schedule, payouts
 
 DEFAULT_DATA_DIR = Path(".ledger-data")
 TOKEN_FILE = "api-tokens"
@@ -43,6 +43,14 @@ def env_payout_schedule(name: str = payout_schedule.ENV) -> str:
     except ValueError as exc:
         raise ConfigError(f"{name}: {exc}") from None
     return text
+
+
+def env_clawback_reversals(name: str = payouts.REVERSALS_ENV) -> bool:
+    """`LEDGER_CLAWBACK_REVERSALS` checked (on|off, 1|0, true|false; unset: off)."""
+    try:
+        return payouts.parse_reversals(os.environ.get(name) or "")
+    except ValueError as exc:
+        raise ConfigError(f"{name} {exc}") from None
 
 
 def env_int(name: str, default: int, low: int, high: int) -> int:
@@ -137,6 +145,9 @@ class NodeConfig:
     # LEDGER_PAYOUT_SCHEDULE: off (default), every:<seconds> or daily@HH:MM (UTC): the node runs an
     # "all due" payout run at that schedule (finance/payout_schedule.py, api/payout_tasks.py).
     payout_schedule: str = "off"
+    # LEDGER_CLAWBACK_REVERSALS: on|off (default off): a clawback that leaves a participant's payable
+    # negative takes the money back from its paid Stripe transfers (finance/payouts.py).
+    clawback_reversals: bool = False
     # LEDGER_RECONCILE_EVERY: seconds (or 30s / 15m / 1h / 1d) between scheduled reconciliation runs
     # against Stripe, each covering the window since the previous one; unset or 0: off.
     reconcile_every_s: float = 0.0
@@ -166,6 +177,7 @@ class NodeConfig:
             base_currency=os.environ.get("LEDGER_BASE_CURRENCY") or "USD",
             recognition_interval_s=env_seconds("LEDGER_RECOGNITION_INTERVAL_S", 60.0),
             payout_schedule=env_payout_schedule(),
+            clawback_reversals=env_clawback_reversals(),
             reconcile_every_s=env_duration("LEDGER_RECONCILE_EVERY", 0.0),
             multisig=os.environ.get("LEDGER_MULTISIG") or "3-of-5",
             approval_thresholds=os.environ.get("LEDGER_APPROVAL_THRESHOLDS", APPROVAL_THRESHOLDS_DEFAULT),

@@ -170,3 +170,75 @@ async def open_batches(conn: asyncpg.Connection) -> list[str]:
         "SELECT batch_id FROM payout_batches WHERE status = 'open' ORDER BY created_at, batch_id"
     )
     return [r["batch_id"] for r in rows]
+
+
+async def reversible_transfers(
+    conn: asyncpg.Connection, participant_id: str, currency: str
+) -> list[asyncpg.Record]:
+    """A participant's paid payouts in a currency, newest first, with `reversible`: the amount less
+    what clawback reversals requested or made on it (failed ones give it back)."""
+    return await conn.fetch(
+        """
+        SELECT p.payout_id, p.transfer_id, p.amount,
+               (p.amount - COALESCE(sum(r.amount) FILTER (WHERE r.state <> 'failed'), 0))::bigint
+                   AS reversible
+          FROM payouts p LEFT JOIN clawback_reversals r USING (payout_id)
+         WHERE p.participant_id = $1 AND p.currency = $2 AND p.state = 'paid'
+         GROUP BY p.payout_id
+         ORDER BY p.updated_at DESC, p.payout_id DESC
+        """,
+        participant_id,
+        currency,
+    )
+
+
+async def insert_reversal(conn: asyncpg.Connection, values: tuple[Any, ...]) -> None:
+    """A reversal about to be requested (reversal_id, clawback_journal, participant_id, payout_id,
+    transfer_id, currency, amount); a replay inserts nothing."""
+    await conn.execute(
+        "INSERT INTO clawback_reversals (reversal_id, clawback_journal, participant_id, payout_id,"
+        " transfer_id, currency, amount, state) VALUES ($1, $2, $3, $4, $5, $6, $7, 'requested')"
+        " ON CONFLICT (reversal_id) DO NOTHING",
+        *values,
+    )
+
+
+async def open_reversals(
+    conn: asyncpg.Connection, participant_id: str, currency: str
+) -> list[asyncpg.Record]:
+    """Reversals left `requested` (a crash between the provider call and its recording)."""
+    return await conn.fetch(
+        "SELECT * FROM clawback_reversals WHERE participant_id = $1 AND currency = $2 AND state = 'requested'"
+        " ORDER BY created_at, reversal_id",
+        participant_id,
+        currency,
+    )
+
+
+async def finish_reversal(
+    conn: asyncpg.Connection,
+    reversal_id: str,
+    state: str,
+    *,
+    provider_reversal_id: str | None = None,
+    journal_id: str | None = None,
+    reason: str | None = None,
+) -> None:
+    """Record a reversal's outcome (`reversed` or `failed`)."""
+    await conn.execute(
+        "UPDATE clawback_reversals SET state = $2, provider_reversal_id = $3, journal_id = $4, reason = $5,"
+        " updated_at = now() WHERE reversal_id = $1 AND state = 'requested'",
+        reversal_id,
+        state,
+        provider_reversal_id,
+        journal_id,
+        reason,
+    )
+
+
+async def participant_reversals(conn: asyncpg.Connection, participant_id: str) -> list[asyncpg.Record]:
+    """Every clawback reversal of a participant, oldest first (its statement)."""
+    return await conn.fetch(
+        "SELECT * FROM clawback_reversals WHERE participant_id = $1 ORDER BY created_at, reversal_id",
+        participant_id,
+    )

@@ -233,3 +233,57 @@ def test_a_lost_dispute_claws_back_like_a_refund(node: NodeHarness, monkeypatch:
 
     run(node, flow)
     assert node.run(check_store(node.dsn)) == []
+
+
+def test_clawback_reverses_paid_transfers_when_configured(
+    node: NodeHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tried: LEDGER_CLAWBACK_REVERSALS=on; alice (50 %) is paid 5,000 through Stripe, carol (5 %,
+    minimum 5,000) is not; half the sale refunded -> clawback 2,500 / 250: alice's transfer is
+    reversed by 2,500 at Stripe (idempotency key = the reversal id), journal {reversal id} debits
+    Stripe cash and credits her payable (back to 0), carol's positive payable needs no reversal;
+    the refund replayed reverses nothing more; the other half refunded while Stripe refuses the
+    reversal (400) -> the reversal is `failed` with the reason and her payable carries -2,500;
+    the statement lists both; money conserved (paid - reversed + payable = accrued - clawed)."""
+    server = _stripe(node, monkeypatch, LEDGER_CLAWBACK_REVERSALS="on")
+    tag = f"cr{secrets.token_hex(3)}"
+    alice, carol, sku = f"{tag}-alice", f"{tag}-carol", f"{tag}-sku"
+
+    async def flow(c: Client) -> None:
+        await _participant(c, alice, 100)
+        await _participant(c, carol, 5000)
+        await _add_rule(c, _rule(sku, [(alice, 5000), (carol, 500)], 4500))
+        sale = await _sold(c, f"{tag}-1", [{"sku": sku, "unit_price": 10000}])
+        await _fulfil(c, f"{tag}-1")
+        batch = await _payout(c, f"{tag}-b1", "2026-12-04")
+        assert [(p["participant_id"], p["amount"]) for p in batch["payouts"]] == [(alice, 5000)]
+        (transfer_id,) = [
+            t for t, x in server.state.transfers.items() if x["destination"] == f"acct_{tag}alice"
+        ]
+        cash0 = expect_ok(await c.balances(f"asset:cash:stripe:{CCY}"))["balances"][0]
+
+        first = await _refund(c, f"{tag}-1", sale["total"] // 2, 1)
+        assert first["royalty_clawback"]["participants"] == {alice: 2500, carol: 250}
+        (reversal,) = server.state.reversals.values()
+        assert (reversal["transfer"], reversal["amount"]) == (transfer_id, 2500)
+        assert await _payables(c, alice, carol) == [0, 250]
+        cash1 = expect_ok(await c.balances(f"asset:cash:stripe:{CCY}"))["balances"][0]
+        assert cash1["debits_posted"] - cash0["debits_posted"] == 2500
+        await _refund(c, f"{tag}-1", sale["total"] // 2, 1)  # a replay
+        assert len(server.state.reversals) == 1 and await _payables(c, alice) == [0]
+
+        server.fail_next(400)
+        await _refund(c, f"{tag}-1", sale["total"] - sale["total"] // 2, 2)
+        assert len(server.state.reversals) == 1 and await _payables(c, alice, carol) == [-2500, 0]
+        statement = expect_ok(await c.call("GET", f"/finance/participants/{alice}/statement", role="auditor"))
+        rows = statement["statement"]["reversals"]
+        assert [(r["state"], r["amount"], r["transfer_id"]) for r in rows] == [
+            ("reversed", 2500, transfer_id), ("failed", 2500, transfer_id)
+        ]  # fmt: skip
+        assert rows[0]["journal_id"] == rows[0]["reversal_id"] and "injected" in rows[1]["reason"]
+        reversed_total = sum(r["amount"] for r in server.state.reversals.values())
+        assert _paid(server, alice) - reversed_total + await _payable(c, alice) == 5000 - 5000
+
+    run(node, flow)
+    node.run(server.stop())
+    assert node.run(check_store(node.dsn)) == []

@@ -42,6 +42,7 @@ class StripeState:
     intents: dict[str, dict[str, Any]] = field(default_factory=dict)
     refunds: dict[str, dict[str, Any]] = field(default_factory=dict)
     transfers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    reversals: dict[str, dict[str, Any]] = field(default_factory=dict)
     seen_keys: dict[str, tuple[str, dict[str, str], Answer]] = field(default_factory=dict)
     calls: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     failures: list[int] = field(default_factory=list)
@@ -79,6 +80,7 @@ class StripeServer:
         app.router.add_post("/v1/refunds", self._refund)
         app.router.add_post("/v1/payment_intents", self._intent)
         app.router.add_post("/v1/transfers", self._transfer)
+        app.router.add_post("/v1/transfers/{transfer_id}/reversals", self._reversal)
         listed = {"/v1/refunds": self.state.refunds, "/v1/payment_intents": self.state.intents,
                   "/v1/transfers": self.state.transfers}  # fmt: skip
         for path, objects in listed.items():
@@ -191,6 +193,29 @@ class StripeServer:
                       "created": int(time.time())}  # fmt: skip
             self.state.refunds[refund_id] = refund
             return 200, refund
+
+        return await self._serve(request, make)
+
+    async def _reversal(self, request: web.Request) -> web.Response:
+        """A transfer reversal: at most what is left of the transfer (Stripe refuses more)."""
+        transfer_id = request.match_info["transfer_id"]
+
+        def make(p: dict[str, str]) -> Answer:
+            transfer = self.state.transfers.get(transfer_id)
+            if transfer is None:
+                return _error(404, "resource_missing", f"No such transfer: {transfer_id}")
+            amount = int(p.get("amount", transfer["amount"] - transfer.get("amount_reversed", 0)))
+            if amount <= 0 or amount > transfer["amount"] - transfer.get("amount_reversed", 0):
+                return _error(
+                    400, "amount_too_large", "Reversal amount exceeds the transfer's unreversed amount"
+                )
+            transfer["amount_reversed"] = transfer.get("amount_reversed", 0) + amount
+            reversal_id = f"trr_{self.tag}{next(self.state.ids)}"
+            reversal = {"id": reversal_id, "object": "transfer_reversal", "amount": amount,
+                        "currency": transfer["currency"], "transfer": transfer_id,
+                        "created": int(time.time())}  # fmt: skip
+            self.state.reversals[reversal_id] = reversal
+            return 200, reversal
 
         return await self._serve(request, make)
 

@@ -42,3 +42,16 @@ def test_payout_schedule_is_off_by_default_and_malformed_refuses_start_up(
         monkeypatch.setenv("LEDGER_PAYOUT_SCHEDULE", value)
         with pytest.raises(ConfigError, match=r"^LEDGER_PAYOUT_SCHEDULE: .*daily@HH:MM"):
             NodeConfig.from_env()
+
+
+def test_clawback_reversals_switch_and_malformed_refuses_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tried: LEDGER_CLAWBACK_REVERSALS unset, on, 1, OFF -> off, on, on, off; "sometimes" ->
+    ConfigError naming the variable."""
+    monkeypatch.delenv("LEDGER_CLAWBACK_REVERSALS", raising=False)
+    assert NodeConfig.from_env().clawback_reversals is False
+    for value, expected in (("on", True), ("1", True), ("OFF", False)):
+        monkeypatch.setenv("LEDGER_CLAWBACK_REVERSALS", value)
+        assert NodeConfig.from_env().clawback_reversals is expected
+    monkeypatch.setenv("LEDGER_CLAWBACK_REVERSALS", "sometimes")
+    with pytest.raises(ConfigError, match=r"^LEDGER_CLAWBACK_REVERSALS must be on or off"):
+        NodeConfig.from_env()

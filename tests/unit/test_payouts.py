@@ -70,3 +70,27 @@ def test_journals_balance_and_backoff_is_bounded() -> None:
         payouts.batch_status(["paid", "failed"]) == "done"
         and payouts.batch_status(["paid", "pending"]) == "open"
     )
+
+
+def test_reversal_plan_takes_newest_transfers_first_and_never_more_than_owed() -> None:
+    """Tried: 700 owed over transfers with 500, 0 and 400 reversible -> 500 then 200; 2,000 owed
+    -> everything reversible (900), no more; nothing owed -> no reversal; ids derived and stable."""
+    transfers = [payouts.Reversible("po.b2.p.USD", "tr_2", 500), payouts.Reversible("po.bx.p.USD", "tr_x", 0),
+                 payouts.Reversible("po.b1.p.USD", "tr_1", 400)]  # fmt: skip
+    assert [(t.transfer_id, a) for t, a in payouts.reversal_plan(700, transfers)] == [
+        ("tr_2", 500),
+        ("tr_1", 200),
+    ]
+    assert sum(a for _, a in payouts.reversal_plan(2000, transfers)) == 900
+    assert payouts.reversal_plan(0, transfers) == []
+    rid = payouts.reversal_id("inv.clawback.rfd-1", "po.b2.p.USD")
+    assert (
+        rid == payouts.reversal_id("inv.clawback.rfd-1", "po.b2.p.USD")
+        and rid.startswith("rv.")
+        and len(rid) == 43
+    )
+    entries = payouts.reversal_entries("p", "USD", 250)
+    assert {(e["account_id"], e["side"], e["amount_cents"]) for e in entries} == {
+        ("asset:cash:stripe:USD", "debit", 250),
+        ("liability:royalty:p", "credit", 250),
+    }
