@@ -10,6 +10,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api import (
+    accounting_export_routes,
     admin_routes,
     approval_routes,
     audit_log,
@@ -145,6 +146,7 @@ def create_app(svc: Services, governance: approval_routes.GovernanceConfig | Non
         *payout_routes.ROUTES,
         *escrow_routes.ROUTES,
         *reconcile_routes.ROUTES,
+        *accounting_export_routes.ROUTES,
     ]
     for method, path, handler, allowed in routes:
         app.router.add_route(method, path, handler)
