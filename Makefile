@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps run kafka test test-long check bench bench-quick bench-kafka clean
+.PHONY: install system-deps run kafka test test-long check bench bench-quick bench-kafka console-vendor clean
 
 install: $(STAMP)
 
@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 system-deps:
 	@command -v softhsm2-util >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq softhsm2; }
 	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk; }
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }
 
 run: install
 	$(VENV)/bin/ledger-node serve --host 127.0.0.1 --port 8080 --shards 4 --data-dir .ledger-data
@@ -54,6 +55,18 @@ bench-quick: install system-deps
 # Kafka ingestion end to end beside POST /finance/payment and /ledger/post_batch of the same events.
 bench-kafka: install
 	$(PY) -m loadtests.kafka_bench
+
+# Refresh the console's vendored Preact + htm from the npm registry (api/console/vendor/VENDOR.md).
+PREACT_VERSION ?= 11.2.0
+HTM_VERSION ?= 3.1.1
+console-vendor:
+	@tmp=$$(mktemp -d) && cd $$tmp && npm pack --silent preact@$(PREACT_VERSION) htm@$(HTM_VERSION) >/dev/null \
+		&& tar xzf preact-$(PREACT_VERSION).tgz && mv package preact && tar xzf htm-$(HTM_VERSION).tgz && mv package htm \
+		&& cd $(CURDIR)/api/console/vendor \
+		&& sed 's|//# sourceMappingURL=.*||' $$tmp/preact/dist/preact.mjs > preact.mjs \
+		&& sed -e 's|from"preact"|from"./preact.mjs"|' -e 's|//# sourceMappingURL=.*||' $$tmp/preact/hooks/dist/hooks.mjs > hooks.mjs \
+		&& cp $$tmp/htm/dist/htm.mjs htm.mjs && cp $$tmp/preact/LICENSE LICENSE.preact && cp $$tmp/htm/LICENSE LICENSE.htm \
+		&& rm -rf $$tmp && echo "vendored preact $(PREACT_VERSION), htm $(HTM_VERSION): update VENDOR.md"
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

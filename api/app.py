@@ -14,6 +14,7 @@ from api import (
     admin_routes,
     approval_routes,
     audit_log,
+    console_routes,
     escrow_routes,
     finance_routes,
     fx_routes,
@@ -147,6 +148,7 @@ def create_app(svc: Services, governance: approval_routes.GovernanceConfig | Non
         *escrow_routes.ROUTES,
         *reconcile_routes.ROUTES,
         *accounting_export_routes.ROUTES,
+        *console_routes.ROUTES,
     ]
     for method, path, handler, allowed in routes:
         app.router.add_route(method, path, handler)
@@ -158,5 +160,6 @@ def create_app(svc: Services, governance: approval_routes.GovernanceConfig | Non
     escrow_routes.install(app)
     app.cleanup_ctx.append(payout_tasks.payout_tasks)
     reconcile_routes.install(app)
+    console_routes.install(app)
     app.on_cleanup.append(proof_routes.shutdown)
     return app

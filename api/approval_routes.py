@@ -6,6 +6,8 @@
 - `POST /finance/approvals/{action_id}` (operator, admin): `{approver_id, signature}`, the base64
   signature over the action's statement (`GET` shows it); answers the action's view, with
   `status: executed` once this approval completed the quorum and the action ran.
+- `GET /finance/approvals?status=pending_approval&limit=100` (every reader role): newest actions
+  first, in brief (`status` optional: any `ActionStatus`; `limit` 1-500, default 100).
 - `GET /finance/approvals/{action_id}` (every reader role): the action, its statement, approvals.
 - `POST /finance/approvals/{action_id}/reject` (operator, admin): `{reason}`.
 - `POST /finance/journal` (operator, admin; D7): an adjusting journal, the journal shape of
@@ -36,7 +38,7 @@ from api.posting import Submission
 from api.requests import decode_json, json_body
 from api.services import SERVICES, Services
 from finance.governance import Governance, parse_thresholds
-from finance.multisig import parse_policy
+from finance.multisig import ActionStatus, parse_policy
 from ledger.errors import ErrorCode, Rejection, validation_error
 from ledger.journal import JournalIn, rejection_from_msgspec, validate_journal
 
@@ -44,6 +46,8 @@ GOVERNANCE: Final = web.AppKey("governance", Governance)
 APPROVING: Final = frozenset({Role.OPERATOR, Role.ADMIN})
 JOURNAL_KIND: Final = "journal"
 REASON_MAX: Final = 500
+LIST_LIMIT_DEFAULT: Final = 100
+LIST_LIMIT_MAX: Final = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +175,21 @@ async def approve(request: web.Request) -> web.Response:
     return ok(action=view)
 
 
+async def list_actions(request: web.Request) -> web.Response:
+    """GET /finance/approvals?status=&limit=: the operator's queue of gated actions."""
+    raw_status = request.query.get("status") or None
+    try:
+        status = None if raw_status is None else ActionStatus(raw_status)
+    except ValueError:
+        allowed = ", ".join(ActionStatus)
+        raise validation_error(f"status must be one of {allowed}", "$.query.status") from None
+    raw_limit = request.query.get("limit") or str(LIST_LIMIT_DEFAULT)
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= LIST_LIMIT_MAX:
+        raise validation_error(f"limit must be an integer 1-{LIST_LIMIT_MAX}", "$.query.limit")
+    actions = await _gov(request).list_actions(status, int(raw_limit))
+    return ok(actions=actions, policy=_gov(request).policy.label)
+
+
 async def get_action(request: web.Request) -> web.Response:
     """GET /finance/approvals/{action_id}."""
     return ok(action=await _gov(request).view(request.match_info["action_id"]))
@@ -265,6 +284,7 @@ ROUTES: Final[
     ("GET", "/admin/approvers", list_approvers, ADMINS),
     ("POST", "/admin/approvers/{approver_id}/revoke", revoke_approver, ADMINS),
     ("POST", "/finance/approvals/{action_id}", approve, APPROVING),
+    ("GET", "/finance/approvals", list_actions, READERS),
     ("GET", "/finance/approvals/{action_id}", get_action, READERS),
     ("POST", "/finance/approvals/{action_id}/reject", reject, APPROVING),
     ("POST", "/finance/journal", adjusting_journal, APPROVING),

@@ -354,6 +354,33 @@ class Governance:
             await self._execute(row["action_id"])
         return len(rows)
 
+    async def list_actions(self, status: ActionStatus | None, limit: int) -> list[dict[str, Any]]:
+        """Newest actions first (at most `limit`), in brief: what an operator's queue shows."""
+        now = self.clock()
+        async with self.pool.acquire() as conn:
+            rows = await governance_repo.action_rows(
+                conn, None if status is None else str(status), now, limit
+            )
+        brief = []
+        for row in rows:
+            action = _action_view(row)
+            shown = action.status
+            if shown is ActionStatus.PENDING_APPROVAL and is_expired(action, now):
+                shown = ActionStatus.EXPIRED
+            brief.append(
+                {
+                    "action_id": action.action_id,
+                    "kind": action.kind,
+                    "status": str(shown),
+                    "amount": row["amount_minor"],
+                    "currency": row["currency"],
+                    "requested_by": row["requested_by"],
+                    "created_at": rfc3339(row["created_at"]),
+                    "expires_at": action.expires_at,
+                }
+            )
+        return brief
+
     async def view(self, action_id: str) -> dict[str, Any]:
         """An action with its statement, approvals (and whether each counts) and result."""
         async with self.pool.acquire() as conn:

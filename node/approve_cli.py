@@ -5,8 +5,10 @@ about to approve (kind, amount, parameters, expiry), rebuilds the statement from
 parameters itself (so it signs what it was shown, not bytes it was handed), signs it with the
 approver's private key (PEM, Ed25519 or P-256; `--password-env` names a variable holding the
 key's passphrase) and posts `{approver_id, signature}`. `--dry-run` prints the signature
-without posting. The node is `--url` (default `$LEDGER_URL`), the caller's token
-`$LEDGER_TOKEN` (an operator or admin token).
+without posting; `--out FILE` writes an approval file instead of posting (JSON
+`{format, action_id, approver_id, params_hash, signature}`), which the operator console uploads.
+The node is `--url` (default `$LEDGER_URL`), the caller's token `$LEDGER_TOKEN` (an operator or
+admin token).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--password-env", default=None, help="environment variable with the key's passphrase"
     )
     approve.add_argument("--dry-run", action="store_true", help="print the signature, do not submit it")
+    approve.add_argument(
+        "--out", type=Path, default=None, help="write an approval file (for the console), do not submit it"
+    )
 
 
 def _call(url: str, method: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -64,6 +69,20 @@ def _load_key(path: Path, password_env: str | None) -> PrivateKey:
     raise ValueError("the key must be an Ed25519 or ECDSA P-256 private key")
 
 
+APPROVAL_FILE_FORMAT = "ledger-node/approval/v1"
+
+
+def _approval_file(action: dict[str, Any], approver_id: str, signature: str) -> dict[str, Any]:
+    """What `--out` writes: the body of `POST /finance/approvals/{action_id}` plus what it is for."""
+    return {
+        "format": APPROVAL_FILE_FORMAT,
+        "action_id": action["action_id"],
+        "approver_id": approver_id,
+        "params_hash": action["statement"]["params_hash"],
+        "signature": signature,
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     """Fetch, show, sign, submit; 0 on success, 1 with a message on any failure."""
     if not args.url:
@@ -83,6 +102,12 @@ def run(args: argparse.Namespace) -> int:
             f"params: {json.dumps(action['params'], sort_keys=True)}"
         )
         signature = sign_statement(key, statement)
+        if args.out is not None:
+            args.out.write_text(
+                json.dumps(_approval_file(action, args.approver_id, signature), indent=2) + "\n"
+            )
+            print(f"wrote {args.out}: upload it in the operator console (Payouts and approvals)")
+            return 0
         if args.dry_run:
             print(signature)
             return 0

@@ -104,6 +104,27 @@ async def action_row(
     )
 
 
+async def action_rows(
+    conn: asyncpg.Connection, status: str | None, now: datetime, limit: int
+) -> list[asyncpg.Record]:
+    """Newest actions first, at most `limit`; `status` filters (`pending_approval` leaves out the
+    expired ones, `expired` is a pending action past its expiry)."""
+    args: list[object]
+    if status == "pending_approval":
+        where, args = " WHERE status = 'pending_approval' AND expires_at > $2", [now]
+    elif status == "expired":
+        where, args = " WHERE status = 'expired' OR (status = 'pending_approval' AND expires_at <= $2)", [now]
+    elif status is not None:
+        where, args = " WHERE status = $2", [status]
+    else:
+        where, args = "", []
+    return await conn.fetch(
+        f"SELECT {_ACTION_COLUMNS} FROM gated_actions{where} ORDER BY created_at DESC, action_id LIMIT $1",
+        limit,
+        *args,
+    )
+
+
 async def set_status(
     conn: asyncpg.Connection,
     action_id: str,
