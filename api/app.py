@@ -16,6 +16,7 @@ from api import (
     audit_log,
     console_routes,
     escrow_routes,
+    export_routes,
     finance_routes,
     fx_routes,
     hold_routes,
@@ -80,7 +81,7 @@ async def _shard_statuses(svc: Services) -> tuple[list[dict[str, Any]], dict[str
 
 
 async def ready(request: web.Request) -> web.Response:
-    """GET /ready: the database and every actor answer."""
+    """GET /ready: the database and every actor answer, and the export destination is writable (D7)."""
     svc = request.app[SERVICES]
     try:
         async with svc.pool.acquire(timeout=READY_TIMEOUT_S) as conn:
@@ -88,8 +89,12 @@ async def ready(request: web.Request) -> web.Response:
     except Exception:
         database = False
     shards, coordinator = await _shard_statuses(svc)
+    exports = await export_routes.ready_check(request.app)
     everything = database and coordinator is not None and all(s["ok"] for s in shards)
+    everything = everything and (exports is None or bool(exports["ok"]))
     details = {"database": database, "shards": shards, "coordinator": coordinator is not None}
+    if exports is not None:
+        details["exports"] = exports
     if not everything:
         raise LedgerError(ErrorCode.SERVICE_UNAVAILABLE, "not ready", details)
     return ok(**details)
@@ -149,6 +154,7 @@ def create_app(svc: Services, governance: approval_routes.GovernanceConfig | Non
         *reconcile_routes.ROUTES,
         *accounting_export_routes.ROUTES,
         *console_routes.ROUTES,
+        *export_routes.ROUTES,
     ]
     for method, path, handler, allowed in routes:
         app.router.add_route(method, path, handler)
@@ -161,5 +167,6 @@ def create_app(svc: Services, governance: approval_routes.GovernanceConfig | Non
     app.cleanup_ctx.append(payout_tasks.payout_tasks)
     reconcile_routes.install(app)
     console_routes.install(app)
+    export_routes.install(app)
     app.on_cleanup.append(proof_routes.shutdown)
     return app

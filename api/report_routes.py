@@ -117,7 +117,12 @@ async def get_report(request: web.Request) -> web.StreamResponse:
 
 def seller_details(request: web.Request) -> invoice_pdf.SellerDetails:
     """The seller shown on invoices (module docstring)."""
-    seller = request.app[FINANCE].seller
+    return seller_of(request.app)
+
+
+def seller_of(app: web.Application) -> invoice_pdf.SellerDetails:
+    """The seller shown on an application's invoices (also on the PDFs of auditor exports)."""
+    seller = app[FINANCE].seller
     return invoice_pdf.SellerDetails(
         name=os.environ.get("LEDGER_SELLER_NAME") or DEFAULT_SELLER_NAME,
         country=seller.country,

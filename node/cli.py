@@ -8,6 +8,10 @@
     ledger-node check  [--data-dir DIR]          recompute balances, verify chains and signatures
     ledger-node migrate [--data-dir DIR]         apply pending schema migrations and exit
     ledger-node verify PROOF --public-key PEM    verify a proof package offline (no server needed)
+    ledger-node verify EXPORT_DIR --public-key PEM
+                                                 verify an auditor export package offline
+    ledger-node export FROM TO [--pii] [--out DIR] [--url URL]
+                                                 auditor export through the node, with a progress bar
     ledger-node keys rotate [--url URL]          switch the signer to a new key
     ledger-node approve ACTION_ID --key PEM --approver-id ID [--url URL]
                                                  sign and submit a multisig approval
@@ -38,7 +42,7 @@ from api.auth import TokenError
 from api.kafka_consumer import PaymentConsumer
 from api.kafka_sinks import HttpSink
 from api.metrics import KafkaMetrics
-from node import approve_cli, keys_cli, verify_cli
+from node import approve_cli, export_cli, keys_cli, verify_cli
 from node.config import DEFAULT_DATA_DIR, TOKEN_FILE, ConfigError, NodeConfig, kafka_from_env
 from node.runtime import Node, StartupError
 from signer.keys import verify_signature
@@ -78,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     verify_cli.add_parser(commands)
     keys_cli.add_parser(commands)
     approve_cli.add_parser(commands)
+    export_cli.add_parser(commands)
     return parser
 
 
@@ -240,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return keys_cli.run(args)
     if args.command == "approve":
         return approve_cli.run(args)
+    if args.command == "export":
+        return export_cli.run(args)
     import uvloop
 
     handlers = {"serve": _serve, "consume": _consume, "check": _check, "migrate": _migrate}

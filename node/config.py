@@ -10,6 +10,7 @@ from pathlib import Path
 
 from api.kafka_consumer import KafkaSettings
 from finance import payout_schedule, payouts
+from finance.export_destinations import ExportSettings
 
 DEFAULT_DATA_DIR = Path(".ledger-data")
 TOKEN_FILE = "api-tokens"
@@ -159,6 +160,9 @@ class NodeConfig:
     approval_ttl_s: float = 7 * 24 * 3600.0
     # KAFKA_BOOTSTRAP_SERVERS and LEDGER_KAFKA_*: the payment-event consumer `serve` runs (None: off).
     kafka: KafkaSettings | None = None
+    # Auditor exports (finance/export_destinations.py): None reads LEDGER_EXPORT_DIR, LEDGER_EXPORT_S3_*,
+    # LEDGER_EXPORT_RETENTION_DAYS, LEDGER_PII_KEY, LEDGER_ENV at start-up (data dir as the default root).
+    export: ExportSettings | None = None
 
     @classmethod
     def from_env(cls, **overrides: object) -> NodeConfig:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ from api.app import create_app
 from api.approval_routes import GovernanceConfig
 from api.audit_log import AUDIT_WRITER
 from api.auth import Authenticator, TokenError, parse_tokens
+from api.export_routes import EXPORT_SETTINGS
 from api.finance_routes import RECOGNITION_INTERVAL_S
 from api.kafka_consumer import PaymentConsumer
 from api.kafka_sinks import FinanceSink
@@ -31,6 +33,7 @@ from api.posting import Poster
 from api.reconcile_routes import RECONCILE_EVERY_S
 from api.services import Services
 from finance import payout_schedule
+from finance.export_destinations import ExportSettings, settings_from_env
 from finance.governance import parse_thresholds
 from finance.multisig import parse_policy
 from node.config import TOKEN_FILE, NodeConfig, ensure_token_file
@@ -63,6 +66,7 @@ class Node:
     audit: AuditWriter | None = None
     app: web.Application | None = None
     consumer: PaymentConsumer | None = None
+    export_settings: ExportSettings | None = None
 
     @property
     def url(self) -> str:
@@ -91,11 +95,21 @@ class Node:
         except ValueError as exc:
             raise StartupError(f"{payout_schedule.ENV}: {exc}") from None
 
+    def _export_settings(self) -> ExportSettings:
+        """Auditor export settings: the config's, else LEDGER_EXPORT_* from the environment."""
+        if self.config.export is not None:
+            return self.config.export
+        try:
+            return settings_from_env(os.environ, self.config.data_dir)
+        except (ValueError, OSError) as exc:
+            raise StartupError(f"auditor exports: {exc}") from None
+
     async def start(self) -> None:
         """Bring the whole node up; raise StartupError with a clear message on failure."""
         config = self.config
         self._governance()  # refuse bad settings before anything starts
         self._payout_schedule()
+        self.export_settings = self._export_settings()
         auth = self._authenticator()
         self.dsn = config.database_url or self._start_embedded()
         self.pool = await repository.create_pool(self.dsn, 2, 8)
@@ -199,6 +213,8 @@ class Node:
         if schedule is not None:
             app[PAYOUT_SCHEDULE] = schedule
         app[RECONCILE_EVERY_S] = self.config.reconcile_every_s
+        if self.export_settings is not None:
+            app[EXPORT_SETTINGS] = self.export_settings
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.config.host, self.config.port, backlog=1024, reuse_address=True)

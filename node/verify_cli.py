@@ -1,6 +1,9 @@
-"""`ledger-node verify`: check a proof package offline, with nothing but the file and public keys.
+"""`ledger-node verify`: check a proof package or an auditor export offline, with only files and keys.
 
     ledger-node verify PROOF_FILE --public-key PUB.pem [--public-key OLD.pem ...] [--json]
+    ledger-node verify EXPORT_DIR --public-key PUB.pem     (a directory with manifest.json, or the
+                                                           manifest itself: signature, every file's
+                                                           SHA-256, the included proofs)
 
 Prints one line per check and a verdict (or the report as JSON with ``--json``). Exit status: 0 when
 the package verifies, 1 when verification failed, 2 when an input cannot be read (missing file,
@@ -15,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from signer.export_verify import is_export_package, verify_export
 from signer.verify import VerifyReport, load_trusted_key, verify_package
 
 EXIT_OK = 0
@@ -26,7 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     """Register the `verify` subcommand on an argparse subparsers object."""
     parser = subparsers.add_parser(
         "verify",
-        help="verify a proof package offline",
+        help="verify a proof package or an auditor export offline",
         description="Verify a Ledger Node proof package against trusted public keys (see docs/proofs.md).",
     )
     _add_arguments(parser)
@@ -34,7 +38,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of `verify`."""
-    parser.add_argument("proof_file", type=Path, metavar="PROOF_FILE", help="the proof package (JSON)")
+    parser.add_argument(
+        "proof_file", type=Path, metavar="PROOF_FILE", help="the proof package (JSON) or an export directory"
+    )
     parser.add_argument(
         "--public-key",
         dest="public_keys",
@@ -49,13 +55,14 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run `verify` with parsed arguments; returns the exit status (0 ok, 1 failed, 2 unreadable)."""
+    path = Path(args.proof_file)
     try:
-        data = Path(args.proof_file).read_bytes()
         pems = [_read_key(Path(p)) for p in args.public_keys]
+        data = b"" if is_export_package(path) else path.read_bytes()
     except (OSError, ValueError) as exc:
         print(f"ledger-node verify: {exc}", file=sys.stderr)
         return EXIT_UNREADABLE
-    report = verify_package(data, pems)
+    report = verify_export(path, pems) if is_export_package(path) else verify_package(data, pems)
     if getattr(args, "as_json", False):
         print(json.dumps(report.to_dict(), indent=2, sort_keys=True))
     else:
@@ -97,7 +104,8 @@ def _print_report(report: VerifyReport, stream: TextIO) -> None:
         print(f"VERIFIED: {counts}; signer {report.signer_kind}", file=stream)
         return
     failed = sum(1 for c in report.checks if not c.ok)
-    blame = f"; first bad journal: {report.first_bad_journal}" if report.first_bad_journal else ""
+    what = "file" if any(c.name.startswith("file ") for c in report.checks) else "journal"
+    blame = f"; first bad {what}: {report.first_bad_journal}" if report.first_bad_journal else ""
     print(f"NOT VERIFIED: {failed} failed check(s){blame}", file=stream)
 
 
