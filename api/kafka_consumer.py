@@ -4,8 +4,9 @@ One loop per consumer (aiokafka, manual commits, group `KafkaSettings.group_id`)
 
 1. `getmany(max_records=batch_max)` takes a batch from the assigned partitions.
 2. Every record is decoded (`api.kafka_events.decode_event`); the events are applied through the
-   sink, at most `concurrency` at a time. Events of one invoice run one after another in offset
-   order (a refund never overtakes its payment); different invoices run concurrently.
+   sink: a `BatchSink` (the node's `FinanceSink`) takes the whole batch in one call, any other sink
+   gets one event at a time, at most `concurrency` at once. Events of one invoice run one after
+   another in offset order (a refund never overtakes its payment); different invoices run concurrently.
 3. Poison records (undecodable, invalid, or rejected with a final code) are produced to the
    dead-letter topic with the reason and their topic, partition and offset; once the broker has
    acknowledged that, they count as handled, so a poison record never blocks its partition.
@@ -31,7 +32,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, runtime_checkable
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -52,6 +53,16 @@ class EventSink(Protocol):
 
     async def apply(self, event: PaymentEvent) -> Result:
         """The event's outcome; never raises for a ledger answer."""
+        ...
+
+
+@runtime_checkable
+class BatchSink(EventSink, Protocol):
+    """A sink that applies a whole batch at once (`FinanceSink`: one ledger call per round)."""
+
+    async def apply_many(self, events: list[PaymentEvent]) -> list[Result]:
+        """One result per event, in order. Events of one invoice apply in order; after an event's
+        RETRY, the invoice's later events are not applied (answered RETRY too)."""
         ...
 
 
@@ -300,11 +311,18 @@ class PaymentConsumer:
             groups.setdefault(event.invoice_id, []).append((record, event))
         gate = asyncio.Semaphore(self.settings.concurrency)
         retry: list[Any] = []
+        known: dict[int, Result] = {}
+        if isinstance(self.sink, BatchSink):
+            flat = [pair for group in groups.values() for pair in group]
+            answers = await self._apply_many([event for _, event in flat])
+            known = {id(record): result for (record, _), result in zip(flat, answers, strict=True)}
 
         async def run(group: list[tuple[Any, PaymentEvent]]) -> None:
             for index, (record, event) in enumerate(group):
-                async with gate:
-                    result = await self._apply(event)
+                result = known.get(id(record))
+                if result is None:
+                    async with gate:
+                        result = await self._apply(event)
                 if result.outcome == Outcome.RETRY:
                     self.metrics.retries.labels(str(result.reason)).inc()
                     log.warning("event %s retried: %s %s", event.event_id, result.reason, result.message)
@@ -319,6 +337,18 @@ class PaymentConsumer:
         await asyncio.gather(*(run(group) for group in groups.values()))
         retry.extend(await self._dead_letter(poison))
         return retry
+
+    async def _apply_many(self, events: list[PaymentEvent]) -> list[Result]:
+        """A batch sink's results (each seen by the hook); all RETRY if the sink raised."""
+        assert isinstance(self.sink, BatchSink)
+        try:
+            results = await self.sink.apply_many(events)
+        except Exception as exc:  # a sink never should; an unknown failure is retried, never skipped
+            log.exception("batch of %s events: sink failed", len(events))
+            results = [Result(Outcome.RETRY, "sink_error", None, repr(exc))] * len(events)
+        if self.hook is not None:
+            results = [await self.hook(event, result) for event, result in zip(events, results, strict=True)]
+        return results
 
     async def _apply(self, event: PaymentEvent) -> Result:
         try:

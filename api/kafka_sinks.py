@@ -10,6 +10,7 @@ accounts whatever runs the consumer.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from typing import Any, Final
 
@@ -47,6 +48,56 @@ class FinanceSink:
             await self._audit(event, answer)
         return Result(Outcome.POSTED if posted else Outcome.REPLAYED)
 
+    async def apply_many(self, events: list[PaymentEvent]) -> list[Result]:
+        """The events' outcomes, as `apply` one by one in order would give them, in few ledger calls.
+
+        Round by round: each invoice's payments (and settlements) up to its next refund go to
+        `FinanceService.pay_many` together (one ledger call per step across invoices, one store
+        transaction), then each invoice's refund through `refund`. After a RETRY the invoice's later
+        events are not applied (RETRY `held`): the consumer retries them in order.
+        """
+        finance = self.app[FINANCE]
+        results: list[Result | None] = [None] * len(events)
+        queues: dict[str, collections.deque[int]] = {}
+        for index, event in enumerate(events):
+            queues.setdefault(event.invoice_id, collections.deque()).append(index)
+        posted: list[tuple[PaymentEvent, dict[str, Any]]] = []
+
+        def settle(index: int, result: Result) -> None:
+            results[index] = result
+            if result.outcome == Outcome.RETRY:
+                queue = queues[events[index].invoice_id]
+                for later in queue:
+                    results[later] = Result(
+                        Outcome.RETRY, "held", None, "an earlier event of the invoice is retried"
+                    )
+                queue.clear()
+
+        while any(queues.values()):
+            run = [q.popleft() for q in queues.values() for _ in range(_payments_ahead(q, events))]
+            items = [(payment_request(events[i]), events[i].settlement_id) for i in run]
+            outcomes = await finance.pay_many(items, self.principal, _halts) if items else []
+            for index, outcome in zip(run, outcomes, strict=True):
+                if outcome is None:
+                    settle(
+                        index, Result(Outcome.RETRY, "held", None, "an earlier event of the invoice failed")
+                    )
+                    continue
+                if isinstance(outcome, BaseException):
+                    settle(index, classify_error(outcome))
+                    continue
+                answer, was_posted = outcome
+                if was_posted:
+                    posted.append((events[index], answer))
+                settle(index, Result(Outcome.POSTED if was_posted else Outcome.REPLAYED))
+            refunds = [q.popleft() for q in queues.values() if q and events[q[0]].type == "refund"]
+            for index, result in zip(
+                refunds, await asyncio.gather(*(self.apply(events[i]) for i in refunds)), strict=True
+            ):
+                settle(index, result)
+        await asyncio.gather(*(self._audit(event, answer) for event, answer in posted))
+        return [r if r is not None else Result(Outcome.RETRY, "held") for r in results]
+
     async def _audit(self, event: PaymentEvent, answer: dict[str, Any]) -> None:
         """The HTTP path's audit event, queued (never raised; failures are logged)."""
         writer = self.app.get(AUDIT_WRITER)
@@ -63,6 +114,21 @@ class FinanceSink:
             return
         if writer.answer_after_commit:
             await asyncio.wait([future])
+
+
+def _payments_ahead(queue: collections.deque[int], events: list[PaymentEvent]) -> int:
+    """How many of the queue's first events are payments or settlements (before a refund)."""
+    count = 0
+    for index in queue:
+        if events[index].type == "refund":
+            break
+        count += 1
+    return count
+
+
+def _halts(exc: BaseException) -> bool:
+    """An invoice's later events wait when one is retried (classified like `apply`)."""
+    return classify_error(exc).outcome == Outcome.RETRY
 
 
 def http_request(event: PaymentEvent) -> tuple[str, dict[str, Any]]:

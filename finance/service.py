@@ -21,6 +21,7 @@ The issue journal's `context.invoice_hash` is the hex SHA-256 of the canonical e
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
@@ -145,6 +146,23 @@ def one_id(first: str | None, second: str | None, field: str) -> str | None:
 
 MONEY_PREFIX: Final = {"payment": "pay", "refund": "rfd"}
 
+RETRYABLE_CODES: Final = frozenset(
+    {
+        ErrorCode.SERVICE_UNAVAILABLE,
+        ErrorCode.SHARD_MOVING,
+        ErrorCode.RATE_LIMITED,
+        ErrorCode.SIGNING_FAILURE,
+        ErrorCode.INTERNAL_ERROR,
+    }
+)
+PayOutcome = tuple[dict[str, Any], bool] | BaseException | None
+"""One item of `FinanceService.pay_many`: (answer, posted), the error, or None (not tried)."""
+
+
+def retryable(exc: BaseException) -> bool:
+    """A temporary failure (nothing final decided): not a ledger answer, or a retryable code."""
+    return not isinstance(exc, LedgerError) or exc.code in RETRYABLE_CODES
+
 
 def money_target(request: PaymentRequest) -> tuple[str, str]:
     """The invoice id and provider reference of a payment or refund request; 400 when malformed."""
@@ -184,6 +202,76 @@ def _replayed(
         )
     answer: dict[str, Any] = msgspec.json.decode(existing["answer"])
     return answer
+
+
+def money_answer(
+    kind: str,
+    money_id: str,
+    invoice_id: str,
+    journal_id: str | None,
+    step: Step,
+    request: PaymentRequest,
+    settled: dict[str, Any],
+) -> dict[str, Any]:
+    """A payment's (or refund's) answer: the common keys (refunds add their details after)."""
+    return {
+        f"{kind}Id": money_id,
+        f"{kind}_id": money_id,
+        "invoiceId": invoice_id,
+        "invoice_id": invoice_id,
+        "journal_id": journal_id,
+        "status": str(step.invoice.status),
+        "amount": request.amount,
+        "currency": request.currency,
+        **step.amounts,
+        "amount_due": step.invoice.amount_due,
+        "amount_refunded": step.invoice.refunded,
+        "customer_credit": step.invoice.customer_credit,
+        **settled,
+    }
+
+
+def money_values(
+    money_id: str,
+    invoice_id: str,
+    request: PaymentRequest,
+    journal_id: str | None,
+    settlement_id: str | None,
+    principal: str,
+    answer: dict[str, Any],
+) -> dict[str, Any]:
+    """The payment's (or refund's) row (`finance_repo.insert_money`)."""
+    return {
+        "id": money_id,
+        "invoice_id": invoice_id,
+        "provider": request.payment_provider,
+        "provider_reference": request.provider_reference,
+        "amount": request.amount,
+        "currency": request.currency,
+        "journal_id": journal_id or "",
+        "settlement_id": settlement_id,
+        "principal": principal,
+        "answer": msgspec.json.encode(answer).decode(),
+    }
+
+
+def concurrent_change(row: asyncpg.Record, after: Invoice) -> Rejection:
+    """409 INVALID_STATE: the invoice row moved past the version the step was computed from."""
+    return Rejection(
+        ErrorCode.INVALID_STATE,
+        "the invoice changed concurrently; read it and retry",
+        {
+            "current": row["status"],
+            "requested": str(after.status),
+            "reason": "concurrent change",
+            "version": row["version"],
+        },
+    )
+
+
+def journal_of(body: dict[str, Any], journal_id: str) -> Journal:
+    """A step's journal body validated under its deterministic id."""
+    return validate_journal(msgspec.convert({**body, "journal_id": journal_id}, JournalIn))
 
 
 def invoice_document(invoice: Invoice, due_date: str | None, terms: str | None) -> dict[str, Any]:
@@ -670,24 +758,39 @@ class FinanceService:
     # -- posting ---------------------------------------------------------------------------------
     async def _post(self, body: dict[str, Any], journal_id: str, principal: str) -> str:
         """Validate and post one journal body under a deterministic id; its id, or the ledger's error."""
-        raw = msgspec.convert({**body, "journal_id": journal_id}, JournalIn)
-        journal = validate_journal(raw)
-        (posted,) = await self.poster.post_journals([journal], principal)
-        if not posted.ok and posted.code == ErrorCode.IDEMPOTENCY_CONFLICT:
+        (posted,) = await self._post_many([journal_of(body, journal_id)], principal)
+        if isinstance(posted, LedgerError):
+            raise posted
+        return posted
+
+    async def _post_many(self, journals: list[Journal], principal: str) -> list[str | LedgerError]:
+        """Post validated journals in one ledger call; per journal its id, or the ledger's error."""
+        answers = await self.poster.post_journals(journals, principal)
+        conflicts = [
+            posted.journal_id
+            for j, posted in zip(journals, answers, strict=True)
+            if not posted.ok and posted.code == ErrorCode.IDEMPOTENCY_CONFLICT
+        ]
+        stored: dict[str, bytes] = {}
+        if conflicts:
             # The ledger replays a journal id only for its first principal. This id is derived from
             # the finance request (invoice, step, provider reference), so the same journal stored
             # by another principal (a crash between posting and storing the row, then a retry by
             # someone else) is this request's replay; a different payload still conflicts.
             async with self.pool.acquire() as conn:
-                stored = await conn.fetchval(
-                    "SELECT request_hash FROM journals WHERE journal_id = $1", journal_id
+                rows = await conn.fetch(
+                    "SELECT journal_id, request_hash FROM journals WHERE journal_id = ANY($1::text[])",
+                    conflicts,
                 )
-            if stored is not None and bytes(stored) == request_hash(journal):
-                return journal_id
-        if not posted.ok:
-            code = ErrorCode(posted.code or ErrorCode.INTERNAL_ERROR)
-            raise LedgerError(code, posted.message or str(code), dict(posted.details or {}))
-        return posted.journal_id
+            stored = {r["journal_id"]: bytes(r["request_hash"]) for r in rows}
+        out: list[str | LedgerError] = []
+        for journal, posted in zip(journals, answers, strict=True):
+            if posted.ok or stored.get(posted.journal_id, b"") == request_hash(journal):
+                out.append(posted.journal_id)
+            else:
+                code = ErrorCode(posted.code or ErrorCode.INTERNAL_ERROR)
+                out.append(LedgerError(code, posted.message or str(code), dict(posted.details or {})))
+        return out
 
     async def _store(
         self, conn: asyncpg.Connection, row: asyncpg.Record, after: Invoice, journal_id: str | None
@@ -696,16 +799,7 @@ class FinanceService:
             conn, row["invoice_id"], row["version"], _row_of(after), journal_id
         )
         if not ok:
-            raise Rejection(
-                ErrorCode.INVALID_STATE,
-                "the invoice changed concurrently; read it and retry",
-                {
-                    "current": row["status"],
-                    "requested": str(after.status),
-                    "reason": "concurrent change",
-                    "version": row["version"],
-                },
-            )
+            raise concurrent_change(row, after)
 
     # -- steps -----------------------------------------------------------------------------------
     async def step(self, invoice_id: str, name: str, principal: str) -> tuple[dict[str, Any], str | None]:
@@ -1266,6 +1360,43 @@ class FinanceService:
         """
         return await self._move_money("payment", request, principal, settlement_id)
 
+    async def pay_many(
+        self,
+        items: list[tuple[PaymentRequest, str | None]],
+        principal: str,
+        halts: Callable[[BaseException], bool] = retryable,
+    ) -> list[PayOutcome]:
+        """`pay` for many (request, settlement id) pairs at once: the same answers, journals (ids and
+        bodies), rows and idempotency (replays, IDEMPOTENCY_CONFLICT), in fewer round trips.
+
+        Each item's outcome, in order: (answer, posted), the exception `pay` would have raised, or
+        None when it was not tried because an earlier item of its invoice failed with an error that
+        `halts` (by default a retryable one: the invoice's later payments must not overtake it).
+        The payments of one invoice apply in order; different invoices side by side. Round by round,
+        each invoice's next payment is computed with the pure steps (`invoices.record_payment`, or
+        `_settle_across` in another currency) and every round's journals go to the ledger in one
+        call; at the end the invoice updates and payment rows are stored in one transaction. A
+        failure there fails every payment posted by this call (its journals are replayed by the
+        retry, as after a crash between posting and storing in `pay`).
+        """
+        outcomes: list[PayOutcome] = [None] * len(items)
+        targets: dict[int, tuple[str, str]] = {}
+        for index, (request, _settlement) in enumerate(items):
+            try:
+                invoice_id, _reference = money_target(request)
+            except LedgerError as exc:
+                outcomes[index] = exc
+                continue
+            targets[index] = (invoice_id, payment_id_of(request.payment_provider, request.provider_reference))
+        names = sorted({f"payment:{m}" for _, m in targets.values()})
+        names += sorted({f"invoice:{i}" for i, _ in targets.values()})
+        async with contextlib.AsyncExitStack() as stack:  # one global order: never a lock cycle
+            for name in names:
+                await stack.enter_async_context(self._locked(name))
+            batch = _PayBatch(self, items, targets, outcomes, principal, halts)
+            await batch.run()
+        return outcomes
+
     async def refund(self, request: PaymentRequest, principal: str) -> tuple[dict[str, Any], bool]:
         """Return money: customer credit first, then the invoice (tax and net in proportion).
 
@@ -1419,35 +1550,12 @@ class FinanceService:
                 if kind == "refund":
                     clawback = await self._claw_back(invoice, body, journal_id, money_id, principal)
             answer = {
-                f"{kind}Id": money_id,
-                f"{kind}_id": money_id,
-                "invoiceId": invoice_id,
-                "invoice_id": invoice_id,
-                "journal_id": journal_id,
-                "status": str(step.invoice.status),
-                "amount": request.amount,
-                "currency": request.currency,
-                **step.amounts,
-                "amount_due": step.invoice.amount_due,
-                "amount_refunded": step.invoice.refunded,
-                "customer_credit": step.invoice.customer_credit,
-                **settled,
+                **money_answer(kind, money_id, invoice_id, journal_id, step, request, settled),
                 **(extra or {}),
                 **_refund_details(kind, step, lines),
                 **_clawback_answer(clawback),
             }
-            values = {
-                "id": money_id,
-                "invoice_id": invoice_id,
-                "provider": request.payment_provider,
-                "provider_reference": reference,
-                "amount": request.amount,
-                "currency": request.currency,
-                "journal_id": journal_id or "",
-                "settlement_id": settlement_id,
-                "principal": principal,
-                "answer": msgspec.json.encode(answer).decode(),
-            }
+            values = money_values(money_id, invoice_id, request, journal_id, settlement_id, principal, answer)
             async with self.pool.acquire() as conn, conn.transaction():
                 await self._store(conn, row, step.invoice, journal_id)
                 await finance_repo.insert_money(conn, kind, values)
@@ -2106,3 +2214,219 @@ def _lost_in_currency(invoice: Invoice, amount: int, source: str) -> tuple[Step,
         "applied_currency": invoice.currency,
         "excess": excess,
     }
+
+
+class _Moved(Exception):
+    """Invoices whose row changed since the batch read it (another node)."""
+
+    def __init__(self, invoice_ids: set[str]) -> None:
+        super().__init__(sorted(invoice_ids))
+        self.invoice_ids = invoice_ids
+
+
+class _Posting(msgspec.Struct):
+    index: int
+    invoice_id: str
+    money_id: str
+    step: Step
+    settled: dict[str, Any]
+    journal: Journal | None
+
+
+class _PayBatch:
+    """One `FinanceService.pay_many` call (under the locks of all its payments and invoices)."""
+
+    def __init__(
+        self,
+        svc: FinanceService,
+        items: list[tuple[PaymentRequest, str | None]],
+        targets: dict[int, tuple[str, str]],
+        outcomes: list[PayOutcome],
+        principal: str,
+        halts: Callable[[BaseException], bool],
+    ) -> None:
+        self.svc = svc
+        self.items = items
+        self.targets = targets
+        self.outcomes = outcomes
+        self.principal = principal
+        self.halts = halts
+        self.queues: dict[str, collections.deque[int]] = {}
+        self.claimants: dict[str, collections.deque[int]] = {}
+        """Per payment id, the items naming it in order; the first records it, the others replay it."""
+        for index, (invoice_id, money_id) in targets.items():
+            self.queues.setdefault(invoice_id, collections.deque()).append(index)
+            self.claimants.setdefault(money_id, collections.deque()).append(index)
+        self.existing: dict[tuple[str, str], Any] = {}
+        self.rows: dict[str, asyncpg.Record] = {}
+        self.current: dict[str, Invoice] = {}
+        self.pending: set[int] = set()
+        self.values: dict[int, dict[str, Any]] = {}
+        """Recorded by this call: the payment rows by item (stored at the end)."""
+        self.recorded: dict[str, list[int]] = {}
+        self.replays_of: dict[int, int] = {}
+        self.applied: dict[int, tuple[str, int, str]] = {}
+
+    async def run(self) -> None:
+        if not self.targets:
+            return
+        keys = [
+            (self.items[i][0].payment_provider, self.items[i][0].provider_reference) for i in self.targets
+        ]
+        async with self.svc.pool.acquire() as conn:
+            self.existing = await finance_repo.payments_by_reference(conn, keys)
+            self.rows = await finance_repo.invoice_rows(conn, list(self.queues))
+        progress = True
+        while progress:
+            progress = False
+            wave: list[_Posting] = []
+            for invoice_id, queue in self.queues.items():
+                before = len(queue)
+                posting = await self._advance(invoice_id, queue)
+                progress = progress or len(queue) != before
+                if posting is not None:
+                    wave.append(posting)
+            if wave:
+                await self._post(wave)
+        await self._store(set(self.recorded))
+
+    def _fail(self, index: int, exc: BaseException) -> None:
+        self.outcomes[index] = exc
+        invoice_id, money_id = self.targets[index]
+        claimants = self.claimants[money_id]
+        if claimants and claimants[0] == index:
+            claimants.popleft()  # not recorded: the next item naming it records it
+        if self.halts(exc):
+            self.queues[invoice_id].clear()  # its later payments are not tried (None)
+
+    async def _advance(self, invoice_id: str, queue: collections.deque[int]) -> _Posting | None:
+        """Answer the invoice's next items until one needs a journal posted (returned) or waits."""
+        while queue:
+            index = queue[0]
+            request, settlement_id = self.items[index]
+            money_id = self.targets[index][1]
+            existing = self.existing.get((request.payment_provider, request.provider_reference))
+            first = self.claimants[money_id][0]
+            if existing is None and first != index:
+                if first not in self.values:
+                    return None  # wait for the item that records this payment
+                self.replays_of[index] = first
+                existing = {**self.values[first], "id": money_id}
+            queue.popleft()
+            if existing is not None:
+                try:
+                    replay = _replayed("payment", existing, invoice_id, request, settlement_id)
+                    _check_same_lines(replay, None)
+                except LedgerError as exc:
+                    self._fail(index, exc)
+                    continue
+                self.outcomes[index] = (replay, False)
+                continue
+            try:
+                posting = await self._compute(index, invoice_id, money_id, request)
+            except Exception as exc:  # what `pay` would raise (an FX rate read may fail too)
+                self._fail(index, exc)
+                continue
+            if posting.journal is None:
+                self._record(posting, None)
+                continue
+            self.pending.add(index)
+            return posting
+        return None
+
+    async def _compute(self, index: int, invoice_id: str, money_id: str, request: PaymentRequest) -> _Posting:
+        """`_move_money`'s step for a payment, from the invoice's state after its earlier items."""
+        row = self.rows.get(invoice_id)
+        if row is None:
+            raise not_found(invoice_id)
+        if row["kind"] != "priced":
+            raise invoices.InvalidState(
+                InvoiceStatus(row["status"]), InvoiceStatus.PAID, "recorded external invoice (POST /invoices)"
+            )
+        invoice = self.current.get(invoice_id)
+        if invoice is None:
+            invoice = self.current[invoice_id] = msgspec.json.decode(row["body"], type=Invoice)
+        settled: dict[str, Any] = {}
+        if request.currency != invoice.currency:
+            step, settled = await self.svc._settle_across(invoice, row, request)
+        else:
+            step = invoices.record_payment(
+                invoice, request.amount, request.currency, request.payment_provider
+            )
+        journal = None
+        if step.journal is not None:
+            journal = journal_of(step.journal, f"{invoice_id}.pay.{money_id}")
+        return _Posting(index, invoice_id, money_id, step, settled, journal)
+
+    async def _post(self, wave: list[_Posting]) -> None:
+        """One ledger call for the round's journals; each answer records or fails its payment."""
+        journals = [p.journal for p in wave if p.journal is not None]
+        results: list[str | LedgerError] | list[Exception]
+        try:
+            results = await self.svc._post_many(journals, self.principal)
+        except Exception as exc:  # the poster answers errors; anything else is retried
+            results = [exc] * len(wave)
+        for posting, result in zip(wave, results, strict=True):
+            self.pending.discard(posting.index)
+            if isinstance(result, BaseException):
+                self._fail(posting.index, result)
+            else:
+                self._record(posting, result)
+
+    def _record(self, posting: _Posting, journal_id: str | None) -> None:
+        index, invoice_id = posting.index, posting.invoice_id
+        request, settlement_id = self.items[index]
+        answer = money_answer(
+            "payment", posting.money_id, invoice_id, journal_id, posting.step, request, posting.settled
+        )
+        self.values[index] = money_values(
+            posting.money_id, invoice_id, request, journal_id, settlement_id, self.principal, answer
+        )
+        self.outcomes[index] = (answer, True)
+        self.current[invoice_id] = posting.step.invoice
+        self.recorded.setdefault(invoice_id, []).append(index)
+        if posting.settled:
+            currency = self.rows[invoice_id]["currency"]
+            self.applied[index] = (posting.money_id, posting.settled["applied_amount"], currency)
+
+    async def _store(self, invoice_ids: set[str]) -> None:
+        """The invoice updates and payment rows of `invoice_ids` in one transaction."""
+        if not invoice_ids:
+            return
+        updates = [
+            finance_repo.InvoiceSteps(
+                invoice_id,
+                self.rows[invoice_id]["version"],
+                len(indices),
+                _row_of(self.current[invoice_id]),
+                [self.values[i]["journal_id"] for i in indices if self.values[i]["journal_id"]],
+            )
+            for invoice_id, indices in self.recorded.items()
+            if invoice_id in invoice_ids
+        ]
+        stored = [i for invoice_id in invoice_ids for i in self.recorded[invoice_id]]
+        try:
+            async with self.svc.pool.acquire() as conn, conn.transaction():
+                done = await finance_repo.update_invoices(conn, updates)
+                if len(done) != len(updates):
+                    raise _Moved(invoice_ids - done)
+                await finance_repo.insert_payments(conn, [self.values[i] for i in sorted(stored)])
+                for index in sorted(stored):
+                    if index in self.applied:
+                        await fx_repo.record_applied(conn, *self.applied[index])
+        except _Moved as moved:
+            for invoice_id in moved.invoice_ids:
+                row, after = self.rows[invoice_id], self.current[invoice_id]
+                self._fail_stored(self.recorded[invoice_id], concurrent_change(row, after))
+            await self._store(invoice_ids - moved.invoice_ids)
+        except Exception as exc:
+            self._fail_stored(stored, exc)
+
+    def _fail_stored(self, indices: list[int], exc: BaseException) -> None:
+        """Posted but not stored: the items fail (and the in-call replays of them)."""
+        failed = set(indices)
+        for index in indices:
+            self.outcomes[index] = exc
+        for index, first in self.replays_of.items():
+            if first in failed:
+                self.outcomes[index] = exc

@@ -156,6 +156,100 @@ async def insert_money(conn: asyncpg.Connection, kind: str, values: dict[str, An
     )
 
 
+async def payments_by_reference(
+    conn: asyncpg.Connection, keys: list[tuple[str, str]]
+) -> dict[tuple[str, str], asyncpg.Record]:
+    """The payments recorded for many (provider, reference) keys, by key (`money_by_reference`'s rows)."""
+    rows = await conn.fetch(
+        "SELECT payment_id AS id, p.* FROM payments p"
+        " JOIN unnest($1::text[], $2::text[]) AS k (provider, reference)"
+        " ON p.provider = k.provider AND p.provider_reference = k.reference",
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+    )
+    return {(r["provider"], r["provider_reference"]): r for r in rows}
+
+
+async def invoice_rows(conn: asyncpg.Connection, invoice_ids: list[str]) -> dict[str, asyncpg.Record]:
+    """Many invoice rows by id (missing ids are absent)."""
+    rows = await conn.fetch("SELECT * FROM invoices WHERE invoice_id = ANY($1::text[])", invoice_ids)
+    return {r["invoice_id"]: r for r in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class InvoiceSteps:
+    """An invoice's state after `steps` consecutive updates from `version` (one batch)."""
+
+    invoice_id: str
+    version: int
+    steps: int
+    row: InvoiceRow
+    journal_ids: list[str]
+
+
+_UPDATE_INVOICES = """
+UPDATE invoices AS i SET
+    status = u.status, amount_paid = u.amount_paid, amount_refunded = u.amount_refunded,
+    customer_credit = u.customer_credit, body = u.body::jsonb,
+    journal_ids = i.journal_ids || ARRAY(
+        SELECT j FROM unnest(string_to_array(u.journal_ids, ',')) WITH ORDINALITY AS x (j, n)
+        WHERE NOT j = ANY(i.journal_ids) ORDER BY n),
+    version = i.version + u.steps, updated_at = now(),
+    issued_at = COALESCE(i.issued_at, CASE WHEN u.status = 'issued' THEN now() END),
+    paid_at = COALESCE(i.paid_at, CASE WHEN u.status = 'paid' THEN now() END)
+FROM unnest($1::text[], $2::bigint[], $3::int[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[],
+            $8::text[], $9::text[])
+     AS u (invoice_id, version, steps, status, amount_paid, amount_refunded, customer_credit, body,
+           journal_ids)
+WHERE i.invoice_id = u.invoice_id AND i.version = u.version
+RETURNING i.invoice_id
+"""
+
+
+async def update_invoices(conn: asyncpg.Connection, updates: list[InvoiceSteps]) -> set[str]:
+    """`update_invoice` for many invoices at once, each by its consecutive payment steps (status
+    `issued`/`paid` only: the timestamps of other states are not set here); the ids updated (an
+    invoice that moved past `version` meanwhile is left out, like `update_invoice`'s False)."""
+    rows = await conn.fetch(
+        _UPDATE_INVOICES,
+        [u.invoice_id for u in updates],
+        [u.version for u in updates],
+        [u.steps for u in updates],
+        [u.row.status for u in updates],
+        [u.row.amount_paid for u in updates],
+        [u.row.amount_refunded for u in updates],
+        [u.row.customer_credit for u in updates],
+        [u.row.body for u in updates],
+        [",".join(u.journal_ids) for u in updates],
+    )
+    return {r["invoice_id"] for r in rows}
+
+
+_INSERT_PAYMENTS = """
+INSERT INTO payments (payment_id, invoice_id, provider, provider_reference, amount, currency, journal_id,
+                      principal, answer, settlement_id, created_at)
+SELECT p.id, p.invoice_id, p.provider, p.reference, p.amount, p.currency, p.journal_id, p.principal,
+       p.answer::jsonb, p.settlement_id, now() + (p.n - 1) * interval '1 microsecond'
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[],
+            $8::text[], $9::text[], $10::text[]) WITH ORDINALITY
+     AS p (id, invoice_id, provider, reference, amount, currency, journal_id, principal, answer,
+           settlement_id, n)
+"""
+
+
+async def insert_payments(conn: asyncpg.Connection, values: list[dict[str, Any]]) -> None:
+    """`insert_money("payment", ...)` for many payments in one statement; `created_at` keeps their
+    order (a microsecond apart), so `money_ids` lists them as if recorded one by one."""
+    columns = ("id", "invoice_id", "provider", "provider_reference", "amount", "currency", "journal_id")
+    await conn.execute(
+        _INSERT_PAYMENTS,
+        *([v[c] for v in values] for c in columns),
+        [v["principal"] for v in values],
+        [v["answer"] for v in values],
+        [v.get("settlement_id") for v in values],
+    )
+
+
 async def money_ids(conn: asyncpg.Connection, kind: str, invoice_id: str) -> list[str]:
     """The invoice's payment (or refund) ids, oldest first."""
     table, id_column = MONEY_TABLES[kind]

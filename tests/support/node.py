@@ -11,7 +11,7 @@ import asyncio
 import shutil
 import tempfile
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,11 @@ class NodeHarness:
         recognition_interval_s: float | None = None,
         payout_schedule: str | None = None,
         kafka: KafkaSettings | None = None,
+        route_database: Callable[[str], str] | None = None,
     ) -> None:
         self.kafka = kafka
+        self.route_database = route_database
+        """Maps the database's DSN to the one the node is given (e.g. through a fault proxy)."""
         self.shards = shards
         self.recognition_interval_s = recognition_interval_s
         self.payout_schedule = payout_schedule
@@ -65,7 +68,7 @@ class NodeHarness:
         config = NodeConfig(
             port=0,
             shards=self.shards,
-            database_url=self.dsn,
+            database_url=self.route_database(self.dsn) if self.route_database else self.dsn,
             api_tokens=TOKEN_SPEC,
             batch_max=self.batch_max,
             data_dir=self.data_dir,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import threading
+from collections.abc import Callable
 
 
 class TcpProxy:
@@ -67,3 +69,40 @@ class TcpProxy:
             self.writers.discard(writer)
             with contextlib.suppress(Exception):
                 writer.close()
+
+
+class ProxyThread:
+    """A `TcpProxy` on its own event loop in a daemon thread (so heavy traffic through it, e.g. a
+    node's database connections, neither slows nor depends on the caller's loop); `cut()` and
+    `restore()` are safe to call from any thread."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.proxy = TcpProxy(host, port)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="tcp-proxy", daemon=True)
+
+    def start(self) -> ProxyThread:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.proxy.start(), self.loop).result(10)
+        return self
+
+    @property
+    def port(self) -> int:
+        return self.proxy.port
+
+    def _call(self, action: Callable[[], None]) -> None:
+        async def run() -> None:
+            action()
+
+        asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
+
+    def cut(self) -> None:
+        self._call(self.proxy.cut)
+
+    def restore(self) -> None:
+        self._call(self.proxy.restore)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.proxy.stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
