@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,7 @@ from finance import payout_schedule
 from finance.governance import parse_thresholds
 from finance.multisig import parse_policy
 from node.config import TOKEN_FILE, NodeConfig, ensure_token_file
+from node.security import SecurityConfigError, authenticator, server_ssl_context
 from sharding.slots import SlotMap, even_slot_map
 from store import repository
 from store.audit import AuditWriter
@@ -63,11 +65,13 @@ class Node:
     audit: AuditWriter | None = None
     app: web.Application | None = None
     consumer: PaymentConsumer | None = None
+    ssl_context: ssl.SSLContext | None = None
 
     @property
     def url(self) -> str:
-        """Base URL of the HTTP API."""
-        return f"http://{self.config.host}:{self.config.port}"
+        """Base URL of the HTTP API (https with --tls-cert)."""
+        scheme = "https" if self.config.tls_cert is not None else "http"
+        return f"{scheme}://{self.config.host}:{self.config.port}"
 
     def _governance(self) -> GovernanceConfig:
         """The multisig settings, checked (StartupError naming the variable)."""
@@ -97,6 +101,10 @@ class Node:
         self._governance()  # refuse bad settings before anything starts
         self._payout_schedule()
         auth = self._authenticator()
+        try:
+            self.ssl_context = server_ssl_context(config)
+        except SecurityConfigError as exc:
+            raise StartupError(str(exc)) from None
         self.dsn = config.database_url or self._start_embedded()
         self.pool = await repository.create_pool(self.dsn, 2, 8)
         async with self.pool.acquire() as conn:
@@ -132,6 +140,7 @@ class Node:
             signer_kind=signer_kind,
             hash_alg=hash_alg,
             base_currency=config.base_currency,
+            mtls=self.ssl_context is not None and self.ssl_context.verify_mode == ssl.CERT_REQUIRED,
         )
         self.audit = AuditWriter(self.dsn, signer, hash_alg=hash_alg, answer_after_commit=config.audit_wait)
         await self.audit.start()
@@ -151,9 +160,11 @@ class Node:
             if generated:
                 self.token_generated = tokens_spec.split("=", 1)[0]
         try:
-            return Authenticator(parse_tokens(tokens_spec))
+            return authenticator(config, parse_tokens(tokens_spec))
         except TokenError as exc:
             raise StartupError(f"{source} is malformed: {exc} (expected token=role,token=role)") from None
+        except SecurityConfigError as exc:
+            raise StartupError(str(exc)) from None
 
     async def _start_signer(
         self, prefix: str, hash_alg: str = "sha256"
@@ -201,7 +212,10 @@ class Node:
         app[RECONCILE_EVERY_S] = self.config.reconcile_every_s
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, self.config.host, self.config.port, backlog=1024, reuse_address=True)
+        site = web.TCPSite(
+            self.runner, self.config.host, self.config.port, backlog=1024, reuse_address=True,
+            ssl_context=self.ssl_context,
+        )  # fmt: skip
         await site.start()
         if self.config.port == 0:
             server = site._server

@@ -38,8 +38,10 @@ class NodeHarness:
         recognition_interval_s: float | None = None,
         payout_schedule: str | None = None,
         kafka: KafkaSettings | None = None,
+        config_overrides: dict[str, Any] | None = None,
     ) -> None:
         self.kafka = kafka
+        self.config_overrides = config_overrides or {}
         self.shards = shards
         self.recognition_interval_s = recognition_interval_s
         self.payout_schedule = payout_schedule
@@ -79,6 +81,8 @@ class NodeHarness:
             config.recognition_interval_s = self.recognition_interval_s
         if self.payout_schedule is not None:
             config.payout_schedule = self.payout_schedule
+        for name, value in self.config_overrides.items():
+            setattr(config, name, value)
         self.node = Node(config)
         self.run(self.node.start())
         return self
