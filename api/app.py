@@ -29,8 +29,8 @@ from api import (
     royalty_routes,
     tax_routes,
 )
-from api.auth import PRINCIPAL, PUBLIC, Role, require
-from api.envelope import Handler, error_middleware, ok
+from api.auth import PRINCIPAL, PUBLIC, STEP_UP_CHALLENGE, Role, require, require_second_factor
+from api.envelope import Handler, error_middleware, error_response, ok
 from api.requests import BATCH_BODY_MAX
 from api.services import SERVICES, Services
 from ledger.errors import ErrorCode, LedgerError
@@ -41,13 +41,20 @@ READY_TIMEOUT_S: Final = 3.0
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """401 without a known token, 403 for a role the route does not allow; public routes pass."""
+    """401 without a known credential, 403 for a role the route does not allow, 401 `mfa_required` for a
+    human without a second factor on an operator/admin route; public routes pass. Runs before every
+    handler, so auth always comes before size, type and validation checks (D6 precedence)."""
     route_handler = getattr(request.match_info, "handler", None)
     allowed = request.app[ROLES].get(route_handler)
     if allowed is None or allowed == PUBLIC:
         return await handler(request)
-    principal = request.app[SERVICES].auth.principal(request.headers.get("Authorization"))
+    peercert = request.transport.get_extra_info("peercert") if request.transport is not None else None
+    principal = await request.app[SERVICES].auth.authenticate(request.headers.get("Authorization"), peercert)
     require(principal, allowed)
+    try:
+        require_second_factor(principal, allowed)
+    except LedgerError as exc:
+        return error_response(exc, {"WWW-Authenticate": STEP_UP_CHALLENGE})
     request[PRINCIPAL] = principal
     return await handler(request)
 
@@ -58,6 +65,7 @@ async def health(request: web.Request) -> web.Response:
     body: dict[str, Any] = {
         "signingConfigured": svc.signing_configured,
         "mTLS": svc.mtls,
+        "oidc": svc.auth.oidc is not None,
         "signer": svc.signer_kind,
     }
     if svc.signer_kind == "software":

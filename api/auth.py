@@ -1,9 +1,22 @@
-"""Bearer-token authentication and role checks (DECISIONS D5).
+"""Authentication and role checks (DECISIONS D5; docs/security.md).
 
-`LEDGER_API_TOKENS="tokenA=service,tokenB=operator,tokenC=auditor,tokenD=admin"`. Tokens
-are compared in constant time against every configured token. The principal recorded
-with journals and idempotency keys is the role plus a short fingerprint of the token, so
-two service tokens never share idempotency keys.
+Three ways to say who is calling, tried in this order:
+
+1. `Authorization: Bearer <JWT>` when OIDC is configured (`api.oidc`): an operator's identity,
+   roles from a claim, `amr` for the second factor. Principal name `oidc:<sub>`.
+2. `Authorization: Bearer <static token>`: `LEDGER_API_TOKENS="tokenA=service,tokenB=operator,
+   tokenC=auditor,tokenD=admin"`, compared in constant time against every configured token.
+   Principal name `role:<fingerprint of the token>`, so two service tokens never share
+   idempotency keys. With OIDC configured, static operator/admin tokens are refused unless
+   `LEDGER_ALLOW_STATIC_OPERATOR_TOKENS=1` (D5; development only).
+3. No bearer token: the TLS client certificate, when the node runs with mTLS and the
+   certificate's identity is in the client map (`api.client_certs`). Principal name
+   `mtls:<identity>`.
+
+Second factor: a human (OIDC) principal calling an operator or admin endpoint (one the service
+role may not call) must present `amr` containing `mfa` or `otp`; otherwise 401 NOT_AUTHORIZED
+with reason `mfa_required` (RFC 9470 step-up: `WWW-Authenticate: Bearer
+error="insufficient_user_authentication"`).
 """
 
 from __future__ import annotations
@@ -11,9 +24,9 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Final
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -35,17 +48,45 @@ ADMINS: Final = frozenset({Role.ADMIN})
 PUBLIC: Final = frozenset[Role]()
 
 
+SECOND_FACTORS: Final = frozenset({"mfa", "otp"})
+"""`amr` values that satisfy the second-factor rule."""
+
+
+class Method(enum.StrEnum):
+    """How a principal authenticated."""
+
+    TOKEN = "token"
+    OIDC = "oidc"
+    MTLS = "mtls"
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling: role plus a token fingerprint."""
+    """Who is calling: role plus a fingerprint (static token), or a subject (OIDC, mTLS).
+
+    `granted` holds every role the caller has (an OIDC token may carry several; empty means just
+    `role`); `identities` every name the caller goes by (for the self-sign-off check).
+    """
 
     role: Role
     fingerprint: str
+    method: Method = Method.TOKEN
+    subject: str | None = None
+    mfa: bool = False
+    granted: frozenset[Role] = frozenset()
+    identities: frozenset[str] = field(default_factory=frozenset)
 
     @property
     def name(self) -> str:
-        """`role:fingerprint`, recorded as `posted_by`."""
-        return f"{self.role}:{self.fingerprint}"
+        """Recorded as `posted_by` and scoping idempotency keys: `role:fingerprint`, `oidc:sub`, `mtls:id`."""
+        if self.subject is None:
+            return f"{self.role}:{self.fingerprint}"
+        return f"{self.method}:{self.subject}"
+
+    @property
+    def roles(self) -> frozenset[Role]:
+        """Every role of the caller."""
+        return self.granted or frozenset({self.role})
 
 
 class TokenError(ValueError):
@@ -71,11 +112,59 @@ def parse_tokens(spec: str) -> dict[str, Role]:
     return tokens
 
 
-class Authenticator:
-    """Resolves a bearer token to a principal in constant time."""
+def unauthorized(message: str, reason: str, **details: Any) -> LedgerError:
+    """401 NOT_AUTHORIZED with `details.reason`."""
+    return LedgerError(ErrorCode.NOT_AUTHORIZED, message, {"reason": reason, **details})
 
-    def __init__(self, tokens: dict[str, Role]) -> None:
+
+STATIC_OPERATOR_ROLES: Final = frozenset({Role.OPERATOR, Role.ADMIN})
+
+TokenVerifier = Callable[[str], Awaitable[Principal]]
+"""Verifies a JWT bearer token (`api.oidc.OidcVerifier.principal`)."""
+CertMapper = Callable[[Mapping[str, Any]], Principal | None]
+"""Maps a verified TLS peer certificate to a principal (`api.client_certs.ClientCertMap.principal`)."""
+
+
+def looks_like_jwt(token: str) -> bool:
+    """Three base64url segments (static tokens never contain dots)."""
+    return token.count(".") == 2 and token.startswith("eyJ")
+
+
+class Authenticator:
+    """Resolves a request's credentials to a principal (static tokens in constant time)."""
+
+    def __init__(
+        self,
+        tokens: dict[str, Role],
+        *,
+        oidc: TokenVerifier | None = None,
+        client_certs: CertMapper | None = None,
+        allow_static_operator_tokens: bool = False,
+    ) -> None:
         self._tokens = [(token.encode(), role) for token, role in tokens.items()]
+        self.oidc = oidc
+        self.client_certs = client_certs
+        self.allow_static_operator_tokens = allow_static_operator_tokens or oidc is None
+
+    async def authenticate(self, header: str | None, peercert: Mapping[str, Any] | None) -> Principal:
+        """The caller from its bearer token (JWT or static) or else its client certificate; 401 otherwise."""
+        if header and header.startswith("Bearer "):
+            presented = header[len("Bearer ") :].strip()
+            if self.oidc is not None and looks_like_jwt(presented):
+                return await self.oidc(presented)
+            found = self.principal(header)
+            if found.role in STATIC_OPERATOR_ROLES and not self.allow_static_operator_tokens:
+                raise unauthorized(
+                    "static operator/admin tokens are off while OIDC is configured: sign in with OIDC "
+                    "(LEDGER_ALLOW_STATIC_OPERATOR_TOKENS=1 allows them, development only)",
+                    "static_token_disabled",
+                )
+            return found
+        if not header and peercert is not None and self.client_certs is not None:
+            mapped = self.client_certs(peercert)
+            if mapped is not None:
+                return mapped
+        return self.principal(header)
 
     def principal(self, header: str | None) -> Principal:
         """The caller, or 401 NOT_AUTHORIZED."""
@@ -94,7 +183,7 @@ class Authenticator:
 def require(principal: Principal, allowed: Iterable[Role]) -> None:
     """403 NOT_AUTHORIZED unless the principal's role is allowed."""
     allowed_set = frozenset(allowed)
-    if principal.role not in allowed_set:
+    if not principal.roles & allowed_set:
         raise LedgerError(
             ErrorCode.NOT_AUTHORIZED,
             f"role {principal.role} may not call this endpoint",
@@ -102,5 +191,22 @@ def require(principal: Principal, allowed: Iterable[Role]) -> None:
             status=403,
         )
 
+
+def require_second_factor(principal: Principal, allowed: Iterable[Role]) -> None:
+    """401 `mfa_required` when a human (OIDC) principal without `mfa`/`otp` in `amr` calls an
+    operator or admin endpoint (one the service role may not call)."""
+    if principal.method is Method.OIDC and Role.SERVICE not in frozenset(allowed) and not principal.mfa:
+        raise unauthorized(
+            "this endpoint needs a second factor: sign in again with MFA (amr must contain mfa or otp)",
+            "mfa_required",
+            required_amr=sorted(SECOND_FACTORS),
+        )
+
+
+STEP_UP_CHALLENGE: Final = (
+    'Bearer error="insufficient_user_authentication", '
+    'error_description="a second factor (amr mfa or otp) is required"'
+)
+"""`WWW-Authenticate` of a `mfa_required` answer (RFC 9470)."""
 
 PRINCIPAL: Final = web.RequestKey("principal", Principal)

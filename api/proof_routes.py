@@ -32,6 +32,7 @@ from ledger.timestamps import parse_rfc3339, rfc3339
 from signer.keys import SigningError
 from signer.package import PackageError, SignedCheckpoint
 from store import proofs as proof_store
+from store import signing_health
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,10 @@ GENERATORS: Final = frozenset({Role.OPERATOR, Role.AUDITOR, Role.ADMIN})
 OPERATORS: Final = frozenset({Role.OPERATOR, Role.ADMIN})
 MAX_GENERATIONS: Final = 2
 INDEX_MAX: Final = 2**63 - 1
+SIGNER_WARNINGS: Final = {
+    "software": "SOFTWARE SIGNING KEY, NOT AN HSM: development only (set LEDGER_PKCS11_MODULE)",
+    "none": "SIGNING IS OFF (LEDGER_SIGNING=off): journals are chained but not signed",
+}
 
 
 class RangeIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -384,25 +389,36 @@ async def get_consistency(request: web.Request) -> web.Response:
 
 
 async def proofs_health(request: web.Request) -> web.Response:
-    """GET /health/proofs: generating count, last ready proof, failures, last checkpoint."""
+    """GET /health/proofs: proof generation (pending, last ready, failures) and the signed layer:
+    the signer backend (an HSM, or a loudly labelled software key), each shard's newest signed batch
+    with its age, and the latest checkpoint with its age and a fresh check of its signature."""
     svc = services(request)
     await runner(request.app).recover(svc)
+    now = datetime.now(UTC)
     async with svc.pool.acquire() as conn:
         counts = await conn.fetchrow(
             "SELECT count(*) FILTER (WHERE status = 'generating') AS pending, "
             "count(*) FILTER (WHERE status = 'failed') AS failed, "
             "max(ready_at) FILTER (WHERE status = 'ready') AS last_ready FROM proofs"
         )
-        checkpoint = await proof_store.latest_checkpoint(conn)
+        checkpoint = await signing_health.latest_checkpoint_health(conn, now)
+        shards = await signing_health.latest_batches(conn, sorted(svc.shards), now)
+        unlogged = await signing_health.unlogged_batches(conn)
+    problems = []
+    if checkpoint is not None and not checkpoint["signature_verified"]:
+        problems.append(f"checkpoint {checkpoint['tree_size']}: signature does not verify")
+    signer: dict[str, Any] = {"backend": svc.signer_kind, "hsm": svc.signer_kind == "pkcs11"}
+    if svc.signer_kind in SIGNER_WARNINGS:
+        signer["warning"] = SIGNER_WARNINGS[svc.signer_kind]
     return ok(
         pending=counts["pending"],
         last_proof_ts=rfc3339(counts["last_ready"]) if counts["last_ready"] else None,
         failed_count=counts["failed"],
-        last_checkpoint=(
-            {"tree_size": checkpoint["tree_size"], "timestamp": rfc3339(checkpoint["signed_at"])}
-            if checkpoint is not None
-            else None
-        ),
+        last_checkpoint=checkpoint,
+        signer=signer,
+        shards=shards,
+        unlogged_batches=unlogged,
+        problems=problems,
     )
 
 

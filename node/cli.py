@@ -1,6 +1,7 @@
 """The `ledger-node` command line.
 
     ledger-node serve  [--host H] [--port P] [--shards N] [--data-dir DIR] [--ray-address A]
+                       [--tls-cert PEM --tls-key PEM [--client-ca PEM [--client-map FILE]]]
                                                  (also consumes Kafka when KAFKA_BOOTSTRAP_SERVERS is set)
     ledger-node consume --url URL [--metrics-port P]
                                                  consume Kafka payment events in a separate process,
@@ -67,6 +68,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     serve.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
     serve.add_argument("--ray-num-cpus", type=int, default=None)
+    serve.add_argument(
+        "--tls-cert", type=Path, default=None, help="serve HTTPS with this PEM certificate chain"
+    )
+    serve.add_argument("--tls-key", type=Path, default=None, help="the certificate's PEM private key")
+    serve.add_argument(
+        "--client-ca", type=Path, default=None, help="require client certificates from this CA (mTLS)"
+    )
+    serve.add_argument(
+        "--client-map", type=Path, default=None, help="certificate identity -> role map (docs/security.md)"
+    )
     consume = commands.add_parser(
         "consume", help="consume Kafka payment events and post them to a node over HTTP (docs/kafka.md)"
     )
@@ -98,6 +109,10 @@ async def _serve(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             ray_address=args.ray_address,
             ray_num_cpus=args.ray_num_cpus,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            client_ca=args.client_ca,
+            client_map=args.client_map,
         )
     except ConfigError as exc:
         print(f"ledger-node: cannot start: {exc}", file=sys.stderr)

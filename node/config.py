@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from api.kafka_consumer import KafkaSettings
+from api.oidc import OidcSettings
 from finance import payout_schedule, payouts
 from finance.export_destinations import ExportSettings
 
@@ -96,6 +97,45 @@ def kafka_from_env() -> KafkaSettings | None:
     )
 
 
+def oidc_from_env() -> OidcSettings | None:
+    """OIDC operator sign-in when `LEDGER_OIDC_ISSUER` is set (docs/security.md), else None.
+
+    Needs `LEDGER_OIDC_AUDIENCE` and exactly one of `LEDGER_OIDC_JWKS_URL` / `LEDGER_OIDC_JWKS_FILE`;
+    `LEDGER_OIDC_ROLES_CLAIM` (roles), `LEDGER_OIDC_LEEWAY_S` (30), `LEDGER_OIDC_JWKS_TTL_S` (3600),
+    `LEDGER_OIDC_JWKS_REFRESH_MIN_S` (30: the least time between fetches for an unknown kid).
+    """
+    issuer = (os.environ.get("LEDGER_OIDC_ISSUER") or "").strip()
+    if not issuer:
+        return None
+    audience = (os.environ.get("LEDGER_OIDC_AUDIENCE") or "").strip()
+    if not audience:
+        raise ConfigError("LEDGER_OIDC_AUDIENCE must be set with LEDGER_OIDC_ISSUER")
+    url = (os.environ.get("LEDGER_OIDC_JWKS_URL") or "").strip() or None
+    file = (os.environ.get("LEDGER_OIDC_JWKS_FILE") or "").strip() or None
+    if (url is None) == (file is None):
+        raise ConfigError("set exactly one of LEDGER_OIDC_JWKS_URL and LEDGER_OIDC_JWKS_FILE")
+    if url is not None and not url.startswith(("https://", "http://")):
+        raise ConfigError(f"LEDGER_OIDC_JWKS_URL must be an http(s) URL, got {url!r}")
+    if file is not None and not Path(file).is_file():
+        raise ConfigError(f"LEDGER_OIDC_JWKS_FILE {file!r} is not a readable file")
+    return OidcSettings(
+        issuer=issuer,
+        audience=audience,
+        jwks_url=url,
+        jwks_file=Path(file) if file is not None else None,
+        roles_claim=(os.environ.get("LEDGER_OIDC_ROLES_CLAIM") or "").strip() or "roles",
+        leeway_s=env_seconds("LEDGER_OIDC_LEEWAY_S", 30.0),
+        jwks_ttl_s=env_seconds("LEDGER_OIDC_JWKS_TTL_S", 3600.0),
+        jwks_refresh_min_s=env_seconds("LEDGER_OIDC_JWKS_REFRESH_MIN_S", 30.0),
+    )
+
+
+def env_path(name: str) -> Path | None:
+    """A path from the environment (unset or empty: None)."""
+    text = (os.environ.get(name) or "").strip()
+    return Path(text) if text else None
+
+
 _DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
@@ -163,6 +203,17 @@ class NodeConfig:
     # Auditor exports (finance/export_destinations.py): None reads LEDGER_EXPORT_DIR, LEDGER_EXPORT_S3_*,
     # LEDGER_EXPORT_RETENTION_DAYS, LEDGER_PII_KEY, LEDGER_ENV at start-up (data dir as the default root).
     export: ExportSettings | None = None
+    # Transport security (docs/security.md): --tls-cert/--tls-key (LEDGER_TLS_CERT, LEDGER_TLS_KEY)
+    # serve HTTPS; --client-ca (LEDGER_TLS_CLIENT_CA) adds mTLS (client certificates required);
+    # --client-map (LEDGER_TLS_CLIENT_MAP) maps certificate identities to principals and roles.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca: Path | None = None
+    client_map: Path | None = None
+    # LEDGER_OIDC_*: operator sign-in with OIDC JWTs (None: off).
+    oidc: OidcSettings | None = None
+    # LEDGER_ALLOW_STATIC_OPERATOR_TOKENS=1: keep static operator/admin tokens while OIDC is on (D5).
+    allow_static_operator_tokens: bool = False
 
     @classmethod
     def from_env(cls, **overrides: object) -> NodeConfig:
@@ -187,6 +238,12 @@ class NodeConfig:
             approval_thresholds=os.environ.get("LEDGER_APPROVAL_THRESHOLDS", APPROVAL_THRESHOLDS_DEFAULT),
             approval_ttl_s=env_seconds("LEDGER_APPROVAL_TTL_S", 7 * 24 * 3600.0),
             kafka=kafka_from_env(),
+            tls_cert=env_path("LEDGER_TLS_CERT"),
+            tls_key=env_path("LEDGER_TLS_KEY"),
+            client_ca=env_path("LEDGER_TLS_CLIENT_CA"),
+            client_map=env_path("LEDGER_TLS_CLIENT_MAP"),
+            oidc=oidc_from_env(),
+            allow_static_operator_tokens=os.environ.get("LEDGER_ALLOW_STATIC_OPERATOR_TOKENS", "0") == "1",
         )
         for name, value in overrides.items():
             if value is not None:

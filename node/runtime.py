@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ from finance.export_destinations import ExportSettings, settings_from_env
 from finance.governance import parse_thresholds
 from finance.multisig import parse_policy
 from node.config import TOKEN_FILE, NodeConfig, ensure_token_file
+from node.security import SecurityConfigError, authenticator, server_ssl_context
 from sharding.slots import SlotMap, even_slot_map
 from store import repository
 from store.audit import AuditWriter
@@ -67,11 +69,13 @@ class Node:
     app: web.Application | None = None
     consumer: PaymentConsumer | None = None
     export_settings: ExportSettings | None = None
+    ssl_context: ssl.SSLContext | None = None
 
     @property
     def url(self) -> str:
-        """Base URL of the HTTP API."""
-        return f"http://{self.config.host}:{self.config.port}"
+        """Base URL of the HTTP API (https with --tls-cert)."""
+        scheme = "https" if self.config.tls_cert is not None else "http"
+        return f"{scheme}://{self.config.host}:{self.config.port}"
 
     def _governance(self) -> GovernanceConfig:
         """The multisig settings, checked (StartupError naming the variable)."""
@@ -111,6 +115,10 @@ class Node:
         self._payout_schedule()
         self.export_settings = self._export_settings()
         auth = self._authenticator()
+        try:
+            self.ssl_context = server_ssl_context(config)
+        except SecurityConfigError as exc:
+            raise StartupError(str(exc)) from None
         self.dsn = config.database_url or self._start_embedded()
         self.pool = await repository.create_pool(self.dsn, 2, 8)
         async with self.pool.acquire() as conn:
@@ -146,6 +154,7 @@ class Node:
             signer_kind=signer_kind,
             hash_alg=hash_alg,
             base_currency=config.base_currency,
+            mtls=self.ssl_context is not None and self.ssl_context.verify_mode == ssl.CERT_REQUIRED,
         )
         self.audit = AuditWriter(self.dsn, signer, hash_alg=hash_alg, answer_after_commit=config.audit_wait)
         await self.audit.start()
@@ -165,9 +174,11 @@ class Node:
             if generated:
                 self.token_generated = tokens_spec.split("=", 1)[0]
         try:
-            return Authenticator(parse_tokens(tokens_spec))
+            return authenticator(config, parse_tokens(tokens_spec))
         except TokenError as exc:
             raise StartupError(f"{source} is malformed: {exc} (expected token=role,token=role)") from None
+        except SecurityConfigError as exc:
+            raise StartupError(str(exc)) from None
 
     async def _start_signer(
         self, prefix: str, hash_alg: str = "sha256"
@@ -217,7 +228,10 @@ class Node:
             app[EXPORT_SETTINGS] = self.export_settings
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, self.config.host, self.config.port, backlog=1024, reuse_address=True)
+        site = web.TCPSite(
+            self.runner, self.config.host, self.config.port, backlog=1024, reuse_address=True,
+            ssl_context=self.ssl_context,
+        )  # fmt: skip
         await site.start()
         if self.config.port == 0:
             server = site._server

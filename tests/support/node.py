@@ -39,10 +39,12 @@ class NodeHarness:
         payout_schedule: str | None = None,
         kafka: KafkaSettings | None = None,
         route_database: Callable[[str], str] | None = None,
+        config_overrides: dict[str, Any] | None = None,
     ) -> None:
         self.kafka = kafka
         self.route_database = route_database
         """Maps the database's DSN to the one the node is given (e.g. through a fault proxy)."""
+        self.config_overrides = config_overrides or {}
         self.shards = shards
         self.recognition_interval_s = recognition_interval_s
         self.payout_schedule = payout_schedule
@@ -82,6 +84,8 @@ class NodeHarness:
             config.recognition_interval_s = self.recognition_interval_s
         if self.payout_schedule is not None:
             config.payout_schedule = self.payout_schedule
+        for name, value in self.config_overrides.items():
+            setattr(config, name, value)
         self.node = Node(config)
         self.run(self.node.start())
         return self
