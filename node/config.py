@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import secrets
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from api.kafka_consumer import KafkaSettings
+from api.limits import LimitConfigError, LimitSettings, limit_settings_from_env
 from finance import payout_schedule, payouts
 
 DEFAULT_DATA_DIR = Path(".ledger-data")
@@ -33,6 +34,14 @@ def env_seconds(name: str, default: float) -> float:
     if not value >= 0 or value == float("inf"):
         raise ConfigError(f"{name} must be a finite number of seconds >= 0, got {text!r}")
     return value
+
+
+def env_limits() -> LimitSettings:
+    """The load-shedding limits from the environment (api/limits.py)."""
+    try:
+        return limit_settings_from_env()
+    except LimitConfigError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def env_payout_schedule(name: str = payout_schedule.ENV) -> str:
@@ -159,6 +168,9 @@ class NodeConfig:
     approval_ttl_s: float = 7 * 24 * 3600.0
     # KAFKA_BOOTSTRAP_SERVERS and LEDGER_KAFKA_*: the payment-event consumer `serve` runs (None: off).
     kafka: KafkaSettings | None = None
+    # LEDGER_RATE_LIMIT, LEDGER_TOKEN_IN_FLIGHT_MAX, LEDGER_IN_FLIGHT_MAX, LEDGER_IN_FLIGHT_BYTES_MAX,
+    # LEDGER_IN_FLIGHT_WAIT_MS: load shedding (api/limits.py, docs/api.md "Limits").
+    limits: LimitSettings = field(default_factory=LimitSettings)
 
     @classmethod
     def from_env(cls, **overrides: object) -> NodeConfig:
@@ -183,6 +195,7 @@ class NodeConfig:
             approval_thresholds=os.environ.get("LEDGER_APPROVAL_THRESHOLDS", APPROVAL_THRESHOLDS_DEFAULT),
             approval_ttl_s=env_seconds("LEDGER_APPROVAL_TTL_S", 7 * 24 * 3600.0),
             kafka=kafka_from_env(),
+            limits=env_limits(),
         )
         for name, value in overrides.items():
             if value is not None:

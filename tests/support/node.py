@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from api.kafka_consumer import KafkaSettings
+from api.limits import LimitSettings
 from node.config import NodeConfig
 from node.runtime import Node
 from sharding.slots import SlotMap, even_slot_map
@@ -38,8 +39,10 @@ class NodeHarness:
         recognition_interval_s: float | None = None,
         payout_schedule: str | None = None,
         kafka: KafkaSettings | None = None,
+        limits: LimitSettings | None = None,
     ) -> None:
         self.kafka = kafka
+        self.limits = limits
         self.shards = shards
         self.recognition_interval_s = recognition_interval_s
         self.payout_schedule = payout_schedule
@@ -79,6 +82,8 @@ class NodeHarness:
             config.recognition_interval_s = self.recognition_interval_s
         if self.payout_schedule is not None:
             config.payout_schedule = self.payout_schedule
+        if self.limits is not None:
+            config.limits = self.limits
         self.node = Node(config)
         self.run(self.node.start())
         return self
