@@ -21,6 +21,7 @@ from api import (
     fx_routes,
     hold_routes,
     ledger_routes,
+    openapi,
     payout_routes,
     payout_tasks,
     proof_routes,
@@ -31,6 +32,7 @@ from api import (
 )
 from api.auth import PRINCIPAL, PUBLIC, STEP_UP_CHALLENGE, Role, require, require_second_factor
 from api.envelope import Handler, error_middleware, error_response, ok
+from api.limits import LIMITER, Limiter, LimitSettings, shed_middleware, token_limit_middleware
 from api.requests import BATCH_BODY_MAX
 from api.services import SERVICES, Services
 from ledger.errors import ErrorCode, LedgerError
@@ -113,6 +115,9 @@ async def metrics(request: web.Request) -> web.Response:
     svc = request.app[SERVICES]
     for name, depth in svc.poster.queue_depths().items():
         svc.metrics.shard_queue_depth.labels(name, "front_end").set(depth)
+    for name, shed in svc.poster.shed_counts().items():
+        svc.metrics.shed_journals.labels(name).set(shed)
+    svc.metrics.in_flight_requests.set(request.app[LIMITER].in_flight)
     for shard_id, batcher in svc.poster.shards.items():
         if batcher.calls:
             svc.metrics.call_batch_size.labels(str(shard_id)).set(batcher.items_sent / batcher.calls)
@@ -136,13 +141,21 @@ SYSTEM_ROUTES: Final[
     ("GET", "/health", health, PUBLIC),
     ("GET", "/ready", ready, PUBLIC),
     ("GET", "/metrics", metrics, PUBLIC),
+    ("GET", "/openapi.json", openapi.openapi_json, PUBLIC),
 ]
 
 
-def create_app(svc: Services, governance: approval_routes.GovernanceConfig | None = None) -> web.Application:
-    """The application with every route, the envelope and auth (`governance`: multisig settings)."""
-    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=BATCH_BODY_MAX + 1)
+def create_app(
+    svc: Services,
+    governance: approval_routes.GovernanceConfig | None = None,
+    limits: LimitSettings | None = None,
+) -> web.Application:
+    """The application with every route, the envelope, load shedding and auth (`governance`: multisig
+    settings; `limits`: api/limits.py, defaults when None)."""
+    middlewares = [error_middleware, shed_middleware, auth_middleware, token_limit_middleware]
+    app = web.Application(middlewares=middlewares, client_max_size=BATCH_BODY_MAX + 1)
     app[SERVICES] = svc
+    app[LIMITER] = Limiter(limits or LimitSettings())
     roles: dict[Any, frozenset[Role]] = {}
     routes = [
         *SYSTEM_ROUTES,
@@ -177,4 +190,5 @@ def create_app(svc: Services, governance: approval_routes.GovernanceConfig | Non
     console_routes.install(app)
     export_routes.install(app)
     app.on_cleanup.append(proof_routes.shutdown)
+    openapi.install(app, roles)
     return app

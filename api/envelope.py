@@ -28,8 +28,13 @@ def ok(status: int = 200, /, **body: Any) -> web.Response:
     )
 
 
+RETRYABLE_STATUSES: Final = frozenset({429, 503})
+
+
 def error_response(error: LedgerError, headers: dict[str, str] | None = None) -> web.Response:
-    """An error response with the error's HTTP status."""
+    """An error response with the error's HTTP status; a 429 or 503 always carries `Retry-After`."""
+    if error.http_status in RETRYABLE_STATUSES and "Retry-After" not in (headers or {}):
+        headers = {**(headers or {}), "Retry-After": "1"}
     return web.Response(
         body=_encoder.encode({"ok": False, "error": error.as_dict()}),
         status=error.http_status,

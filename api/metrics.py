@@ -50,6 +50,24 @@ class Metrics:
             ["shard"],
             registry=self.registry,
         )
+        self.shed_requests = Counter(
+            "ledger_shed_requests_total",
+            "Requests refused to shed load (api/limits.py), by reason: rate_limited, token_in_flight (429); "
+            "overloaded (503)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.shed_journals = Gauge(
+            "ledger_queue_shed_journals",
+            "Journals answered 503 since the node started because their destination's front-end queue "
+            "was full (LEDGER_SHARD_QUEUE_MAX)",
+            ["destination"],
+            registry=self.registry,
+        )
+        self.in_flight_requests = Gauge(
+            "ledger_in_flight_requests", "Requests being handled (bounded by LEDGER_IN_FLIGHT_MAX)",
+            registry=self.registry,
+        )  # fmt: skip
         self.payout_schedule_last_run = Gauge(
             "ledger_payout_schedule_last_run_timestamp_seconds",
             "Unix time at which the last scheduled payout run started (LEDGER_PAYOUT_SCHEDULE)",

@@ -21,6 +21,7 @@ import msgspec
 from actors.messages import ENCODER, RESULTS, CrossItem, PostItem, Result
 from actors.ports import CoordinatorPort, ShardPort
 from actors.shard_engine import unavailable
+from ledger.errors import ErrorCode
 from ledger.invariants import check
 from ledger.journal import Journal, Line
 from sharding.slots import SlotMap
@@ -34,6 +35,10 @@ BATCH_ITEMS_MAX: Final = 8192
 SHARD_IN_FLIGHT: Final = int(os.environ.get("LEDGER_SHARD_IN_FLIGHT", "1"))
 COORDINATOR_IN_FLIGHT: Final = int(os.environ.get("LEDGER_COORDINATOR_IN_FLIGHT", "2"))
 IN_FLIGHT_MAX: Final = 2
+# Journals waiting per destination (front-end queue). Beyond it a submission is answered 503
+# SERVICE_UNAVAILABLE (retryable) at once instead of queued: memory stays bounded under overload.
+# The actor's own queue is bounded by the in-flight calls above (each at most BATCH_ITEMS_MAX).
+QUEUE_JOURNALS_MAX: Final = int(os.environ.get("LEDGER_SHARD_QUEUE_MAX", "65536"))
 
 Send = Callable[[bytes], Awaitable[bytes]]
 
@@ -48,12 +53,20 @@ class Batcher:
     """Coalesces submissions to one destination into few, large calls."""
 
     def __init__(
-        self, name: str, send: Send, items_max: int = BATCH_ITEMS_MAX, in_flight_max: int = IN_FLIGHT_MAX
+        self,
+        name: str,
+        send: Send,
+        items_max: int = BATCH_ITEMS_MAX,
+        in_flight_max: int = IN_FLIGHT_MAX,
+        queue_max: int = QUEUE_JOURNALS_MAX,
     ):
         self.name = name
         self.send = send
         self.items_max = items_max
         self.in_flight_max = in_flight_max
+        self.queue_max = queue_max
+        self.shed = 0
+        """Journals answered 503 because the queue was full."""
         self.waiting: deque[_Waiting] = deque()
         self.waiting_items = 0
         self.in_flight = 0
@@ -61,12 +74,24 @@ class Batcher:
         self.items_sent = 0
 
     async def submit(self, items: list[Any]) -> list[Result]:
-        """Send items (in one or more calls shared with others); results in order."""
+        """Send items (in one or more calls shared with others); results in order.
+
+        When `queue_max` journals already wait, the items are answered SERVICE_UNAVAILABLE
+        (retryable, nothing written) without being queued; an empty queue takes any submission.
+        """
+        if self.waiting_items and self.waiting_items + len(items) > self.queue_max:
+            self.shed += len(items)
+            return [self._queue_full(item.journal_id) for item in items]
         future: asyncio.Future[list[Result]] = asyncio.get_running_loop().create_future()
         self.waiting.append(_Waiting(items, future))
         self.waiting_items += len(items)
         self._flush()
         return await future
+
+    def _queue_full(self, journal_id: str) -> Result:
+        details = {"retryable": True, "reason": "queue_full", "queue_max": self.queue_max}
+        message = f"{self.name} queue full ({self.queue_max} journals), retry later"
+        return Result(journal_id, False, code=ErrorCode.SERVICE_UNAVAILABLE, message=message, details=details)
 
     @property
     def queue_depth(self) -> int:
@@ -280,3 +305,9 @@ class Poster:
         depths = {str(shard): b.queue_depth for shard, b in self.shards.items()}
         depths["coordinator"] = self.coordinator.queue_depth
         return depths
+
+    def shed_counts(self) -> dict[str, int]:
+        """Journals refused per destination because its queue was full."""
+        counts = {str(shard): b.shed for shard, b in self.shards.items()}
+        counts["coordinator"] = self.coordinator.shed
+        return counts

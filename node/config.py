@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import secrets
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from api.kafka_consumer import KafkaSettings
+from api.limits import LimitConfigError, LimitSettings, limit_settings_from_env
 from api.oidc import OidcSettings
 from finance import payout_schedule, payouts
 from finance.export_destinations import ExportSettings
@@ -35,6 +36,14 @@ def env_seconds(name: str, default: float) -> float:
     if not value >= 0 or value == float("inf"):
         raise ConfigError(f"{name} must be a finite number of seconds >= 0, got {text!r}")
     return value
+
+
+def env_limits() -> LimitSettings:
+    """The load-shedding limits from the environment (api/limits.py)."""
+    try:
+        return limit_settings_from_env()
+    except LimitConfigError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def env_payout_schedule(name: str = payout_schedule.ENV) -> str:
@@ -214,6 +223,9 @@ class NodeConfig:
     oidc: OidcSettings | None = None
     # LEDGER_ALLOW_STATIC_OPERATOR_TOKENS=1: keep static operator/admin tokens while OIDC is on (D5).
     allow_static_operator_tokens: bool = False
+    # LEDGER_RATE_LIMIT, LEDGER_TOKEN_IN_FLIGHT_MAX, LEDGER_IN_FLIGHT_MAX, LEDGER_IN_FLIGHT_BYTES_MAX,
+    # LEDGER_IN_FLIGHT_WAIT_MS: load shedding (api/limits.py, docs/api.md "Limits").
+    limits: LimitSettings = field(default_factory=LimitSettings)
 
     @classmethod
     def from_env(cls, **overrides: object) -> NodeConfig:
@@ -244,6 +256,7 @@ class NodeConfig:
             client_map=env_path("LEDGER_TLS_CLIENT_MAP"),
             oidc=oidc_from_env(),
             allow_static_operator_tokens=os.environ.get("LEDGER_ALLOW_STATIC_OPERATOR_TOKENS", "0") == "1",
+            limits=env_limits(),
         )
         for name, value in overrides.items():
             if value is not None:

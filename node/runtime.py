@@ -217,7 +217,7 @@ class Node:
 
     async def _serve_http(self) -> None:
         assert self.services is not None and self.audit is not None
-        self.app = app = create_app(self.services, self._governance())
+        self.app = app = create_app(self.services, self._governance(), self.config.limits)
         app[AUDIT_WRITER] = self.audit
         app[RECOGNITION_INTERVAL_S] = self.config.recognition_interval_s
         schedule = self._payout_schedule()

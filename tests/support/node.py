@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from api.kafka_consumer import KafkaSettings
+from api.limits import LimitSettings
 from node.config import NodeConfig
 from node.runtime import Node
 from sharding.slots import SlotMap, even_slot_map
@@ -40,11 +41,13 @@ class NodeHarness:
         kafka: KafkaSettings | None = None,
         route_database: Callable[[str], str] | None = None,
         config_overrides: dict[str, Any] | None = None,
+        limits: LimitSettings | None = None,
     ) -> None:
         self.kafka = kafka
         self.route_database = route_database
         """Maps the database's DSN to the one the node is given (e.g. through a fault proxy)."""
         self.config_overrides = config_overrides or {}
+        self.limits = limits
         self.shards = shards
         self.recognition_interval_s = recognition_interval_s
         self.payout_schedule = payout_schedule
@@ -86,6 +89,8 @@ class NodeHarness:
             config.payout_schedule = self.payout_schedule
         for name, value in self.config_overrides.items():
             setattr(config, name, value)
+        if self.limits is not None:
+            config.limits = self.limits
         self.node = Node(config)
         self.run(self.node.start())
         return self

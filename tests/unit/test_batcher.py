@@ -147,3 +147,25 @@ def test_batcher_recovers_after_a_failure() -> None:
     first, second = asyncio.run(scenario())
     assert first[0].code == ErrorCode.SERVICE_UNAVAILABLE
     assert second[0].ok and second[0].posted_at == "call-1"
+
+
+def test_full_queue_answers_unavailable_instead_of_growing() -> None:
+    """Tried: with a call out and `queue_max` journals waiting, a further submission is answered
+    SERVICE_UNAVAILABLE (retryable, reason queue_full) at once and never sent; the queued ones post."""
+    shard = FakeShard(delay=0.05)
+
+    async def scenario() -> tuple[list[list[Result]], list[Result], int]:
+        batcher = Batcher("shard 0", shard.send, in_flight_max=1, queue_max=10)
+        first = asyncio.ensure_future(batcher.submit([_item("first")]))
+        await asyncio.sleep(0)  # the first call is out; what follows waits
+        queued = [asyncio.ensure_future(batcher.submit([_item(f"q{i}")])) for i in range(10)]
+        await asyncio.sleep(0)
+        assert batcher.queue_depth == 10
+        refused = await batcher.submit([_item("over")])
+        return [await first, *[await q for q in queued]], refused, batcher.shed
+
+    posted, refused, shed = asyncio.run(scenario())
+    assert all(r.ok for answer in posted for r in answer)
+    assert [(r.ok, r.code, r.journal_id) for r in refused] == [(False, ErrorCode.SERVICE_UNAVAILABLE, "over")]
+    assert refused[0].details == {"retryable": True, "reason": "queue_full", "queue_max": 10}
+    assert shed == 1 and "over" not in {jid for call in shard.calls for jid in call}
