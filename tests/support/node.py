@@ -38,8 +38,10 @@ class NodeHarness:
         recognition_interval_s: float | None = None,
         payout_schedule: str | None = None,
         kafka: KafkaSettings | None = None,
+        database_url: str | None = None,
     ) -> None:
         self.kafka = kafka
+        self.database_url = database_url  # an existing database to serve (dropped by stop() all the same)
         self.shards = shards
         self.recognition_interval_s = recognition_interval_s
         self.payout_schedule = payout_schedule
@@ -60,7 +62,7 @@ class NodeHarness:
     def start(self) -> NodeHarness:
         """Create the database, start the node, return self."""
         self.thread.start()
-        self.dsn = self.run(create_database("ledger_node"))
+        self.dsn = self.database_url or self.run(create_database("ledger_node"))
         self.data_dir = Path(tempfile.mkdtemp(prefix="ledger-node-test-"))
         config = NodeConfig(
             port=0,
