@@ -5,15 +5,28 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps run kafka test test-long check bench bench-quick bench-kafka console-vendor clean
+.PHONY: install system-deps run kafka test test-long check bench bench-quick bench-kafka console-vendor clean lock audit
+
+# requirements.lock (when present) pins every dependency as a constraint; a dependency added to
+# pyproject.toml but not locked yet still installs (`make lock` pins it).
+LOCK := $(wildcard requirements.lock)
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test]' $(if $(LOCK),-c $(LOCK))
 	touch $(STAMP)
+
+# Re-pin requirements.lock to what the venv has installed for pyproject.toml (offline).
+lock: install
+	$(PY) .ci/lock_requirements.py
+
+# Known vulnerabilities of the locked dependencies (needs the PyPI JSON API; --strict fails when a
+# package could not be audited, e.g. behind a plain mirror; see docs/runbooks/README.md).
+audit: install
+	$(VENV)/bin/pip-audit -r requirements.lock --no-deps --disable-pip --strict --progress-spinner off
 
 # Debian packages the tests and benchmarks use (installed only when missing; needs root).
 system-deps:

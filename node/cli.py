@@ -16,6 +16,10 @@
     ledger-node keys rotate [--url URL]          switch the signer to a new key
     ledger-node approve ACTION_ID --key PEM --approver-id ID [--url URL]
                                                  sign and submit a multisig approval
+    ledger-node backup --out FILE [--data-dir DIR]
+                                                 consistent snapshot: pg_dump + signed checkpoint + keys
+    ledger-node restore FILE --database-url URL [--public-key PEM ...]
+                                                 load into an empty database, replay and verify
 
 With `DATABASE_URL` set the node uses that PostgreSQL; otherwise it runs an embedded
 PostgreSQL inside the data directory and stops it on exit.
@@ -43,14 +47,11 @@ from api.auth import TokenError
 from api.kafka_consumer import PaymentConsumer
 from api.kafka_sinks import HttpSink
 from api.metrics import KafkaMetrics
-from node import approve_cli, export_cli, keys_cli, verify_cli
+from node import approve_cli, backup_cli, export_cli, keys_cli, verify_cli
 from node.config import DEFAULT_DATA_DIR, TOKEN_FILE, ConfigError, NodeConfig, kafka_from_env
 from node.runtime import Node, StartupError
-from signer.keys import verify_signature
-from store.audit import verify_audit_chain
-from store.check import Problem, run_check
-from store.check_signatures import check_signatures
 from store.embedded import EmbeddedPostgres, EmbeddedPostgresError
+from store.integrity import integrity_problems
 from store.migrations import MigrationError, apply_migrations
 
 log = logging.getLogger("ledger-node")
@@ -94,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     keys_cli.add_parser(commands)
     approve_cli.add_parser(commands)
     export_cli.add_parser(commands)
+    backup_cli.add_parsers(commands)
     return parser
 
 
@@ -224,12 +226,7 @@ async def _database(data_dir: Path) -> AsyncIterator[asyncpg.Connection]:
 
 async def _check(args: argparse.Namespace) -> int:
     async with _database(args.data_dir) as conn:
-        problems = await run_check(conn)
-        problems += await check_signatures(conn)
-        problems += [
-            Problem("audit_chain", "audit events", text)
-            for text in await verify_audit_chain(conn, check_signature=verify_signature)
-        ]
+        problems = await integrity_problems(conn)
         journals = await conn.fetchval("SELECT count(*) FROM journals")
         accounts = await conn.fetchval("SELECT count(*) FROM accounts")
     for problem in problems:
@@ -262,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return approve_cli.run(args)
     if args.command == "export":
         return export_cli.run(args)
+    if args.command in backup_cli.COMMANDS:
+        return backup_cli.run(args)
     import uvloop
 
     handlers = {"serve": _serve, "consume": _consume, "check": _check, "migrate": _migrate}

@@ -42,12 +42,14 @@ class NodeHarness:
         route_database: Callable[[str], str] | None = None,
         config_overrides: dict[str, Any] | None = None,
         limits: LimitSettings | None = None,
+        database_url: str | None = None,
     ) -> None:
         self.kafka = kafka
         self.route_database = route_database
         """Maps the database's DSN to the one the node is given (e.g. through a fault proxy)."""
         self.config_overrides = config_overrides or {}
         self.limits = limits
+        self.database_url = database_url  # an existing database to serve (dropped by stop() all the same)
         self.shards = shards
         self.recognition_interval_s = recognition_interval_s
         self.payout_schedule = payout_schedule
@@ -68,7 +70,7 @@ class NodeHarness:
     def start(self) -> NodeHarness:
         """Create the database, start the node, return self."""
         self.thread.start()
-        self.dsn = self.run(create_database("ledger_node"))
+        self.dsn = self.database_url or self.run(create_database("ledger_node"))
         self.data_dir = Path(tempfile.mkdtemp(prefix="ledger-node-test-"))
         config = NodeConfig(
             port=0,
