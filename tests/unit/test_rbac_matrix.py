@@ -38,6 +38,9 @@ EXPLICIT: Final[dict[tuple[str, str], frozenset[Role]]] = {
     ("POST", "/proofs/generate"): OPERATE_AUDIT,  # proofs generate: auditor allowed
     ("POST", "/finance/verify"): OPERATE_AUDIT,  # D7: same as /proofs/generate
     ("GET", "/finance/exports/journal.csv"): OPERATE_AUDIT,  # exports: auditor allowed
+    ("POST", "/exports/audit"): OPERATE_AUDIT,  # exports: auditor allowed
+    ("GET", "/exports/{export_id}"): OPERATE_AUDIT,  # exports (the package's status and files)
+    ("GET", "/exports/{export_id}/files/{name}"): OPERATE_AUDIT,  # exports (a package file)
     ("POST", "/reconcile"): OPERATE,  # reconcile runs
     ("POST", "/reconcile/{reconcile_id}/resolve"): OPERATE,  # reconcile resolve
     ("POST", "/finance/approvals/{action_id}"): OPERATE,  # approvals
