@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps run kafka test test-long check bench bench-quick bench-kafka console-vendor clean lock audit
+.PHONY: install system-deps run kafka test test-long check deploy-check bench bench-quick bench-kafka console-vendor clean lock audit
 
 # requirements.lock (when present) pins every dependency as a constraint; a dependency added to
 # pyproject.toml but not locked yet still installs (`make lock` pins it).
@@ -58,6 +58,11 @@ check: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+
+# Render the Helm chart (deploy/helm/ledger-node) with Helm's engine and validate every manifest against
+# the Kubernetes schemas and the vendored CRD schemas (deploy/schemas); `make test` runs the same check.
+deploy-check: install
+	$(PY) deploy/chart_check.py
 
 bench: install system-deps
 	$(PY) -m loadtests.bench

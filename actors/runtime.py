@@ -34,6 +34,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         "log_to_driver": True,
     }
     if address:
+        _allow_cluster()
         ray.init(address=address, **options)
         return
     # Ray runs workers at nice 15 by default (it expects them to be batch jobs). Our shard
@@ -47,6 +48,18 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         _system_config={"max_direct_call_object_size": INLINE_ARGS_MAX},
         **options,
     )
+
+
+def _allow_cluster() -> None:
+    """Undo actors/__init__.py's loopback-only switch when joining a cluster by `--ray-address`.
+
+    That switch is set at import unless `LEDGER_RAY_ADDRESS` is in the environment; with the flag
+    alone the driver would register itself as 127.0.0.1, which nodes on other machines cannot reach.
+    """
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
+    ray_constants.ENABLE_RAY_CLUSTER = True
 
 
 def stop_ray() -> None:
@@ -79,6 +92,10 @@ class RayShard:
     async def status(self) -> dict[str, Any]:
         return await self.handle.status.remote()  # type: ignore[no-any-return]
 
+    async def node_id(self) -> str:
+        """The hex id of the Ray node the shard actor runs on (its placement, for `/health`)."""
+        return await self.handle.node_id.remote()  # type: ignore[no-any-return]
+
 
 class RayCoordinator:
     """`CoordinatorPort` over the coordinator actor handle."""
@@ -93,6 +110,20 @@ class RayCoordinator:
         return await self.handle.status.remote()  # type: ignore[no-any-return]
 
 
+def shard_placement(resource: str, amount: float) -> dict[str, Any]:
+    """Ray options that put shard actors only on nodes offering `amount` of the custom `resource`.
+
+    Operators start the nodes that may hold shards with `ray start --resources='{"ledger_shard": N}'`
+    (N shard actors at amount 1). `SPREAD` spreads the shards over those nodes instead of packing
+    them on the first. When a node dies, Ray restarts its shards (`max_restarts=-1`) on any
+    surviving node with the resource free; each rebuilds its state from PostgreSQL. An empty
+    `resource` means no constraint (the local single-node cluster of `ledger-node serve`).
+    """
+    if not resource:
+        return {}
+    return {"resources": {resource: amount}, "scheduling_strategy": "SPREAD"}
+
+
 def spawn_shards(
     prefix: str,
     dsn: str,
@@ -100,11 +131,13 @@ def spawn_shards(
     batch_max: int,
     signing: bool = True,
     hash_alg: str = "sha256",
+    placement: dict[str, Any] | None = None,
 ) -> dict[int, RayShard]:
-    """One restartable actor per shard, named `{prefix}-shard-{id}` (the signer must exist first)."""
+    """One restartable actor per shard, named `{prefix}-shard-{id}` (the signer must exist first);
+    `placement` are extra actor options (see `shard_placement`)."""
     return {
         shard_id: RayShard(
-            ShardActor.options(name=f"{prefix}-shard-{shard_id}").remote(  # type: ignore[attr-defined]
+            ShardActor.options(name=f"{prefix}-shard-{shard_id}", **(placement or {})).remote(  # type: ignore[attr-defined]
                 shard_id, dsn, slots, batch_max, prefix, signing, hash_alg
             )
         )

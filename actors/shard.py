@@ -89,6 +89,10 @@ class ShardActor:
         await self.lazy.ready(self.engine.start)
         return self.engine.status()
 
+    async def node_id(self) -> str:
+        """The Ray node this incarnation runs on (answers before the engine has loaded its state)."""
+        return str(ray.get_runtime_context().get_node_id())
+
 
 @ray.remote(**ACTOR_OPTIONS)
 class CoordinatorActor:

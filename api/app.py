@@ -39,6 +39,7 @@ from ledger.errors import ErrorCode, LedgerError
 
 ROLES: Final = web.AppKey("roles", dict[Any, frozenset[Role]])
 READY_TIMEOUT_S: Final = 3.0
+PLACEMENT_TIMEOUT_S: Final = 1.0  # /health asks each shard actor where it runs
 
 
 @web.middleware
@@ -72,7 +73,23 @@ async def health(request: web.Request) -> web.Response:
     }
     if svc.signer_kind == "software":
         body["warning"] = "signing with a software development key, not an HSM (set LEDGER_PKCS11_MODULE)"
+    body["shards"] = await _shard_placement(svc)
     return ok(**body)
+
+
+async def _shard_placement(svc: Services) -> list[dict[str, Any]]:
+    """Each shard actor's Ray node id (null when it does not answer within a second, e.g. while
+    Ray restarts it on another node); ports without a placement (test fakes) are left out."""
+
+    async def one(shard_id: int, port: Any) -> dict[str, Any]:
+        try:
+            node_id = await asyncio.wait_for(port.node_id(), PLACEMENT_TIMEOUT_S)
+        except Exception:
+            node_id = None
+        return {"shard_id": shard_id, "node_id": node_id}
+
+    shards = sorted((s, p) for s, p in svc.shards.items() if hasattr(p, "node_id"))
+    return list(await asyncio.gather(*(one(s, p) for s, p in shards)))
 
 
 async def _shard_statuses(svc: Services) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:

@@ -2,6 +2,9 @@
 
     ledger-node serve  [--host H] [--port P] [--shards N] [--data-dir DIR] [--ray-address A]
                        [--tls-cert PEM --tls-key PEM [--client-ca PEM [--client-map FILE]]]
+                       [--ray-shard-resource NAME] [--ray-shard-resource-amount X]
+                                                 (--ray-address / LEDGER_RAY_ADDRESS: join that Ray
+                                                 cluster; shard actors then need the custom resource)
                                                  (also consumes Kafka when KAFKA_BOOTSTRAP_SERVERS is set)
     ledger-node consume --url URL [--metrics-port P]
                                                  consume Kafka payment events in a separate process,
@@ -14,6 +17,8 @@
     ledger-node export FROM TO [--pii] [--out DIR] [--url URL]
                                                  auditor export through the node, with a progress bar
     ledger-node keys rotate [--url URL]          switch the signer to a new key
+    ledger-node export --out PATH [--url URL] [--from D] [--to D] [--format F]
+                                                 fetch an accounting export (default: yesterday)
     ledger-node approve ACTION_ID --key PEM --approver-id ID [--url URL]
                                                  sign and submit a multisig approval
     ledger-node backup --out FILE [--data-dir DIR]
@@ -47,8 +52,15 @@ from api.auth import TokenError
 from api.kafka_consumer import PaymentConsumer
 from api.kafka_sinks import HttpSink
 from api.metrics import KafkaMetrics
-from node import approve_cli, backup_cli, export_cli, keys_cli, verify_cli
-from node.config import DEFAULT_DATA_DIR, TOKEN_FILE, ConfigError, NodeConfig, kafka_from_env
+from node import approve_cli, backup_cli, export_cli, journal_export_cli, keys_cli, verify_cli
+from node.config import (
+    DEFAULT_DATA_DIR,
+    TOKEN_FILE,
+    ConfigError,
+    NodeConfig,
+    kafka_from_env,
+    resource_amount,
+)
 from node.runtime import Node, StartupError
 from store.embedded import EmbeddedPostgres, EmbeddedPostgresError
 from store.integrity import integrity_problems
@@ -79,6 +91,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--client-map", type=Path, default=None, help="certificate identity -> role map (docs/security.md)"
     )
+    serve.add_argument(
+        "--ray-shard-resource",
+        default=None,
+        help="custom resource each shard actor needs when joining a cluster (default ledger_shard, "
+        "LEDGER_RAY_SHARD_RESOURCE; empty: none)",
+    )
+    serve.add_argument(
+        "--ray-shard-resource-amount",
+        default=None,
+        help="how much of it per shard actor (default 1, LEDGER_RAY_SHARD_RESOURCE_AMOUNT)",
+    )
     consume = commands.add_parser(
         "consume", help="consume Kafka payment events and post them to a node over HTTP (docs/kafka.md)"
     )
@@ -96,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     approve_cli.add_parser(commands)
     export_cli.add_parser(commands)
     backup_cli.add_parsers(commands)
+    journal_export_cli.add_parser(commands)
     return parser
 
 
@@ -104,7 +128,12 @@ async def _serve(args: argparse.Namespace) -> int:
         print("ledger-node: --shards must be between 1 and 1024", file=sys.stderr)
         return 2
     try:
+        amount = args.ray_shard_resource_amount
         config = NodeConfig.from_env(
+            ray_shard_resource=args.ray_shard_resource,
+            ray_shard_resource_amount=None
+            if amount is None
+            else resource_amount("--ray-shard-resource-amount", amount),
             host=args.host,
             port=args.port,
             shards=args.shards,
@@ -261,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return export_cli.run(args)
     if args.command in backup_cli.COMMANDS:
         return backup_cli.run(args)
+    if args.command == "export-journal":
+        return journal_export_cli.run(args)
     import uvloop
 
     handlers = {"serve": _serve, "consume": _consume, "check": _check, "migrate": _migrate}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import stat
 from dataclasses import dataclass, field
@@ -145,6 +146,37 @@ def env_path(name: str) -> Path | None:
     return Path(text) if text else None
 
 
+RESOURCE_AMOUNT_MAX = 1000.0
+
+
+def env_resource_name(name: str, default: str) -> str:
+    """A Ray custom resource name (letters, digits, `_`, `-`, `.`, `/`); unset: `default`, empty: none."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    text = text.strip()
+    if text and not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.\-/]{0,62}", text):
+        raise ConfigError(f"{name} must be a Ray resource name like ledger_shard, got {text!r}")
+    return text
+
+
+def resource_amount(name: str, text: str) -> float:
+    """A Ray resource amount in (0, 1000]; fractional amounts let several shards share one unit."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {text!r}") from None
+    if not 0 < value <= RESOURCE_AMOUNT_MAX:
+        raise ConfigError(f"{name} must be > 0 and <= {RESOURCE_AMOUNT_MAX:g}, got {text!r}")
+    return value
+
+
+def env_resource_amount(name: str, default: float) -> float:
+    """`resource_amount` of an environment variable (unset or empty: `default`)."""
+    text = (os.environ.get(name) or "").strip()
+    return resource_amount(name, text) if text else default
+
+
 _DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
@@ -178,6 +210,12 @@ class NodeConfig:
     api_tokens: str | None = None
     ray_address: str | None = None
     ray_num_cpus: int | None = None
+    # LEDGER_RAY_SHARD_RESOURCE / _AMOUNT: when joining a Ray cluster (--ray-address), each shard
+    # actor needs this much of this custom resource, so operators choose which Ray nodes hold shards
+    # (`ray start --resources='{"ledger_shard": 4}'`). Empty name: no resource. A local cluster
+    # (no --ray-address) never asks for it.
+    ray_shard_resource: str = "ledger_shard"
+    ray_shard_resource_amount: float = 1.0
     batch_max: int = 8192
     actor_prefix: str = "ledger"
     signing: bool = True
@@ -237,6 +275,8 @@ class NodeConfig:
             database_url=os.environ.get("DATABASE_URL") or None,
             api_tokens=os.environ.get("LEDGER_API_TOKENS") or None,
             ray_address=os.environ.get("LEDGER_RAY_ADDRESS") or None,
+            ray_shard_resource=env_resource_name("LEDGER_RAY_SHARD_RESOURCE", "ledger_shard"),
+            ray_shard_resource_amount=env_resource_amount("LEDGER_RAY_SHARD_RESOURCE_AMOUNT", 1.0),
             signing=os.environ.get("LEDGER_SIGNING", "on") != "off",
             signer_env=dict(os.environ),
             hash_alg=os.environ.get("LEDGER_HASH_ALG") or None,

@@ -136,8 +136,14 @@ class Node:
         prefix = f"{config.actor_prefix}-{uuid.uuid4().hex[:8]}"
         slots_of = {shard: slot_map.slots_of(shard) for shard in slot_map.shards}
         signer, signer_kind = await self._start_signer(prefix, hash_alg)
+        # Joining a cluster: shards only on nodes offering the custom resource; local: anywhere.
+        placement = (
+            actor_runtime.shard_placement(config.ray_shard_resource, config.ray_shard_resource_amount)
+            if config.ray_address
+            else {}
+        )
         shards = actor_runtime.spawn_shards(
-            prefix, self.dsn, slots_of, config.batch_max, signer is not None, hash_alg
+            prefix, self.dsn, slots_of, config.batch_max, signer is not None, hash_alg, placement
         )
         coordinator = actor_runtime.spawn_coordinator(prefix, self.dsn, shards, config.batch_max, hash_alg)
         self.ports.extend([*shards.values(), coordinator])

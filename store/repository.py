@@ -98,6 +98,7 @@ async def create_pool(dsn: str, min_size: int, max_size: int, *, writer: bool = 
 
 
 WRITER_LOCK_NAMESPACE = 0x4C4E  # "LN": first key of the per-writer advisory locks
+WRITER_KEEPALIVES = {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5", "tcp_keepalives_count": "3"}
 
 
 async def hold_writer_lock(dsn: str, writer_id: int) -> asyncpg.Connection:
@@ -107,7 +108,10 @@ async def hold_writer_lock(dsn: str, writer_id: int) -> asyncpg.Connection:
     incarnations of the same single writer never overlap. The caller keeps the connection
     open for its whole life; closing it (or the process dying) releases the lock.
     """
-    conn = await asyncpg.connect(dsn)
+    # If the holder's machine dies (a Ray node lost), PostgreSQL only ends its session - and frees
+    # the lock for the incarnation Ray restarts elsewhere - once TCP keepalives give up: ~25 s here
+    # instead of the kernel default of over two hours.
+    conn = await asyncpg.connect(dsn, server_settings=WRITER_KEEPALIVES)
     try:
         await conn.execute(
             "SELECT pg_advisory_lock($1::integer, $2::integer)", WRITER_LOCK_NAMESPACE, writer_id

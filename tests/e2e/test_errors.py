@@ -806,6 +806,9 @@ def test_health_ready_metrics_are_public(node: NodeHarness) -> None:
         expect_ok(await c.post(journal("pub-1", "asset:pub", "revenue:pub")))
         health = expect_ok(await c.call("GET", "/health", role=None))
         assert isinstance(health["signingConfigured"], bool) and isinstance(health["mTLS"], bool)
+        placement = health["shards"]  # each shard actor's Ray node: the one local node here
+        assert [p["shard_id"] for p in placement] == [0, 1, 2, 3]
+        assert len({p["node_id"] for p in placement}) == 1 and isinstance(placement[0]["node_id"], str)
         ready = expect_ok(await c.call("GET", "/ready", role=None))
         assert ready["database"] is True
         assert len(ready["shards"]) == 4 and all(s["ok"] for s in ready["shards"]), ready

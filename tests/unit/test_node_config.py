@@ -55,3 +55,65 @@ def test_clawback_reversals_switch_and_malformed_refuses_start_up(monkeypatch: p
     monkeypatch.setenv("LEDGER_CLAWBACK_REVERSALS", "sometimes")
     with pytest.raises(ConfigError, match=r"^LEDGER_CLAWBACK_REVERSALS must be on or off"):
         NodeConfig.from_env()
+
+
+def test_ray_shard_resource_defaults_and_malformed_values_refuse_start_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tried: LEDGER_RAY_SHARD_RESOURCE and _AMOUNT unset (ledger_shard, 1), set (gpu_free, 0.5),
+    the name empty (no resource); then a name with a space, an amount of 0, -1, 1001 and "one"
+    -> ConfigError naming the variable."""
+    monkeypatch.delenv("LEDGER_RAY_SHARD_RESOURCE", raising=False)
+    monkeypatch.delenv("LEDGER_RAY_SHARD_RESOURCE_AMOUNT", raising=False)
+    config = NodeConfig.from_env()
+    assert (config.ray_shard_resource, config.ray_shard_resource_amount) == ("ledger_shard", 1.0)
+    monkeypatch.setenv("LEDGER_RAY_SHARD_RESOURCE", "gpu_free")
+    monkeypatch.setenv("LEDGER_RAY_SHARD_RESOURCE_AMOUNT", "0.5")
+    config = NodeConfig.from_env()
+    assert (config.ray_shard_resource, config.ray_shard_resource_amount) == ("gpu_free", 0.5)
+    monkeypatch.setenv("LEDGER_RAY_SHARD_RESOURCE", "")
+    assert NodeConfig.from_env().ray_shard_resource == ""
+    monkeypatch.setenv("LEDGER_RAY_SHARD_RESOURCE", "ledger shard")
+    with pytest.raises(ConfigError, match="LEDGER_RAY_SHARD_RESOURCE"):
+        NodeConfig.from_env()
+    monkeypatch.setenv("LEDGER_RAY_SHARD_RESOURCE", "ledger_shard")
+    for value in ("0", "-1", "1001", "one"):
+        monkeypatch.setenv("LEDGER_RAY_SHARD_RESOURCE_AMOUNT", value)
+        with pytest.raises(ConfigError, match="LEDGER_RAY_SHARD_RESOURCE_AMOUNT"):
+            NodeConfig.from_env()
+
+
+def test_shard_placement_asks_for_the_resource_and_spreads_only_when_named() -> None:
+    """Tried: the Ray options for ledger_shard x1 and x0.25, and for no resource (a local cluster)."""
+    from actors.runtime import shard_placement
+
+    assert shard_placement("ledger_shard", 1.0) == {
+        "resources": {"ledger_shard": 1.0},
+        "scheduling_strategy": "SPREAD",
+    }
+    assert shard_placement("ledger_shard", 0.25)["resources"] == {"ledger_shard": 0.25}
+    assert shard_placement("", 1.0) == {}
+
+
+def test_serve_refuses_a_malformed_shard_resource_amount_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    """Tried: `serve --ray-shard-resource-amount lots`; exit 2 naming the flag, before anything starts."""
+    from node.cli import main
+
+    assert main(["serve", "--ray-address", "127.0.0.1:1", "--ray-shard-resource-amount", "lots"]) == 2
+    assert "--ray-shard-resource-amount must be a number" in capsys.readouterr().err
+
+
+def test_export_defaults_to_yesterday_utc() -> None:
+    """Tried: the journal export window (`ledger-node export-journal`) with neither bound, only --from, only --to, and both."""
+    import datetime as dt
+
+    from node.journal_export_cli import window
+
+    today = dt.date(2026, 3, 1)
+    assert window(None, None, today) == (dt.date(2026, 2, 28), today)
+    assert window(dt.date(2026, 1, 5), None, today) == (dt.date(2026, 1, 5), dt.date(2026, 1, 6))
+    assert window(None, dt.date(2026, 1, 5), today) == (dt.date(2026, 1, 4), dt.date(2026, 1, 5))
+    assert window(dt.date(2026, 1, 1), dt.date(2026, 2, 1), today) == (
+        dt.date(2026, 1, 1),
+        dt.date(2026, 2, 1),
+    )
