@@ -104,7 +104,8 @@ def test_serve_refuses_a_malformed_shard_resource_amount_flag(capsys: pytest.Cap
 
 
 def test_export_defaults_to_yesterday_utc() -> None:
-    """Tried: the journal export window (`ledger-node export-journal`) with neither bound, only --from, only --to, and both."""
+    """Tried: the journal export window (`ledger-node export-journal`) with neither bound, only
+    --from, only --to, and both."""
     import datetime as dt
 
     from node.journal_export_cli import window
