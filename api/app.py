@@ -26,6 +26,7 @@ from api import (
     reconcile_routes,
     report_routes,
     royalty_routes,
+    shard_routes,
     tax_routes,
 )
 from api.auth import PRINCIPAL, PUBLIC, Role, require
@@ -138,6 +139,7 @@ def create_app(svc: Services, governance: approval_routes.GovernanceConfig | Non
         *proof_routes.ROUTES,
         *audit_log.ROUTES,
         *admin_routes.ROUTES,
+        *shard_routes.ROUTES,
         *report_routes.ROUTES,  # before finance_routes: `/finance/invoice/{id}.pdf`
         *finance_routes.ROUTES,
         *fx_routes.ROUTES,

@@ -11,6 +11,9 @@
     ledger-node keys rotate [--url URL]          switch the signer to a new key
     ledger-node approve ACTION_ID --key PEM --approver-id ID [--url URL]
                                                  sign and submit a multisig approval
+    ledger-node shards list|add N|remove ID [--url URL]
+    ledger-node slots move SLOT.. --to SHARD [--url URL]
+                                                 online resharding (docs/operations.md)
 
 With `DATABASE_URL` set the node uses that PostgreSQL; otherwise it runs an embedded
 PostgreSQL inside the data directory and stops it on exit.
@@ -38,7 +41,7 @@ from api.auth import TokenError
 from api.kafka_consumer import PaymentConsumer
 from api.kafka_sinks import HttpSink
 from api.metrics import KafkaMetrics
-from node import approve_cli, keys_cli, verify_cli
+from node import approve_cli, keys_cli, shards_cli, verify_cli
 from node.config import DEFAULT_DATA_DIR, TOKEN_FILE, ConfigError, NodeConfig, kafka_from_env
 from node.runtime import Node, StartupError
 from signer.keys import verify_signature
@@ -78,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     verify_cli.add_parser(commands)
     keys_cli.add_parser(commands)
     approve_cli.add_parser(commands)
+    shards_cli.add_parsers(commands)
     return parser
 
 
@@ -240,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return keys_cli.run(args)
     if args.command == "approve":
         return approve_cli.run(args)
+    if args.command in ("shards", "slots"):
+        return shards_cli.run(args)
     import uvloop
 
     handlers = {"serve": _serve, "consume": _consume, "check": _check, "migrate": _migrate}
