@@ -134,7 +134,7 @@ class CoordinatorEngine:
     ) -> None:
         self.dsn = dsn
         self.hash_alg = hash_alg
-        self.shards = dict(shards)
+        self.shards = shards  # kept as given: the Ray shell's mapping resolves new shards by name
         self.clock = clock
         self.batch_max = batch_max
         check(rounds_max >= 1, "the coordinator needs at least one round in flight")

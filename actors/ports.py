@@ -20,6 +20,13 @@ class ShardPort(Protocol):
     async def status(self) -> dict[str, Any]: ...
 
 
+class ShardMovesPort(Protocol):
+    """A shard as the resharding orchestrator drives it (steps: actors/shard_moves.py)."""
+
+    async def move(self, op: str, slots: list[int]) -> dict[str, Any]: ...
+    async def status(self) -> dict[str, Any]: ...
+
+
 class CoordinatorPort(Protocol):
     """What the front end calls on the coordinator."""
 

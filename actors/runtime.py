@@ -89,6 +89,9 @@ class RayShard:
     async def hold(self, payload: bytes) -> bytes:
         return await self.handle.hold.remote(payload)  # type: ignore[no-any-return]
 
+    async def move(self, op: str, slots: list[int]) -> dict[str, Any]:
+        return await self.handle.move.remote(op, slots)  # type: ignore[no-any-return]
+
     async def status(self) -> dict[str, Any]:
         return await self.handle.status.remote()  # type: ignore[no-any-return]
 

@@ -85,6 +85,11 @@ class ShardActor:
         await self.lazy.ready(self.engine.start)
         return await self.engine.hold(payload)
 
+    async def move(self, op: str, slots: list[int]) -> dict[str, Any]:
+        """A slot handoff step (actors/shard_moves.py)."""
+        await self.lazy.ready(self.engine.start)
+        return await self.engine.move(op, slots)
+
     async def status(self) -> dict[str, Any]:
         await self.lazy.ready(self.engine.start)
         return self.engine.status()
@@ -94,6 +99,23 @@ class ShardActor:
         return str(ray.get_runtime_context().get_node_id())
 
 
+class _ShardsByName(dict[int, Any]):
+    """Shard ports by id; a shard added by resharding after this actor started (or restarted with
+    the ids it was created with) is looked up by its actor name on first use."""
+
+    def __init__(self, prefix: str, shard_ids: list[int]) -> None:
+        super().__init__()
+        self.prefix = prefix
+        for shard_id in shard_ids:
+            self[shard_id]
+
+    def __missing__(self, shard_id: int) -> Any:
+        from actors.runtime import RayShard
+
+        port = self[shard_id] = RayShard(ray.get_actor(f"{self.prefix}-shard-{shard_id}"))
+        return port
+
+
 @ray.remote(**ACTOR_OPTIONS)
 class CoordinatorActor:
     """The cross-shard coordinator (two-phase commit with a durable decision log)."""
@@ -101,11 +123,9 @@ class CoordinatorActor:
     def __init__(
         self, dsn: str, prefix: str, shard_ids: list[int], batch_max: int, hash_alg: str = "sha256"
     ) -> None:
-        from actors.runtime import RayShard
-
         logging.basicConfig(level=logging.INFO)
-        shards = {shard_id: RayShard(ray.get_actor(f"{prefix}-shard-{shard_id}")) for shard_id in shard_ids}
-        self.engine = CoordinatorEngine(dsn, shards, batch_max=batch_max, hash_alg=hash_alg)
+        self.engine = CoordinatorEngine(dsn, _ShardsByName(prefix, shard_ids), batch_max=batch_max,
+                                        hash_alg=hash_alg)  # fmt: skip
         self.lazy = _Lazy()
 
     async def submit(self, payload: bytes) -> bytes:

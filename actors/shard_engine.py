@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -31,12 +32,14 @@ from actors.messages import (
     POST_ITEMS,
     PREPARE_ITEMS,
     DecideItem,
+    HoldItem,
     PostItem,
     PrepareItem,
     Result,
 )
 from actors.ports import SignerPort
 from actors.shard_holds import ShardHolds
+from actors.shard_moves import ShardMoves, moving
 from ledger.accounts import AccountType, account_type_of
 from ledger.book import Book, Staging
 from ledger.errors import ErrorCode
@@ -144,6 +147,8 @@ class ShardEngine:
         self.expiry_every_s = 0.25
         self.committed_journals = 0
         self.batches = 0
+        self.moves = ShardMoves(self)
+        self.rate_samples: deque[tuple[float, int]] = deque(maxlen=32)
 
     # -- life cycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -151,6 +156,9 @@ class ShardEngine:
         self.lock_conn = await repository.hold_writer_lock(self.dsn, self.shard_id)
         self.pool = await repository.create_pool(self.dsn, 2, 3, writer=True)
         async with self.pool.acquire() as conn:
+            stored = await repository.shard_slots(conn, self.shard_id)
+            if stored is not None:  # the stored slot map wins: a restart after a handoff
+                self.slots = stored
             # Streamed in chunks: holding every record at once would leave ~235 B/account of
             # freed heap behind in the actor (docs/benchmarks.md, target 5).
             types = {str(t): t for t in AccountType}
@@ -214,9 +222,26 @@ class ShardEngine:
         """Hold calls (create, post, void); msgpack list of `Result` in order (see shard_holds)."""
         return ENCODER.encode(await self._submit("hold", HOLD_ITEMS.decode(payload)))
 
+    async def move(self, op: str, slots: list[int]) -> dict[str, Any]:
+        """A handoff step (`fence`, `unfence`, `release`, `acquire`; see actors/shard_moves.py)."""
+        answers = await self._submit("move", [(op, slots)])
+        return answers[0]  # type: ignore[no-any-return]
+
+    def _rate(self) -> float:
+        """Journals committed per second over the last ~10 s of status calls."""
+        now = time.monotonic()
+        self.rate_samples.append((now, self.committed_journals))
+        while len(self.rate_samples) > 2 and now - self.rate_samples[1][0] > 10:
+            self.rate_samples.popleft()
+        first_s, first = self.rate_samples[0]
+        return round((self.committed_journals - first) / (now - first_s), 1) if now > first_s else 0.0
+
     def status(self) -> dict[str, Any]:
-        """Queue depth and counters for /ready and /metrics."""
+        """Queue depth and counters for /ready, /metrics and GET /admin/shards."""
         return {
+            "slots": len(self.slots),
+            "fenced_slots": len(self.moves.fenced),
+            "journals_per_s": self._rate(),
             "shard_id": self.shard_id,
             "queue_depth": self.queue.qsize(),
             "accounts": len(self.book.accounts),
@@ -261,7 +286,9 @@ class ShardEngine:
             if entry.kind == "prepare":
                 answers[w_index] = [self._prepare_one(p) for p in entry.items]
             elif entry.kind == "hold":
-                answers[w_index] = [await self.holds.handle(item) for item in entry.items]
+                answers[w_index] = [await self._hold(item) for item in entry.items]
+            elif entry.kind == "move":
+                answers[w_index] = [await self.moves.handle(*entry.items[0])]
             elif entry.kind == "expire":
                 answers[w_index] = [0]
             elif entry.kind == "sweep":
@@ -275,6 +302,13 @@ class ShardEngine:
                     else:
                         self.book.release(decision.txid)
                         answers[w_index][i] = True
+            elif self.moves.fenced:  # a handoff fenced some slots: refuse postings touching them
+                for i, item in enumerate(entry.items):
+                    slots = self.moves.blocked(item.journal.lines)
+                    if slots:
+                        answers[w_index][i] = moving(item.journal_id, slots)
+                    else:
+                        batch.posts.append(_Pending(item, w_index, i))
             else:
                 batch.posts.extend(_Pending(item, w_index, i) for i, item in enumerate(entry.items))
         if batch.posts or batch.parts:
@@ -320,7 +354,18 @@ class ShardEngine:
             self.book.release(txid)
         return len(stale)
 
+    async def _hold(self, item: HoldItem) -> Result:
+        if self.moves.fenced:
+            slots = self.moves.blocked_hold(item)
+            if slots:
+                return moving(item.hold_id, slots)
+        return await self.holds.handle(item)
+
     def _prepare_one(self, item: PrepareItem) -> Result:
+        if self.moves.fenced:
+            slots = self.moves.blocked(item.lines)
+            if slots:  # a NO vote: the coordinator aborts and answers SHARD_MOVING (retryable)
+                return moving(item.txid, slots)
         rejection = self.book.reserve(item.txid, item.lines)
         if rejection is None:
             return Result(item.txid, True)
@@ -334,6 +379,9 @@ class ShardEngine:
         check(not (split and no_negative), "a split account cannot be overdraft-guarded")
         assert account_type is not None
         assert self.pool is not None
+        fenced = self.moves.blocked_account(account_id)
+        if fenced:  # its policy must reach the slot's next owner, which loads it from the store
+            return moving(account_id, fenced)
         async with self.pool.acquire() as conn:  # the store knows `split`, the book does not
             created, stored, stored_split = await repository.create_account(
                 conn, account_id, str(account_type), slot_of(account_id), no_negative, split

@@ -89,9 +89,19 @@ class ShardHolds:
         loaded by that shard, so this shard re-adds the pending amounts of its own open holds on
         it (without them, posting or voiding such a hold after a restart would take this shard's
         in-memory pending figure below zero)."""
+        await self.adopt(conn)
+
+    async def adopt(self, conn: asyncpg.Connection) -> int:
+        """Load the open holds `holds` gives this shard that it does not hold yet: all of them at
+        start, those that came with acquired slots in a handoff (see `load` for split lines).
+        Returns how many were adopted."""
         own = set(self.engine.slots)
         foreign = Staging()
+        adopted = 0
         for row in await holds_repo.open_holds(conn, self.engine.shard_id):
+            if row["hold_id"] in self.open:
+                continue
+            adopted += 1
             journal = JOURNAL.decode(row["journal"])
             self.open[row["hold_id"]] = OpenHold(journal, row["expires_at"])
             elsewhere = tuple(ln for ln in journal.lines if slot_of(ln.account_id) not in own)
@@ -101,6 +111,13 @@ class ShardHolds:
                     "a held line on another shard's slot must be on an unguarded (split) account",
                 )
         self.engine.book.apply(foreign)
+        self._reschedule()
+        return adopted
+
+    def drop(self, hold_ids: list[str]) -> None:
+        """Forget open holds another shard owns now (they moved with their slots)."""
+        for hold_id in hold_ids:
+            del self.open[hold_id]
         self._reschedule()
 
     def _reschedule(self) -> None:

@@ -28,6 +28,7 @@ from api import (
     reconcile_routes,
     report_routes,
     royalty_routes,
+    shard_routes,
     tax_routes,
 )
 from api.auth import PRINCIPAL, PUBLIC, STEP_UP_CHALLENGE, Role, require, require_second_factor
@@ -181,6 +182,7 @@ def create_app(
         *proof_routes.ROUTES,
         *audit_log.ROUTES,
         *admin_routes.ROUTES,
+        *shard_routes.ROUTES,
         *report_routes.ROUTES,  # before finance_routes: `/finance/invoice/{id}.pdf`
         *finance_routes.ROUTES,
         *fx_routes.ROUTES,

@@ -9,6 +9,7 @@ load every Ray call carries many journals (one call per batch, never one per jou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections import deque
@@ -24,7 +25,7 @@ from actors.shard_engine import unavailable
 from ledger.errors import ErrorCode
 from ledger.invariants import check
 from ledger.journal import Journal, Line
-from sharding.slots import SlotMap
+from sharding.slots import SlotMap, slot_of
 from signer.canonical import request_hash
 
 BATCH_ITEMS_MAX: Final = 8192
@@ -39,6 +40,11 @@ IN_FLIGHT_MAX: Final = 2
 # SERVICE_UNAVAILABLE (retryable) at once instead of queued: memory stays bounded under overload.
 # The actor's own queue is bounded by the in-flight calls above (each at most BATCH_ITEMS_MAX).
 QUEUE_JOURNALS_MAX: Final = int(os.environ.get("LEDGER_SHARD_QUEUE_MAX", "65536"))
+
+# Resharding: how long a posting touching a slot being moved waits for the handoff before it is
+# answered 503 SHARD_MOVING (retryable), and how often a refused one is sent again after a wait.
+MOVE_WAIT_S: Final = float(os.environ.get("LEDGER_MOVE_WAIT_MS", "3000")) / 1000
+MOVE_RETRIES: Final = 3
 
 Send = Callable[[bytes], Awaitable[bytes]]
 
@@ -144,6 +150,7 @@ class Submission(msgspec.Struct, frozen=True, gc=False):
     principal: str
     idem_key: str | None
     request_digest: bytes | None = None
+    assigned_id: str | None = None  # the id `route` generated on a first attempt (a retry keeps it)
 
 
 COORDINATOR: Final = -1
@@ -209,7 +216,7 @@ def route(
     groups: dict[int, tuple[list[int], list[Any]]] = {}
     for index, sub in enumerate(submissions):
         journal = sub.journal
-        journal_id = journal.journal_id or f"jrn-{uuid.uuid4().hex}"
+        journal_id = journal.journal_id or sub.assigned_id or f"jrn-{uuid.uuid4().hex}"
         hashed = sub.request_digest or request_hash(journal)
         lines = journal.lines
         parts: dict[int, tuple[Line, ...]] | None = None
@@ -245,6 +252,17 @@ def route(
     return groups
 
 
+def _moving(sub: Submission) -> Result:
+    """The 503 of a posting that waited for a handoff longer than `MOVE_WAIT_S` (nothing was sent)."""
+    return Result(
+        sub.journal.journal_id or sub.assigned_id or "",
+        False,
+        code=ErrorCode.SHARD_MOVING,
+        message="an account of this journal is moving to another shard; retry with the same id",
+        details={"retryable": True},
+    )
+
+
 class Poster:
     """Routes journals to shards or the coordinator and gathers their results in order."""
 
@@ -262,6 +280,53 @@ class Poster:
         }
         self.coordinator = Batcher("coordinator", coordinator.submit, in_flight_max=COORDINATOR_IN_FLIGHT)
         self.split: set[str] = set(split_accounts)
+        self.frozen: set[int] = set()  # slots being handed off (api/resharding.py)
+        self._thawed = asyncio.Event()
+        self._thawed.set()
+        self.move_wait_s = MOVE_WAIT_S
+
+    # -- resharding ------------------------------------------------------------------------
+    def freeze(self, slots: Iterable[int]) -> None:
+        """Hold back new postings touching these slots until `thaw` (step 1 of a handoff)."""
+        self.frozen |= set(slots)
+        self._thawed.clear()
+
+    def thaw(self, slots: Iterable[int]) -> None:
+        """Let postings touching these slots go again (routed with the map as it is now)."""
+        self.frozen -= set(slots)
+        if not self.frozen:
+            self._thawed.set()
+
+    def switch(self, slot_map: SlotMap) -> None:
+        """Route with a new slot map from now on (a handoff's switch; synchronous, so atomic)."""
+        self.slot_map = slot_map
+
+    def add_shard(self, shard_id: int, port: ShardPort) -> None:
+        """A new shard may receive postings (once the map gives it slots)."""
+        self.shards[shard_id] = Batcher(f"shard {shard_id}", port.post, in_flight_max=SHARD_IN_FLIGHT)
+
+    def remove_shard(self, shard_id: int) -> None:
+        """A removed shard (owning no slot any more) gets nothing more."""
+        self.shards.pop(shard_id, None)
+
+    def _touches_frozen(self, submissions: list[Submission]) -> bool:
+        frozen, split = self.frozen, self.split
+        return any(
+            slot_of(line.account_id) in frozen and line.account_id not in split
+            for sub in submissions
+            for line in sub.journal.lines
+        )
+
+    async def _until_thawed(self, submissions: list[Submission]) -> bool:
+        """Wait (at most `move_wait_s`) while these submissions touch frozen slots; False on timeout."""
+        deadline = asyncio.get_running_loop().time() + self.move_wait_s
+        while self.frozen and self._touches_frozen(submissions):
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._thawed.wait(), min(remaining, 0.05))
+        return True
 
     def add_split(self, account_id: str) -> None:
         """Route an account split from now on (after `POST /accounts` made it so)."""
@@ -281,7 +346,29 @@ class Poster:
         return destination(journal, self.slot_map.shard_of)
 
     async def post(self, submissions: list[Submission]) -> list[Result]:
-        """Post journals; one result per submission, in order."""
+        """Post journals; one result per submission, in order.
+
+        While slots move (resharding), postings touching them wait for the handoff; a journal a
+        shard refused with SHARD_MOVING (nothing written) is sent again, with the id it was
+        given, once the slot map has switched; after `MOVE_RETRIES` it is answered 503."""
+        if self.frozen and not await self._until_thawed(submissions):
+            return [_moving(sub) for sub in submissions]
+        results = await self._post(submissions)
+        for _attempt in range(MOVE_RETRIES):
+            again = [i for i, r in enumerate(results) if r.code == ErrorCode.SHARD_MOVING]
+            if not again:
+                break
+            retry = [
+                msgspec.structs.replace(submissions[i], assigned_id=results[i].journal_id) for i in again
+            ]
+            await asyncio.sleep(0.01)
+            if not await self._until_thawed(retry):
+                break
+            for i, result in zip(again, await self._post(retry), strict=True):
+                results[i] = result
+        return results
+
+    async def _post(self, submissions: list[Submission]) -> list[Result]:
         if self.split:
             groups = route(submissions, self._split_shard_of, self.slot_map.shard_of)
         else:

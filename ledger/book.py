@@ -263,6 +263,29 @@ class Book:
             slot = self._new_slot(key)
         self._dp[slot], self._cp[slot], self._dpend[slot], self._cpend[slot] = values
 
+    def forget(self, account_ids: Iterable[str]) -> int:
+        """Drop accounts another shard now owns (resharding): unregistered, balances zeroed.
+
+        Their rows stay (rows are never removed) but hold nothing, exactly as if the book had
+        never loaded them; loading them again later (the slot comes back) overwrites them.
+        None may be reserved: the handoff drains reservations first. Returns how many were known.
+        """
+        rows = {self._rows[a] for a in account_ids if a in self._rows}
+        reserved = [key for key in self.reserved if self._rows.get(key[0]) in rows]
+        check(not reserved, f"forgetting accounts with reservations: {reserved[:3]}")
+        slots = [self._slot0[row] for row in rows if self._slot0[row] >= 0]
+        slots += [slot for packed, slot in self._more.items() if packed >> CURRENCY_SHIFT in rows]
+        for slot in slots:
+            self._dp[slot] = self._cp[slot] = self._dpend[slot] = self._cpend[slot] = 0
+        known = 0
+        for row in rows:
+            if self._kind[row] != NO_ACCOUNT:
+                self._kind[row] = NO_ACCOUNT
+                known += 1
+        self._account_count -= known
+        check(self._account_count >= 0, "account count went negative")
+        return known
+
     # -- reads -----------------------------------------------------------------------------
     def account(self, account_id: str) -> AccountInfo | None:
         """Type and policy of a registered account, or None."""

@@ -25,6 +25,9 @@
                                                  consistent snapshot: pg_dump + signed checkpoint + keys
     ledger-node restore FILE --database-url URL [--public-key PEM ...]
                                                  load into an empty database, replay and verify
+    ledger-node shards list|add N|remove ID [--url URL]
+    ledger-node slots move SLOT.. --to SHARD [--url URL]
+                                                 online resharding (docs/operations.md)
 
 With `DATABASE_URL` set the node uses that PostgreSQL; otherwise it runs an embedded
 PostgreSQL inside the data directory and stops it on exit.
@@ -52,7 +55,7 @@ from api.auth import TokenError
 from api.kafka_consumer import PaymentConsumer
 from api.kafka_sinks import HttpSink
 from api.metrics import KafkaMetrics
-from node import approve_cli, backup_cli, export_cli, journal_export_cli, keys_cli, verify_cli
+from node import approve_cli, backup_cli, export_cli, journal_export_cli, keys_cli, shards_cli, verify_cli
 from node.config import (
     DEFAULT_DATA_DIR,
     TOKEN_FILE,
@@ -120,6 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     export_cli.add_parser(commands)
     backup_cli.add_parsers(commands)
     journal_export_cli.add_parser(commands)
+    shards_cli.add_parsers(commands)
     return parser
 
 
@@ -292,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return backup_cli.run(args)
     if args.command == "export-journal":
         return journal_export_cli.run(args)
+    if args.command in ("shards", "slots"):
+        return shards_cli.run(args)
     import uvloop
 
     handlers = {"serve": _serve, "consume": _consume, "check": _check, "migrate": _migrate}

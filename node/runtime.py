@@ -32,7 +32,9 @@ from api.metrics import KafkaMetrics
 from api.payout_tasks import PAYOUT_SCHEDULE
 from api.posting import Poster
 from api.reconcile_routes import RECONCILE_EVERY_S
+from api.resharding import MovableShard, Resharder
 from api.services import Services
+from api.shard_routes import RESHARDER
 from finance import payout_schedule
 from finance.export_destinations import ExportSettings, settings_from_env
 from finance.governance import parse_thresholds
@@ -70,6 +72,7 @@ class Node:
     consumer: PaymentConsumer | None = None
     export_settings: ExportSettings | None = None
     ssl_context: ssl.SSLContext | None = None
+    fleet: _RayFleet | None = None
 
     @property
     def url(self) -> str:
@@ -130,11 +133,12 @@ class Node:
             except SettingsError as exc:
                 raise StartupError(str(exc)) from None
             slot_map = await self._slot_map(conn)
+            shard_ids = await repository.active_shards(conn)  # may own no slot yet (`shards add`)
             split = await repository.split_accounts(conn)
         log.info("ledger hash algorithm: %s", hash_alg)
         actor_runtime.start_ray(config.ray_address, config.ray_num_cpus)
         prefix = f"{config.actor_prefix}-{uuid.uuid4().hex[:8]}"
-        slots_of = {shard: slot_map.slots_of(shard) for shard in slot_map.shards}
+        slots_of = {shard: slot_map.slots_of(shard) for shard in shard_ids}
         signer, signer_kind = await self._start_signer(prefix, hash_alg)
         # Joining a cluster: shards only on nodes offering the custom resource; local: anywhere.
         placement = (
@@ -164,6 +168,7 @@ class Node:
         )
         self.audit = AuditWriter(self.dsn, signer, hash_alg=hash_alg, answer_after_commit=config.audit_wait)
         await self.audit.start()
+        self.fleet = _RayFleet(self, prefix, signer is not None, hash_alg)
         await self._serve_http()
         await self._start_consumer()
         tune_gc()
@@ -225,6 +230,8 @@ class Node:
         assert self.services is not None and self.audit is not None
         self.app = app = create_app(self.services, self._governance(), self.config.limits)
         app[AUDIT_WRITER] = self.audit
+        assert self.fleet is not None
+        app[RESHARDER] = Resharder(self.services, self.fleet, sorted(self.services.shards))
         app[RECOGNITION_INTERVAL_S] = self.config.recognition_interval_s
         schedule = self._payout_schedule()
         if schedule is not None:
@@ -288,3 +295,34 @@ class Node:
         if self.embedded is not None:
             self.embedded.stop()
             self.embedded = None
+
+
+class _RayFleet:
+    """`api.resharding.ShardFleet` over Ray: shard actors named like the ones started with the node."""
+
+    def __init__(self, node: Node, prefix: str, signing: bool, hash_alg: str) -> None:
+        self.node = node
+        self.prefix = prefix
+        self.signing = signing
+        self.hash_alg = hash_alg
+        self.ports: dict[int, actor_runtime.RayShard] = {}
+
+    def spawn(self, shard_id: int) -> MovableShard:
+        """A new shard actor; it takes its slots from the stored map (none until a move gives some)."""
+        config = self.node.config
+        (port,) = actor_runtime.spawn_shards(
+            self.prefix, self.node.dsn, {shard_id: []}, config.batch_max, self.signing, self.hash_alg
+        ).values()
+        self.node.ports.append(port)
+        self.ports[shard_id] = port
+        return port
+
+    def stop(self, shard_id: int) -> None:
+        """Stop a shard actor for good (a removed shard owns no slot any more)."""
+        services = self.node.services
+        port = self.ports.pop(shard_id, None) or (services.shards.get(shard_id) if services else None)
+        if port is None:
+            return
+        actor_runtime.kill(port, restart=False)  # type: ignore[arg-type]
+        if port in self.node.ports:
+            self.node.ports.remove(port)

@@ -99,6 +99,7 @@ async def create_pool(dsn: str, min_size: int, max_size: int, *, writer: bool = 
 
 WRITER_LOCK_NAMESPACE = 0x4C4E  # "LN": first key of the per-writer advisory locks
 WRITER_KEEPALIVES = {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5", "tcp_keepalives_count": "3"}
+SWITCH_LOCK_ID = -100  # second key of the slot-map switch's transaction lock (resharding)
 
 
 async def hold_writer_lock(dsn: str, writer_id: int) -> asyncpg.Connection:
@@ -129,7 +130,7 @@ async def load_slot_map(conn: asyncpg.Connection) -> dict[int, int]:
 
 
 async def store_slot_map(conn: asyncpg.Connection, rows: Sequence[tuple[int, int]]) -> None:
-    """Write a fresh slot map (the first start of a node)."""
+    """Write a fresh slot map (the first start of a node); the shards it names become the shard set."""
     shards = sorted({shard for _, shard in rows})
     async with conn.transaction():
         await conn.executemany(
@@ -140,6 +141,98 @@ async def store_slot_map(conn: asyncpg.Connection, rows: Sequence[tuple[int, int
             [r[0] for r in rows],
             [r[1] for r in rows],
         )
+
+
+async def active_shards(conn: asyncpg.Connection) -> list[int]:
+    """Ids of the shards a node runs (migration 0022: not retired), ascending."""
+    rows = await conn.fetch("SELECT shard_id FROM shards WHERE retired_at IS NULL ORDER BY shard_id")
+    return [r[0] for r in rows]
+
+
+async def known_shards(conn: asyncpg.Connection) -> list[int]:
+    """Every shard id ever used, retired ones included (new ids come after them)."""
+    return [r[0] for r in await conn.fetch("SELECT shard_id FROM shards ORDER BY shard_id")]
+
+
+async def shard_slots(conn: asyncpg.Connection, shard_id: int) -> list[int] | None:
+    """The slots the stored slot map gives a shard; None when no slot map is stored yet."""
+    if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM slot_map)"):
+        return None
+    rows = await conn.fetch("SELECT slot FROM slot_map WHERE shard_id = $1 ORDER BY slot", shard_id)
+    return [r[0] for r in rows]
+
+
+async def add_shards(conn: asyncpg.Connection, shard_ids: Sequence[int]) -> None:
+    """Record new shards (owning no slots yet)."""
+    await conn.executemany("INSERT INTO shards (shard_id) VALUES ($1)", [(s,) for s in shard_ids])
+
+
+async def retire_shard(conn: asyncpg.Connection, shard_id: int) -> None:
+    """Mark a shard retired; it must own no slot and no open hold any more."""
+    async with conn.transaction():
+        owned = await conn.fetchval("SELECT count(*) FROM slot_map WHERE shard_id = $1", shard_id)
+        holds = await conn.fetchval(
+            "SELECT count(*) FROM holds WHERE shard_id = $1 AND state = 'pending'", shard_id
+        )
+        check(owned == 0 and holds == 0, f"retiring shard {shard_id} with {owned} slots, {holds} open holds")
+        await conn.execute("UPDATE shards SET retired_at = now() WHERE shard_id = $1", shard_id)
+
+
+# A hold moves with the slots of its (non-split) accounts; one whose accounts would end up on
+# two shards cannot move (holds are single-shard): the move is refused until it is posted or voided.
+_HOLDS_SPANNING = """
+SELECT h.hold_id FROM holds h
+  JOIN hold_lines l ON l.hold_id = h.hold_id JOIN accounts a ON a.account_id = l.account_id
+ WHERE h.state = 'pending' AND h.shard_id = $1 AND NOT a.split
+ GROUP BY h.hold_id
+HAVING bool_or(a.slot = ANY($2::integer[])) AND NOT bool_and(a.slot = ANY($2::integer[]))
+ LIMIT 5
+"""
+
+_MOVE_HOLDS = """
+UPDATE holds h SET shard_id = $3
+ WHERE h.state = 'pending' AND h.shard_id = $1 AND EXISTS (
+       SELECT 1 FROM hold_lines l JOIN accounts a ON a.account_id = l.account_id
+        WHERE l.hold_id = h.hold_id AND NOT a.split AND a.slot = ANY($2::integer[]))
+"""
+
+
+class SlotMoveRefused(Exception):
+    """The stored state forbids this slot move (open holds spanning the moving slots)."""
+
+
+async def holds_spanning(conn: asyncpg.Connection, source: int, slots: Sequence[int]) -> list[str]:
+    """Open holds of `source` with accounts both inside and outside `slots` (they block a move)."""
+    return [r[0] for r in await conn.fetch(_HOLDS_SPANNING, source, list(slots))]
+
+
+async def switch_slots(conn: asyncpg.Connection, slots: Sequence[int], source: int, target: int) -> int:
+    """The durable switch of a handoff, in one transaction: the slots' rows in `slot_map`, the open
+    holds on their accounts, and a `slot_moves` row. Returns how many holds moved."""
+    async with conn.transaction():
+        # One switch at a time, even from two front ends (-1..-3 are the coordinator, audit, signer).
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock($1::integer, $2)", WRITER_LOCK_NAMESPACE, SWITCH_LOCK_ID
+        )
+        spanning = await holds_spanning(conn, source, slots)
+        if spanning:
+            raise SlotMoveRefused(f"open holds span the moving slots and others: {spanning}")
+        updated = await conn.execute(
+            "UPDATE slot_map SET shard_id = $3 WHERE slot = ANY($1::integer[]) AND shard_id = $2",
+            list(slots),
+            source,
+            target,
+        )
+        check(updated == f"UPDATE {len(slots)}", f"slots {list(slots)[:5]}... not all on shard {source}")
+        moved = int((await conn.execute(_MOVE_HOLDS, source, list(slots), target)).split()[-1])
+        await conn.execute(
+            "INSERT INTO slot_moves (slots, source, target, holds_moved) VALUES ($1, $2, $3, $4)",
+            list(slots),
+            source,
+            target,
+            moved,
+        )
+    return moved
 
 
 # -- shard start-up ------------------------------------------------------------------------
