@@ -51,7 +51,9 @@ test: install system-deps
 	$(PY) -m pytest tests -q -ra $(PYTEST_ARGS)
 
 test-long: install system-deps
-	LEDGER_SIM_SEEDS=5000 $(PY) -m pytest tests -q -ra $(PYTEST_ARGS)
+	LEDGER_SIM_SEEDS=5000 LEDGER_BANK_SEEDS=1,2,3,4,5,6,7,8,9,10 $(PY) -m pytest tests -q -ra $(PYTEST_ARGS)
+	$(PY) -m loadtests.bank --seed 100 --seeds 3 --duration 600
+	$(PY) -m loadtests.soak --minutes 30 --out docs/reliability
 
 check: install
 	$(VENV)/bin/ruff format --check .

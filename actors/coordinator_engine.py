@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -45,7 +45,7 @@ from actors.messages import (
     Result,
 )
 from actors.ports import ShardPort
-from actors.shard_engine import Clock, unavailable, utc_now
+from actors.shard_engine import Clock, StateLost, stop_serving, unavailable, utc_now
 from ledger.errors import ErrorCode
 from ledger.invariants import check
 from ledger.timestamps import parse_rfc3339, rfc3339
@@ -153,6 +153,7 @@ class CoordinatorEngine:
         self.lock_conn: asyncpg.Connection | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.outcomes = {"commit": 0, "abort": 0, "recovered_commit": 0, "recovered_abort": 0}
+        self.on_state_lost: Callable[[str], None] = stop_serving  # the Ray shell restarts the actor
         self.phase_s: dict[str, float] = {}  # wall time per round phase, summed over rounds
 
     @contextlib.contextmanager
@@ -212,6 +213,12 @@ class CoordinatorEngine:
         while True:
             await slots.acquire()
             calls = [await self.queue.get()]
+            if repository.writer_lock_lost(self.lock_conn):  # fenced: never decide without the lock
+                log.error("coordinator: the writer lock's connection is gone; restarting from PostgreSQL")
+                for _, future in calls:
+                    future.set_exception(StateLost("coordinator writer lock lost"))
+                self.on_state_lost("coordinator writer lock lost")
+                raise StateLost("coordinator writer lock lost")
             count = len(calls[0][0])
             while not self.queue.empty() and count < self.batch_max:
                 entry = self.queue.get_nowait()

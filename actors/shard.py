@@ -9,7 +9,9 @@ Ray error; the caller answers them as retryable and idempotent retries resolve t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 from typing import Any
 
 import ray
@@ -28,20 +30,39 @@ ACTOR_OPTIONS: dict[str, Any] = {
 
 
 class _Lazy:
-    """Starts an engine once, on first use; concurrent first calls share the start."""
+    """Starts an engine once, on first use; concurrent first calls share the start.
 
-    def __init__(self) -> None:
+    A start that fails (PostgreSQL unreachable while the actor (re)starts) is not remembered:
+    the half-started engine is closed and replaced by a fresh one, and the next call tries again,
+    so an actor restarted during an outage serves again once the database is back.
+    """
+
+    def __init__(self, shell: Any) -> None:
+        self.shell = shell
         self._started: asyncio.Future[None] | None = None
 
-    async def ready(self, start: Any) -> None:
+    async def ready(self) -> None:
         if self._started is None:
-            self._started = asyncio.ensure_future(self._start(start))
+            self._started = asyncio.ensure_future(self._start())
         await asyncio.shield(self._started)
 
-    @staticmethod
-    async def _start(start: Any) -> None:
-        await start()
+    async def _start(self) -> None:
+        try:
+            await self.shell.engine.start()
+        except BaseException:
+            self._started = None
+            with contextlib.suppress(Exception):
+                await self.shell.engine.close()
+            self.shell.engine = self.shell.make_engine()
+            raise
         tune_gc()  # after the engine loaded its state: freeze it, collect rarely (gc_policy.py)
+
+
+def _restart_process(reason: str) -> None:
+    """An engine's `on_state_lost`: end this worker so Ray restarts the actor from PostgreSQL."""
+    logging.getLogger(__name__).critical("restarting the actor: %s", reason)
+    logging.shutdown()
+    os._exit(1)
 
 
 @ray.remote(**ACTOR_OPTIONS)
@@ -62,36 +83,43 @@ class ShardActor:
 
         logging.basicConfig(level=logging.INFO)
         signer = RaySigner(ray.get_actor(f"{prefix}-signer")) if signing else None
-        self.engine = ShardEngine(shard_id, dsn, slots, batch_max=batch_max, signer=signer, hash_alg=hash_alg)
-        self.lazy = _Lazy()
+
+        def make_engine() -> ShardEngine:
+            engine = ShardEngine(shard_id, dsn, slots, batch_max=batch_max, signer=signer, hash_alg=hash_alg)
+            engine.on_state_lost = _restart_process
+            return engine
+
+        self.make_engine = make_engine
+        self.engine = make_engine()
+        self.lazy = _Lazy(self)
 
     async def post(self, payload: bytes) -> bytes:
-        await self.lazy.ready(self.engine.start)
+        await self.lazy.ready()
         return await self.engine.post(payload)
 
     async def prepare(self, payload: bytes) -> bytes:
-        await self.lazy.ready(self.engine.start)
+        await self.lazy.ready()
         return await self.engine.prepare(payload)
 
     async def decide(self, payload: bytes) -> bytes:
-        await self.lazy.ready(self.engine.start)
+        await self.lazy.ready()
         return await self.engine.decide(payload)
 
     async def create_account(self, account_id: str, no_negative: bool, split: bool = False) -> bytes:
-        await self.lazy.ready(self.engine.start)
+        await self.lazy.ready()
         return await self.engine.create_account(account_id, no_negative, split)
 
     async def hold(self, payload: bytes) -> bytes:
-        await self.lazy.ready(self.engine.start)
+        await self.lazy.ready()
         return await self.engine.hold(payload)
 
     async def move(self, op: str, slots: list[int]) -> dict[str, Any]:
         """A slot handoff step (actors/shard_moves.py)."""
-        await self.lazy.ready(self.engine.start)
+        await self.lazy.ready()
         return await self.engine.move(op, slots)
 
     async def status(self) -> dict[str, Any]:
-        await self.lazy.ready(self.engine.start)
+        await self.lazy.ready()
         return self.engine.status()
 
     async def node_id(self) -> str:
@@ -124,16 +152,23 @@ class CoordinatorActor:
         self, dsn: str, prefix: str, shard_ids: list[int], batch_max: int, hash_alg: str = "sha256"
     ) -> None:
         logging.basicConfig(level=logging.INFO)
-        self.engine = CoordinatorEngine(dsn, _ShardsByName(prefix, shard_ids), batch_max=batch_max,
-                                        hash_alg=hash_alg)  # fmt: skip
-        self.lazy = _Lazy()
+        shards = _ShardsByName(prefix, shard_ids)
+
+        def make_engine() -> CoordinatorEngine:
+            engine = CoordinatorEngine(dsn, shards, batch_max=batch_max, hash_alg=hash_alg)
+            engine.on_state_lost = _restart_process
+            return engine
+
+        self.make_engine = make_engine
+        self.engine = make_engine()
+        self.lazy = _Lazy(self)
 
     async def submit(self, payload: bytes) -> bytes:
-        await self.lazy.ready(self.engine.start)
+        await self.lazy.ready()
         return await self.engine.submit(payload)
 
     async def status(self) -> dict[str, Any]:
-        await self.lazy.ready(self.engine.start)
+        await self.lazy.ready()
         return self.engine.status()
 
 
@@ -158,39 +193,44 @@ class SignerActor:
         if "SOFTHSM2_CONF" in env:  # SoftHSM reads its configuration from the process environment
             os.environ["SOFTHSM2_CONF"] = env["SOFTHSM2_CONF"]
         directory = Path(data_dir) if data_dir else None
-        self.engine = SignerEngine(
-            dsn,
-            lambda: backend_from_env(env, directory),
-            hash_alg=hash_alg,
-            checkpoint_every_s=checkpoint_every_s,
-        )
-        self.lazy = _Lazy()
+
+        def make_engine() -> SignerEngine:
+            return SignerEngine(
+                dsn,
+                lambda: backend_from_env(env, directory),
+                hash_alg=hash_alg,
+                checkpoint_every_s=checkpoint_every_s,
+            )
+
+        self.make_engine = make_engine
+        self.engine = make_engine()
+        self.lazy = _Lazy(self)
 
     async def sign_statements(self, statements: list[dict[str, Any]]) -> list[tuple[bytes, str, bytes]]:
-        await self.lazy.ready(self.engine.start)
+        await self.lazy.ready()
         return self.engine.sign_statements(statements)
 
     async def checkpoint(self) -> int:
-        await self.lazy.ready(self.engine.start)
+        await self.lazy.ready()
         return await self.engine.checkpoint()
 
     async def log_proof(self, index: int, tree_size: int) -> list[bytes]:
-        await self.lazy.ready(self.engine.start)
+        await self.lazy.ready()
         return self.engine.log_proof(index, tree_size)
 
     async def consistency(self, old_size: int, new_size: int) -> list[bytes]:
-        await self.lazy.ready(self.engine.start)
+        await self.lazy.ready()
         return self.engine.consistency(old_size, new_size)
 
     async def rotate(self) -> str:
-        await self.lazy.ready(self.engine.start)
+        await self.lazy.ready()
         return await self.engine.rotate()
 
     async def set_failing(self, failing: bool) -> None:
         """Fault injection for tests and drills: make every signature fail until reset."""
-        await self.lazy.ready(self.engine.start)
+        await self.lazy.ready()
         self.engine.failing = failing
 
     async def status(self) -> dict[str, Any]:
-        await self.lazy.ready(self.engine.start)
+        await self.lazy.ready()
         return self.engine.status()

@@ -66,6 +66,15 @@ class SigningUnavailable(Exception):
     """The signer could not sign a batch; the batch was not written."""
 
 
+class StateLost(Exception):
+    """The engine can no longer trust its in-memory state (writer lock lost, commit outcome unknown)."""
+
+
+def stop_serving(reason: str) -> None:
+    """Default `on_state_lost` outside Ray: the engine stops; its owner builds a new one."""
+    raise StateLost(reason)
+
+
 Clock = Callable[[], datetime]
 
 
@@ -149,6 +158,10 @@ class ShardEngine:
         self.batches = 0
         self.moves = ShardMoves(self)
         self.rate_samples: deque[tuple[float, int]] = deque(maxlen=32)
+        # Called when the book may no longer match PostgreSQL; the Ray shell ends the process so
+        # Ray restarts the actor, which re-takes the writer lock and rebuilds from PostgreSQL.
+        self.on_state_lost: Callable[[str], None] = stop_serving
+        self.lost: str | None = None
 
     # -- life cycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -197,6 +210,8 @@ class ShardEngine:
 
     # -- calls -----------------------------------------------------------------------------
     async def _submit(self, kind: str, items: list[Any]) -> Any:
+        if self.lost is not None:
+            raise StateLost(self.lost)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.queue.put_nowait(_Work(kind, items, future))
         return await future
@@ -268,6 +283,8 @@ class ShardEngine:
                 item = self.queue.get_nowait()
                 work.append(item)
                 count += len(item.items)
+            if repository.writer_lock_lost(self.lock_conn):  # fenced: never write without the lock
+                self._state_lost(work, "the writer lock's connection is gone")
             try:
                 await self._process(work)
             except Exception as exc:  # the batch failed as a whole: answer everything retryable
@@ -275,7 +292,21 @@ class ShardEngine:
                 for entry in work:
                     if not entry.future.done():
                         entry.future.set_exception(exc)
+                if repository.is_connection_failure(exc):  # a COMMIT may have landed unacknowledged
+                    self._state_lost(work, f"database connection failed mid-round: {exc!r}")
             backlog = not self.queue.empty()
+
+    def _state_lost(self, work: list[_Work], reason: str) -> None:
+        """Fail this round and everything queued, then hand over to `on_state_lost` (never returns)."""
+        log.error("shard %s: %s; restarting from PostgreSQL", self.shard_id, reason)
+        self.lost = reason
+        while not self.queue.empty():
+            work.append(self.queue.get_nowait())
+        for entry in work:
+            if not entry.future.done():
+                entry.future.set_exception(StateLost(reason))
+        self.on_state_lost(reason)
+        raise StateLost(reason)  # `on_state_lost` must not return; stop the loop if it does
 
     async def _process(self, work: list[_Work]) -> None:
         answers: list[list[Any]] = [[None] * len(w.items) for w in work]

@@ -56,6 +56,7 @@ class SignerEngine:
         self.lock_conn: asyncpg.Connection | None = None
         self.task: asyncio.Task[None] | None = None
         self.failing = False
+        self.log_stale = False
         self.checkpoint_lock = asyncio.Lock()
         self.signatures = 0
         self.checkpoints = 0
@@ -156,7 +157,15 @@ class SignerEngine:
 
     async def _checkpoint(self) -> int:
         assert self.pool is not None
+        if repository.writer_lock_lost(self.lock_conn):
+            # The server released the global log's writer lock with its connection (an outage):
+            # take it again and reload the log, which another writer may have extended meanwhile.
+            log.warning("signer: the writer lock's connection is gone; taking the lock again")
+            self.lock_conn = await repository.hold_writer_lock(self.dsn, SIGNER_WRITER_ID)
+            self.log_stale = True
         async with self.pool.acquire() as conn:
+            if self.log_stale:  # a failed checkpoint may have left the log in memory ahead of the store
+                await self._reload_log(conn)
             rows = await conn.fetch(
                 "SELECT shard_id, batch_seq, last_seq, statement FROM batches WHERE log_index IS NULL "
                 "ORDER BY signed_at, shard_id, batch_seq"
@@ -171,7 +180,9 @@ class SignerEngine:
             try:
                 await self._store_checkpoint(conn, rows, start, heads)
             except BaseException:
-                await self._reload_log(conn)  # the log in memory must equal the stored one
+                self.log_stale = True  # the log in memory must equal the stored one: reload it next time
+                with contextlib.suppress(Exception):  # the connection may be gone (an outage)
+                    await self._reload_log(conn)
                 raise
         self.heads = heads
         self.checkpoints += 1
@@ -213,6 +224,7 @@ class SignerEngine:
             [leaf_hash(digest(bytes(r["statement"])), self.hash_alg) for r in rows], self.hash_alg
         )
         self.heads = {r["shard_id"]: (r["batch_seq"], r["last_seq"]) for r in rows}
+        self.log_stale = False
 
     def log_proof(self, index: int, tree_size: int) -> list[bytes]:
         """Inclusion proof of log leaf `index` in the tree of `tree_size` leaves."""

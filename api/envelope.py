@@ -14,6 +14,7 @@ import msgspec
 from aiohttp import web
 
 from ledger.errors import ErrorCode, LedgerError
+from store.repository import is_connection_failure
 
 log = logging.getLogger(__name__)
 _encoder: Final = msgspec.json.Encoder()
@@ -81,6 +82,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         return error_response(_from_http(exc))
-    except Exception:
+    except Exception as exc:
+        if is_connection_failure(exc):  # PostgreSQL unreachable: the client should retry, not give up
+            log.warning("database unavailable on %s %s: %s", request.method, request.path, exc)
+            return error_response(database_unavailable())
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(LedgerError(ErrorCode.INTERNAL_ERROR, "internal error", {}))
+
+
+def database_unavailable() -> LedgerError:
+    """503 SERVICE_UNAVAILABLE, retryable: the database connection failed (outage, restart, reset)."""
+    return LedgerError(ErrorCode.SERVICE_UNAVAILABLE, "database unavailable; retry", {"retryable": True})

@@ -336,6 +336,12 @@ class AuditWriter:
 
     async def _commit(self, batch: list[_Pending]) -> None:
         assert self.pool is not None
+        if repository.writer_lock_lost(self.lock_conn):
+            # The server released the stream's writer lock with its connection (an outage): take it
+            # again and reload the head (another writer may have appended meanwhile) before writing.
+            log.warning("audit writer: the writer lock's connection is gone; taking the lock again")
+            self.lock_conn = await repository.hold_writer_lock(self.dsn, AUDIT_STREAM)
+            self.stale = True
         if self.stale:
             async with self.pool.acquire() as conn:
                 await self._load_head(conn)

@@ -97,6 +97,46 @@ async def create_pool(dsn: str, min_size: int, max_size: int, *, writer: bool = 
     )
 
 
+# What "the database is unreachable" looks like from asyncpg: the server closed or reset the
+# connection, refused or timed out a new one, or is shutting down / starting up (class 08 and
+# 57P01-57P03). A statement that fails for any of these reasons may or may not have been applied
+# when it was a COMMIT; callers treat the outcome as unknown.
+_CONNECTION_FAILURES: Final = (
+    OSError,  # ConnectionError (refused, reset) and socket errors
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+)
+
+
+def is_connection_failure(exc: BaseException) -> bool:
+    """True if `exc` (or what caused it) means the database connection was lost or refused."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # follow __cause__/__context__ a few steps (wrapped errors)
+        if seen is None:
+            return False
+        if isinstance(seen, _CONNECTION_FAILURES):
+            return True
+        if isinstance(seen, asyncpg.InterfaceError) and "closed" in str(seen):
+            return True  # "connection is closed", "pool is closed"
+        if isinstance(seen, asyncpg.exceptions.InternalClientError):
+            return True  # a connection left mid-protocol by a reset ("another operation is in progress")
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def writer_lock_lost(conn: asyncpg.Connection | None) -> bool:
+    """True if the connection that held a writer lock is gone (the server released the lock with it).
+
+    A writer must not write again on the strength of a lock it may no longer hold: another
+    incarnation may have taken the lock and written meanwhile. Its owner re-takes the lock and
+    reloads its state from PostgreSQL first (or, for an actor, restarts).
+    """
+    return conn is not None and conn.is_closed()
+
+
 WRITER_LOCK_NAMESPACE = 0x4C4E  # "LN": first key of the per-writer advisory locks
 WRITER_KEEPALIVES = {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5", "tcp_keepalives_count": "3"}
 SWITCH_LOCK_ID = -100  # second key of the slot-map switch's transaction lock (resharding)

@@ -20,7 +20,7 @@ from api.limits import LimitSettings
 from node.config import NodeConfig
 from node.runtime import Node
 from sharding.slots import SlotMap, even_slot_map
-from tests.support.databases import create_database, drop_database
+from tests.support.databases import SHARED_ADMIN_DSN, create_database, drop_database
 
 TOKENS = {"service": "svc-token", "operator": "op-token", "auditor": "aud-token", "admin": "adm-token"}
 TOKEN_SPEC = ",".join(f"{token}={role}" for role, token in TOKENS.items())
@@ -43,7 +43,10 @@ class NodeHarness:
         config_overrides: dict[str, Any] | None = None,
         limits: LimitSettings | None = None,
         database_url: str | None = None,
+        admin_dsn: str = SHARED_ADMIN_DSN,
     ) -> None:
+        self.admin_dsn = admin_dsn
+        """The server the node's database is made on (the shared one, or a PostgreSQL the test owns)."""
         self.kafka = kafka
         self.route_database = route_database
         """Maps the database's DSN to the one the node is given (e.g. through a fault proxy)."""
@@ -70,7 +73,7 @@ class NodeHarness:
     def start(self) -> NodeHarness:
         """Create the database, start the node, return self."""
         self.thread.start()
-        self.dsn = self.database_url or self.run(create_database("ledger_node"))
+        self.dsn = self.database_url or self.run(create_database("ledger_node", self.admin_dsn))
         self.data_dir = Path(tempfile.mkdtemp(prefix="ledger-node-test-"))
         config = NodeConfig(
             port=0,
@@ -116,7 +119,7 @@ class NodeHarness:
         if self.node is not None:
             self.run(self.node.stop())
         if self.dsn:
-            self.run(drop_database(self.dsn))
+            self.run(drop_database(self.dsn, self.admin_dsn))
         if self.data_dir != Path():
             shutil.rmtree(self.data_dir, ignore_errors=True)
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -1,5 +1,10 @@
 """A TCP fault proxy on loopback: forwards to a target until `cut()` (connections reset, new ones
-refused by closing them at once), then `restore()`. Used to make a real outage between two parts."""
+refused by closing them at once), then `restore()`. Used to make a real outage between two parts.
+
+Other faults, each undone by `restore()`: `reset()` resets the open connections once (new ones are
+served), `latency(s)` delays every chunk in both directions, `blackhole()` keeps every connection
+open but forwards nothing (bytes wait in the proxy, as in a partition that heals, and new
+connections hang before reaching the target)."""
 
 from __future__ import annotations
 
@@ -19,6 +24,9 @@ class TcpProxy:
         self.port = 0
         self.open = True
         self.writers: set[asyncio.StreamWriter] = set()
+        self.delay_s = 0.0
+        self.flowing = asyncio.Event()
+        self.flowing.set()
 
     @property
     def url(self) -> str:
@@ -37,8 +45,24 @@ class TcpProxy:
             writer.transport.abort()
         self.writers.clear()
 
+    def reset(self) -> None:
+        """Reset every open connection (RST); new connections are served as before."""
+        for writer in list(self.writers):
+            writer.transport.abort()
+        self.writers.clear()
+
+    def latency(self, delay_s: float) -> None:
+        """Delay every chunk forwarded, in both directions, by `delay_s`."""
+        self.delay_s = delay_s
+
+    def blackhole(self) -> None:
+        """Forward nothing (connections stay open, new ones hang) until `restore()`."""
+        self.flowing.clear()
+
     def restore(self) -> None:
         self.open = True
+        self.delay_s = 0.0
+        self.flowing.set()
 
     async def stop(self) -> None:
         self.cut()
@@ -50,6 +74,7 @@ class TcpProxy:
         if not self.open:
             writer.transport.abort()
             return
+        await self.flowing.wait()
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
@@ -61,6 +86,9 @@ class TcpProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while self.open and (data := await reader.read(65536)):
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)
+                await self.flowing.wait()
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
@@ -101,6 +129,15 @@ class ProxyThread:
 
     def restore(self) -> None:
         self._call(self.proxy.restore)
+
+    def reset(self) -> None:
+        self._call(self.proxy.reset)
+
+    def latency(self, delay_s: float) -> None:
+        self._call(lambda: self.proxy.latency(delay_s))
+
+    def blackhole(self) -> None:
+        self._call(self.proxy.blackhole)
 
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self.proxy.stop(), self.loop).result(10)
