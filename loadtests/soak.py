@@ -167,7 +167,9 @@ class Soak:
                     break
                 await asyncio.sleep(1)
             kafka_done = await self.kafka_done(http)
-        check = await asyncio.to_thread(cli_check, self.harness.dsn)
+        # A 30-minute soak leaves ~10^6 journals: `check` recomputes every balance and verifies every
+        # chain and signature, which takes minutes on 2 cores (the 120 s default timed out).
+        check = await asyncio.to_thread(cli_check, self.harness.dsn, 1800.0)
         return {
             "minutes": self.opts.minutes, "users": self.opts.users, "faults": self.faults,
             "kafka_produced": self.kafka_produced, "kafka_acknowledged": kafka_done,

@@ -393,12 +393,12 @@ async def stored_balances(dsn: str, accounts: list[str]) -> dict[tuple[str, str]
     return {(r[0], r[1].strip()): r[2] for r in rows}
 
 
-def cli_check(dsn: str) -> subprocess.CompletedProcess[str]:
-    """Run `ledger-node check` against the database."""
+def cli_check(dsn: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """Run `ledger-node check` against the database (long soaks leave big databases: raise `timeout_s`)."""
     exe = Path(sys.executable).parent / "ledger-node"
     env = {**os.environ, "DATABASE_URL": dsn}
     return subprocess.run(
-        [str(exe), "check"], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT, check=False
+        [str(exe), "check"], env=env, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT, check=False
     )
 
 
