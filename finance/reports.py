@@ -27,6 +27,7 @@ are reported as `unallocated`, so the buckets always add up to the account balan
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 from collections.abc import Callable, Iterable
@@ -249,11 +250,10 @@ def revenue_report(as_of: str, currency: str | None, period: str, figures: list[
 
 
 def _due_day(facts: InvoiceFacts) -> date | None:
-    if facts.due_date:
-        try:
+    """The due date; the issue date when the invoice has no due date or one that does not parse."""
+    with contextlib.suppress(ValueError):
+        if facts.due_date:
             return date.fromisoformat(facts.due_date[:10])
-        except ValueError:
-            pass
     return facts.issued_at.date() if facts.issued_at is not None else None
 
 

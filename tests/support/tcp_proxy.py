@@ -92,7 +92,7 @@ class TcpProxy:
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
-            pass
+            return  # one side closed or reset: this direction of the connection is over
         finally:
             self.writers.discard(writer)
             with contextlib.suppress(Exception):
