@@ -77,6 +77,9 @@ class KafkaSettings:
     """Empty: `{topic}.dlq`."""
     batch_max: int = 500
     concurrency: int = 64
+    consumers: int = 1
+    """Consumers the node runs in one group (each takes a share of the partitions; their batches
+    overlap, so one batch's ledger and database waits are another's Python work)."""
     retry_initial_s: float = 0.2
     retry_max_s: float = 10.0
     client_id: str = "ledger-node"
@@ -397,7 +400,7 @@ class PaymentConsumer:
     async def _pause(self, delay_s: float) -> None:
         """Back off with the partitions paused, polling (nothing is returned) to stay in the group."""
         assigned = list(self.consumer.assignment())
-        self.metrics.paused.set(1)
+        self.metrics.paused.inc()
         self.consumer.pause(*assigned)
         try:
             deadline = time.monotonic() + delay_s
@@ -409,7 +412,7 @@ class PaymentConsumer:
         finally:
             with contextlib.suppress(Exception):
                 self.consumer.resume(*[tp for tp in assigned if tp in self.consumer.assignment()])
-            self.metrics.paused.set(0)
+            self.metrics.paused.dec()
 
     # -- offsets -----------------------------------------------------------------------------------
     async def _commit(self, tps: Iterable[TopicPartition]) -> None:

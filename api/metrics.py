@@ -126,5 +126,5 @@ class KafkaMetrics:
             registry=self.registry,
         )
         self.paused = Gauge(
-            "ledger_kafka_paused", "1 while consumption is paused for a retry", registry=self.registry
+            "ledger_kafka_paused", "Consumers paused for a retry (0 when none)", registry=self.registry
         )

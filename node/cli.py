@@ -43,6 +43,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -216,21 +217,26 @@ async def _consume(args: argparse.Namespace) -> int:
         return 2
     sink = HttpSink(args.url, token)
     metrics = KafkaMetrics()
-    consumer = PaymentConsumer(settings, sink, metrics)
+    consumers = [
+        PaymentConsumer(replace(settings, client_id=f"{settings.client_id}-{n}"), sink, metrics)
+        for n in range(settings.consumers)
+    ]
+    runner: web.AppRunner | None = None
     try:
-        await consumer.start()
+        for consumer in consumers:
+            await consumer.start()
         runner = await _serve_metrics(metrics.registry, args.metrics_host, args.metrics_port)
     except Exception as exc:
         print(f"ledger-node: cannot start: {exc!r}", file=sys.stderr)
-        await consumer.stop()
+        await asyncio.gather(*(consumer.stop() for consumer in consumers))
         await sink.close()
         return 1
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    print(f"ledger-node consuming {settings.topic} into {args.url}", flush=True)
+    print(f"ledger-node consuming {settings.topic} into {args.url} ({len(consumers)} consumers)", flush=True)
     await stop.wait()
-    await consumer.stop()
+    await asyncio.gather(*(consumer.stop() for consumer in consumers))
     await sink.close()
     if runner is not None:
         await runner.cleanup()

@@ -84,7 +84,8 @@ def kafka_from_env() -> KafkaSettings | None:
 
     `LEDGER_KAFKA_TOPIC` (payments), `LEDGER_KAFKA_GROUP` (ledger-node-payments),
     `LEDGER_KAFKA_DLQ_TOPIC` ({topic}.dlq), `LEDGER_KAFKA_BATCH_MAX` (500, 1..10000),
-    `LEDGER_KAFKA_CONCURRENCY` (64, 1..1024), `LEDGER_KAFKA_RETRY_MAX_S` (10).
+    `LEDGER_KAFKA_CONCURRENCY` (64, 1..1024), `LEDGER_KAFKA_CONSUMERS` (3, 1..64),
+    `LEDGER_KAFKA_RETRY_MAX_S` (10).
     """
     servers = (os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or "").strip()
     if not servers:
@@ -103,6 +104,7 @@ def kafka_from_env() -> KafkaSettings | None:
         dlq_topic=dlq_topic,
         batch_max=env_int("LEDGER_KAFKA_BATCH_MAX", 500, 1, 10_000),
         concurrency=env_int("LEDGER_KAFKA_CONCURRENCY", 64, 1, 1024),
+        consumers=env_int("LEDGER_KAFKA_CONSUMERS", 3, 1, 64),
         retry_max_s=retry_max_s,
     )
 

@@ -12,7 +12,7 @@ import logging
 import os
 import ssl
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import asyncpg
@@ -69,7 +69,7 @@ class Node:
     token_generated: str | None = None
     audit: AuditWriter | None = None
     app: web.Application | None = None
-    consumer: PaymentConsumer | None = None
+    consumers: list[PaymentConsumer] = field(default_factory=list)
     export_settings: ExportSettings | None = None
     ssl_context: ssl.SSLContext | None = None
     fleet: _RayFleet | None = None
@@ -212,19 +212,29 @@ class Node:
         return signer, signer_kind
 
     async def _start_consumer(self) -> None:
-        """The Kafka payment consumer (KAFKA_BOOTSTRAP_SERVERS), posting through this node's finance
-        service; its metrics join the node's `/metrics`."""
+        """The Kafka payment consumers (KAFKA_BOOTSTRAP_SERVERS; `LEDGER_KAFKA_CONSUMERS` of them in
+        one group, sharing the partitions), posting through this node's finance service; their
+        metrics join the node's `/metrics`."""
         settings = self.config.kafka
         if settings is None:
             return
         assert self.app is not None and self.services is not None
         metrics = KafkaMetrics(self.services.metrics.registry)
-        self.consumer = PaymentConsumer(settings, FinanceSink(self.app, settings.topic), metrics)
-        try:
-            await self.consumer.start()
-        except Exception as exc:
-            self.consumer = None
-            raise StartupError(f"Kafka at {settings.bootstrap_servers} unreachable: {exc!r}") from None
+        sink = FinanceSink(self.app, settings.topic)
+        for n in range(settings.consumers):
+            named = replace(settings, client_id=f"{settings.client_id}-{n}")
+            consumer = PaymentConsumer(named, sink, metrics)
+            try:
+                await consumer.start()
+            except Exception as exc:
+                await self._stop_consumers()
+                raise StartupError(f"Kafka at {settings.bootstrap_servers} unreachable: {exc!r}") from None
+            self.consumers.append(consumer)
+
+    async def _stop_consumers(self) -> None:
+        """Stop the Kafka consumers together (each commits what it acknowledged)."""
+        consumers, self.consumers = self.consumers, []
+        await asyncio.gather(*(consumer.stop() for consumer in consumers))
 
     async def _serve_http(self) -> None:
         assert self.services is not None and self.audit is not None
@@ -274,9 +284,7 @@ class Node:
 
     async def stop(self) -> None:
         """Shut everything down (Kafka consumer, HTTP, actors, pool, embedded PostgreSQL)."""
-        if self.consumer is not None:
-            await self.consumer.stop()
-            self.consumer = None
+        await self._stop_consumers()
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None

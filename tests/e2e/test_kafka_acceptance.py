@@ -129,8 +129,8 @@ def test_ten_thousand_events_survive_a_killed_consumer_and_a_database_outage(
     end of every partition and lag 0, the poison in the dead-letter topic with reason and code, and the
     outage seen as retries (not as dead letters)."""
     harness, proxy = proxied_node
-    assert harness.node is not None and harness.node.app is not None and harness.node.consumer is not None
-    app, node_consumer = harness.node.app, harness.node.consumer
+    assert harness.node is not None and harness.node.app is not None and len(harness.node.consumers) == 1
+    app, node_consumer = harness.node.app, harness.node.consumers[0]
     finance: FinanceService = app[FINANCE]
     prefix = f"ka{secrets.token_hex(3)}"
     direct = urlunsplit(urlsplit(harness.dsn))  # PostgreSQL itself, not through the proxy

@@ -33,9 +33,9 @@ PARTITIONS = 3
 
 @pytest.fixture(scope="module")
 def kafka_node(ray_cluster: None, kafka_broker: str) -> Iterator[NodeHarness]:
-    """A node consuming TOPIC (3 partitions) in-process, batches of 50."""
+    """A node consuming TOPIC (3 partitions) in-process with three consumers, batches of 50."""
     asyncio.run(create_topics(kafka_broker, {TOPIC: PARTITIONS, f"{TOPIC}.dlq": 1}))
-    settings = KafkaSettings(kafka_broker, topic=TOPIC, group_id=f"g-{TOPIC}", batch_max=50)
+    settings = KafkaSettings(kafka_broker, topic=TOPIC, group_id=f"g-{TOPIC}", batch_max=50, consumers=3)
     harness = NodeHarness(kafka=settings).start()
     yield harness
     harness.stop()
@@ -128,8 +128,18 @@ def test_events_post_once_and_poison_goes_to_the_dead_letter_topic(
     bad JSON and a payment of an unknown invoice in the middle -> every invoice paid exactly (no
     customer credit), 24 payment journals (the duplicate posted nothing), both poison records in the
     dead-letter topic with reason, code and original offset, later events still posted, and
-    /metrics shows consumed, posted, dead letters by reason, batch latency and lag 0."""
+    /metrics shows consumed, posted, dead letters by reason, batch latency and lag 0. The node's
+    three consumers (one group) hold one partition each."""
     prefix = f"kin-{secrets.token_hex(3)}"
+    assert kafka_node.node is not None
+    consumers = kafka_node.node.consumers
+    assert len(consumers) == 3 and len({c.settings.client_id for c in consumers}) == 3
+
+    async def shared() -> bool:
+        held = [sorted(tp.partition for tp in c.consumer.assignment()) for c in consumers]
+        return sorted(p for ps in held for p in ps) == [0, 1, 2] and all(len(ps) == 1 for ps in held)
+
+    kafka_node.run(wait_for(shared, 30, "the three consumers share the partitions"))
 
     async def flow() -> None:
         async with aiohttp.ClientSession() as http:

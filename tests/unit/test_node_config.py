@@ -118,3 +118,24 @@ def test_export_defaults_to_yesterday_utc() -> None:
         dt.date(2026, 1, 1),
         dt.date(2026, 2, 1),
     )
+
+
+def test_kafka_consumers_default_to_three_and_malformed_counts_refuse_start_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tried: KAFKA_BOOTSTRAP_SERVERS unset (no consumer at all); set with LEDGER_KAFKA_CONSUMERS
+    unset, 1 and 8 -> 3, 1, 8 (batch 500); 0, 65 and "two" -> ConfigError naming the variable."""
+    monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)
+    assert NodeConfig.from_env().kafka is None
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+    monkeypatch.delenv("LEDGER_KAFKA_CONSUMERS", raising=False)
+    kafka = NodeConfig.from_env().kafka
+    assert kafka is not None and (kafka.consumers, kafka.batch_max) == (3, 500)
+    for value, expected in (("1", 1), ("8", 8)):
+        monkeypatch.setenv("LEDGER_KAFKA_CONSUMERS", value)
+        kafka = NodeConfig.from_env().kafka
+        assert kafka is not None and kafka.consumers == expected
+    for value in ("0", "65", "two"):
+        monkeypatch.setenv("LEDGER_KAFKA_CONSUMERS", value)
+        with pytest.raises(ConfigError, match="LEDGER_KAFKA_CONSUMERS"):
+            NodeConfig.from_env()
