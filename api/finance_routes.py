@@ -23,10 +23,11 @@ from aiohttp import web
 
 from api.audit_log import AUDIT_WRITER, audit_event, audit_failures
 from api.auth import PRINCIPAL, PUBLIC, READERS, WRITERS, Role
+from api.hold_calls import ensure_split_account
 from api.posting import Poster, Submission
 from api.requests import decode_json, idempotency_key, json_body
-from api.services import SERVICES
-from finance import recognition
+from api.services import SERVICES, Services
+from finance import chart, recognition
 from finance.service import (
     ExternalInvoiceRequest,
     FinanceService,
@@ -52,21 +53,48 @@ log = logging.getLogger(__name__)
 
 
 class LedgerJournals:
-    """`finance.service.JournalPoster` over the node's poster (shards and coordinator)."""
+    """`finance.service.JournalPoster` over the node's poster (shards and coordinator).
 
-    def __init__(self, poster: Poster) -> None:
-        self.poster = poster
+    The chart's platform-wide accounts (`chart.is_platform_wide`: cash, tax payable, revenue, ...)
+    are created as split accounts before their first journal, so the journals pairing them with
+    one buyer's or participant's account stay single-shard. One that already exists unsplit (made
+    by an older node) stays as it is: correct, only cross-shard."""
+
+    def __init__(self, svc: Services) -> None:
+        self.svc = svc
+        self.poster: Poster = svc.poster
+        self.ordinary: set[str] = set()
+        """Platform-wide accounts found to exist unsplit (not asked again)."""
 
     async def post_journals(self, journals: list[Journal], principal: str) -> list[Posted]:
         """Post through the ledger; one answer per journal, in order."""
+        await self._split_platform_accounts(journals)
         results = await self.poster.post([Submission(j, principal, None) for j in journals])
         return [Posted(r.journal_id, r.ok, r.posted_at, r.code, r.message, r.details) for r in results]
+
+    async def _split_platform_accounts(self, journals: list[Journal]) -> None:
+        """Create the journals' platform-wide accounts split, once each (a refusal is raised)."""
+        known = self.poster.split
+        wanted = {
+            line.account_id
+            for journal in journals
+            for line in journal.lines
+            if line.account_id not in known and chart.is_platform_wide(line.account_id)
+        }
+        for account in sorted(wanted - self.ordinary):
+            try:
+                await ensure_split_account(self.svc, account)
+            except LedgerError as exc:
+                if exc.code != ErrorCode.IDEMPOTENCY_CONFLICT:
+                    raise
+                self.ordinary.add(account)
+                log.info("platform account %s exists unsplit (an older node made it); kept", account)
 
 
 def install(app: web.Application) -> None:
     """Attach the finance service to the application (before it starts)."""
     svc = app[SERVICES]
-    app[FINANCE] = FinanceService(svc.pool, LedgerJournals(svc.poster), base_currency=svc.base_currency)
+    app[FINANCE] = FinanceService(svc.pool, LedgerJournals(svc), base_currency=svc.base_currency)
     app.cleanup_ctx.append(recognition_task)
 
 

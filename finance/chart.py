@@ -42,6 +42,26 @@ JURISDICTION_PATTERN: Final = re.compile(r"^[A-Z]{2}(-[A-Z0-9]{1,3})?$")
 """`DE`, `GB`, `US-WA`: ISO 3166-1 alpha-2, optionally with an ISO 3166-2 subdivision."""
 
 
+PLATFORM_WIDE_PREFIXES: Final = (
+    "asset:cash:",
+    "asset:disputes-held:",
+    "liability:deferred-revenue:",
+    "liability:tax-payable:",
+    "revenue:",
+    "expense:",
+)
+"""Account families every buyer's or participant's flows touch (one cash account per provider and
+currency takes every payment): the node books them as split accounts (docs/ARCHITECTURE.md "Hot
+accounts"), so a payment (cash <- a buyer's receivable) stays a single-shard journal. None of them
+is overdraft-guarded. Per-buyer and per-participant accounts (receivables, customer credit,
+payables, holdbacks) stay ordinary: each lives on one shard."""
+
+
+def is_platform_wide(account_id: str) -> bool:
+    """True for the chart's hot, platform-wide accounts (`PLATFORM_WIDE_PREFIXES`)."""
+    return account_id.startswith(PLATFORM_WIDE_PREFIXES)
+
+
 def check_segment(value: str, field: str) -> str:
     """`value` if it can be one segment of an account id, else a VALIDATION_ERROR naming `field`."""
     if not SEGMENT_PATTERN.fullmatch(value):

@@ -12,8 +12,15 @@ database and `ledger-node serve` with `KAFKA_BOOTSTRAP_SERVERS` (topic `payments
    the node's ``ledger_kafka_events_total`` reaching N (consumed, posted and committed batches).
 2. ``http-payment``: the other N invoices paid by ``POST /finance/payment`` (64 concurrent clients),
    the HTTP path of the same events.
-3. ``post-batch``: the same N payments as two-line journals through ``POST /ledger/post_batch``
-   (batches of 500, 4 clients) -- the comparison DECISIONS D8 names (target: kafka >= 0.8x).
+3. ``post-batch``: the same N payments' journals (debit the split cash account
+   ``asset:cash:stripe:EUR``, credit the buyer's receivable: what a payment posts) through
+   ``POST /ledger/post_batch`` (batches of 500, 4 clients) -- the comparison DECISIONS D8 names
+   (target: kafka >= 0.8x).
+
+Besides events/s it prints the CPU each process group spent per event in each phase (front end,
+Ray actors, the database's PostgreSQL backends, the broker) and, as ``idle (per s)``, what the
+groups spend per second doing nothing (Ray's and the node's background work), measured over 3 s
+before the phases.
 
 Prints one table; the node and the broker are stopped and the database dropped at the end.
 """
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -32,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
+import psutil  # type: ignore[import-untyped]
 
 from loadtests.baseline import create_database, drop_database, new_database_name
 from loadtests.bench import (
@@ -39,7 +49,6 @@ from loadtests.bench import (
     DEFAULT_ADMIN_DSN,
     DEFAULT_NODE_BIN,
     free_port,
-    make_journal,
     start_node,
     stop_node,
     wait_ready,
@@ -47,6 +56,70 @@ from loadtests.bench import (
 from loadtests.kafka_load import payment_event, produce
 
 TOPIC = "payments"
+GROUPS = ("front end", "ray actors", "postgres", "broker")
+
+
+async def cpu_seconds(node_pid: int, broker_pid: int, dsn: str) -> dict[str, float]:
+    """CPU seconds so far of the node's processes by group: the front end (`ledger-node serve`),
+    its Ray actors (descendants named ray::...), the PostgreSQL backends of its database and the
+    broker. Differences over a phase, per event, compare paths on a shared machine far better than
+    wall-clock throughput (other load slows both, but does not add CPU to these processes)."""
+    totals = dict.fromkeys(GROUPS, 0.0)
+
+    def add(group: str, proc: psutil.Process) -> None:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            return
+        totals[group] += times.user + times.system
+
+    node = psutil.Process(node_pid)
+    add("front end", node)
+    for child in node.children(recursive=True):
+        try:
+            name = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if name.startswith("ray::"):
+            add("ray actors", child)
+    conn = await asyncpg.connect(dsn)
+    try:
+        pids = [
+            r[0]
+            for r in await conn.fetch("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+        ]
+    finally:
+        await conn.close()
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            add("postgres", psutil.Process(pid))
+    with contextlib.suppress(psutil.Error):
+        add("broker", psutil.Process(broker_pid))
+    return totals
+
+
+class CpuMeter:
+    """CPU per item of each timed phase, by process group (`cpu_seconds` before and after)."""
+
+    def __init__(self, node_pid: int, broker_pid: int, dsn: str) -> None:
+        self.node_pid, self.broker_pid, self.dsn = node_pid, broker_pid, dsn
+        self.phases: dict[str, dict[str, float]] = {}
+
+    async def measure(self, label: str, items: int, phase: Any) -> float:
+        """Run `phase` (awaitable of items/s) and record its CPU µs per item by group."""
+        before = await cpu_seconds(self.node_pid, self.broker_pid, self.dsn)
+        rate = float(await phase)
+        after = await cpu_seconds(self.node_pid, self.broker_pid, self.dsn)
+        self.phases[label] = {g: (after[g] - before[g]) * 1e6 / items for g in GROUPS}
+        return rate
+
+    def table(self) -> str:
+        lines = [f"{'CPU us per event':<16}" + "".join(f"{g:>12}" for g in GROUPS) + f"{'all':>10}"]
+        for label, per in self.phases.items():
+            lines.append(
+                f"{label:<16}" + "".join(f"{per[g]:>12.0f}" for g in GROUPS) + f"{sum(per.values()):>10.0f}"
+            )
+        return "\n".join(lines)
 
 
 def start_broker(port: int) -> subprocess.Popen[bytes]:
@@ -101,7 +174,7 @@ async def issue_invoices(http: aiohttp.ClientSession, url: str, prefix: str, cou
     async def one(i: int) -> None:
         body = {
             "invoice_id": f"{prefix}-{i}",
-            "buyer": {"buyer_id": f"b-{prefix}-{i}", "country": "DE"},
+            "buyer": {"buyer_id": f"b-{prefix}-{i}", "country": "DE"},  # b-{invoice id}
             "line_items": [{"sku": "bench", "qty": 1, "unit_price": 1000, "tax_code": "standard"}],
             "currency": "EUR",
         }
@@ -159,10 +232,34 @@ async def run_http_payments(http: aiohttp.ClientSession, url: str, totals: dict[
     return len(totals) / (time.monotonic() - started)
 
 
+def payment_journal(journal_id: str, buyer_id: str, amount: int) -> dict[str, Any]:
+    """The journal a payment event posts (`invoices.record_payment`): debit the provider's cash
+    account (a split, platform-wide account), credit the buyer's receivable."""
+    return {
+        "journal_id": journal_id,
+        "entries": [
+            {
+                "account_id": "asset:cash:stripe:EUR",
+                "side": "debit",
+                "amount_cents": amount,
+                "currency": "EUR",
+            },
+            {
+                "account_id": f"asset:ar:{buyer_id}",
+                "side": "credit",
+                "amount_cents": amount,
+                "currency": "EUR",
+            },
+        ],
+        "context": {"source": "kafka-bench"},
+    }
+
+
 async def run_post_batch(http: aiohttp.ClientSession, url: str, totals: dict[str, int]) -> float:
+    """The same payments' journals (the buyers of `issue_invoices`) over `POST /ledger/post_batch`."""
     run = uuid.uuid4().hex[:8]
     journals = [
-        make_journal(f"kb-{run}-{n}", f"asset:kbench-cash:{n % 64}", f"asset:kbench-ar:{invoice_id}", total)
+        payment_journal(f"kb-{run}-{n}", f"b-{invoice_id}", total)
         for n, (invoice_id, total) in enumerate(totals.items())
     ]
     bodies = [json.dumps({"journals": journals[i : i + 500]}).encode() for i in range(0, len(journals), 500)]
@@ -190,12 +287,21 @@ async def amain(opts: argparse.Namespace) -> int:
             node = start_node(opts.node_bin, free_port(), opts.shards, dsn, Path(tmp), env)
             try:
                 await wait_ready(node, 180)
+                meter = CpuMeter(node.proc.pid, broker.pid, dsn)
                 async with aiohttp.ClientSession() as http:
                     kafka_invoices = await issue_invoices(http, node.base_url, f"kq-{name}", opts.events)
                     http_invoices = await issue_invoices(http, node.base_url, f"hq-{name}", opts.events)
-                    kafka = await run_kafka(http, node.base_url, bootstrap, kafka_invoices)
-                    payments = await run_http_payments(http, node.base_url, http_invoices)
-                    batch = await run_post_batch(http, node.base_url, http_invoices)
+                    n = opts.events
+                    await meter.measure("idle (per s)", 3, asyncio.sleep(3, result=0.0))
+                    kafka = await meter.measure(
+                        "kafka", n, run_kafka(http, node.base_url, bootstrap, kafka_invoices)
+                    )
+                    payments = await meter.measure(
+                        "http-payment", n, run_http_payments(http, node.base_url, http_invoices)
+                    )
+                    batch = await meter.measure(
+                        "post-batch", n, run_post_batch(http, node.base_url, http_invoices)
+                    )
             finally:
                 await stop_node(node)
     finally:
@@ -205,6 +311,7 @@ async def amain(opts: argparse.Namespace) -> int:
     print(f"{'scenario':<16}{'events/s':>12}{'kafka ratio':>14}")
     for label, rate in (("kafka", kafka), ("http-payment", payments), ("post-batch", batch)):
         print(f"{label:<16}{rate:>12.0f}{kafka / rate:>13.2f}x")
+    print(meter.table())
     return 0
 
 

@@ -7,7 +7,10 @@ single-shard and spread over the shards instead of funnelling through the fee ac
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
+
+import asyncpg
 
 from tests.e2e.test_errors import Client, expect_error, expect_ok, lines, on_shard, run
 from tests.support.node import NodeHarness, check_store, journal
@@ -118,3 +121,63 @@ def test_split_policy_errors(node: NodeHarness) -> None:
         assert details == {"account_id": plain, "no_negative": False, "split": False}
 
     run(node, flow)
+
+
+def test_finance_books_platform_wide_accounts_split_so_payments_stay_single_shard(node: NodeHarness) -> None:
+    """Tried: 8 invoices for buyers on all four shards (a fresh SKU, DE tax) issued and paid over
+    HTTP with a fresh provider -> the provider's cash account and the SKU's deferred revenue are
+    split accounts (policy), no two-phase commit ran for any of the 16 journals (the coordinator's
+    commit counter is unchanged; each shard committed its buyers' journals), none of their lines is
+    marked cross-shard, the cash balance is the exact sum of the payments, and `run_check` is clean.
+    (Before, every payment whose buyer lived off the cash account's shard was a 2PC journal.)"""
+    tag = secrets.token_hex(3)
+    provider, sku = f"sp{tag}", f"split-sku-{tag}"
+    buyers = [on_shard(f"asset:ar:sp{k}{tag}", s).removeprefix("asset:ar:") for s in range(4) for k in "bc"]
+    cash = f"asset:cash:{provider}:EUR"
+
+    async def flow(c: Client) -> None:
+        journals_before, outcomes_before = await _stats(c)
+        paid = 0
+        for n, buyer in enumerate(buyers):
+            body = {
+                "invoice_id": f"split-inv-{tag}-{n}",
+                "buyer": {"buyer_id": buyer, "country": "DE"},
+                "line_items": [{"sku": sku, "qty": 1, "unit_price": 1000 + n, "tax_code": "standard"}],
+                "currency": "EUR",
+            }
+            invoice = expect_ok(await c.call("POST", "/finance/invoice", body=body), 201)
+            payment = {
+                "invoice_id": invoice["invoice_id"],
+                "amount": invoice["total"],
+                "currency": "EUR",
+                "payment_provider": provider,
+                "provider_reference": f"split-pay-{tag}-{n}",
+            }
+            expect_ok(await c.call("POST", "/finance/payment", body=payment))
+            paid += invoice["total"]
+        journals_after, outcomes_after = await _stats(c)
+        assert outcomes_after.get("commit", 0) == outcomes_before.get("commit", 0)
+        grown = {s: journals_after[s] - journals_before.get(s, 0) for s in journals_after}
+        assert all(grown[str(s)] >= 4 for s in range(4)), grown  # 2 buyers x (issue + payment) each
+        for account in (cash, f"liability:deferred-revenue:{sku}"):
+            assert expect_ok(await c.balances(account))["policy"] == {"no_negative": False, "split": True}
+        assert await c.balance(cash, "EUR") == {"debits_posted": paid, "credits_posted": 0, "balance": paid}
+
+    run(node, flow)
+    crossed = node.run(
+        _fetch(
+            node.dsn,
+            "SELECT count(*) FROM journal_lines WHERE cross_shard AND journal_id LIKE $1",
+            f"split-inv-{tag}-%",
+        )
+    )
+    assert crossed == 0
+    assert node.run(check_store(node.dsn)) == []
+
+
+async def _fetch(dsn: str, query: str, *args: Any) -> Any:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval(query, *args)
+    finally:
+        await conn.close()
