@@ -188,13 +188,20 @@ class Soak:
             kafka_rows, kafka_distinct = await self.kafka_posted()
         # A 30-minute soak leaves ~10^6 journals: `check` recomputes every balance and verifies every
         # chain and signature, which takes minutes on 2 cores (the 120 s default timed out).
-        check = await asyncio.to_thread(cli_check, self.harness.dsn, 1800.0)
+        started = time.monotonic()
+        try:
+            check = await asyncio.to_thread(cli_check, self.harness.dsn, 1800.0)
+            check_rc: int | str = check.returncode
+            check_out = check.stdout[-500:]
+        except subprocess.TimeoutExpired:  # recorded, never a lost soak
+            check_rc, check_out = "timeout", "ledger-node check did not finish within 1,800 s"
+        check_s = round(time.monotonic() - started, 1)
         return {
             "minutes": self.opts.minutes, "users": self.opts.users, "faults": self.faults,
             "kafka_produced": self.kafka_produced, "kafka_posted": kafka_rows,
             "kafka_posted_distinct": kafka_distinct,
-            "kafka_invoice_errors": self.kafka_errors, "check_returncode": check.returncode,
-            "check_output": check.stdout[-500:],
+            "kafka_invoice_errors": self.kafka_errors, "check_returncode": check_rc,
+            "check_output": check_out, "check_seconds": check_s,
             "rss_mib_first": self.samples[0]["rss_mib"] if self.samples else None,
             "rss_mib_max": max((s["rss_mib"] for s in self.samples), default=None),
             "rss_mib_last": self.samples[-1]["rss_mib"] if self.samples else None,

@@ -9,7 +9,7 @@ checkpoint's root is the Merkle root over the logged batch statements.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import bisect
 
 import asyncpg
 
@@ -89,6 +89,7 @@ async def _check_batches(
     by_shard: dict[int, list[asyncpg.Record]] = {}
     for row in chain:
         by_shard.setdefault(row["shard"], []).append(row)
+    seqs = {shard: [row["seq"] for row in rows] for shard, rows in by_shard.items()}
     covered: dict[int, int] = {}
     for batch in batches:
         shard = batch["shard_id"]
@@ -96,7 +97,7 @@ async def _check_batches(
         if batch["first_seq"] != covered.get(shard, 0) + 1:
             problems.append(Problem("batch_gap", subject, f"starts at seq {batch['first_seq']}"))
         covered[shard] = batch["last_seq"]
-        entries = [r for r in _window(by_shard.get(shard, []), batch["first_seq"], batch["last_seq"])]
+        entries = _window(by_shard.get(shard, []), seqs.get(shard, []), batch["first_seq"], batch["last_seq"])
         computed = root([bytes(r["hash"]) for r in entries], alg)
         if len(entries) != batch["last_seq"] - batch["first_seq"] + 1 or computed != bytes(batch["root"]):
             first = entries[0]["journal_id"] if entries else subject
@@ -115,10 +116,10 @@ async def _check_batches(
     return problems
 
 
-def _window(rows: list[asyncpg.Record], first: int, last: int) -> Iterator[asyncpg.Record]:
-    for row in rows:
-        if first <= row["seq"] <= last:
-            yield row
+def _window(rows: list[asyncpg.Record], seqs: list[int], first: int, last: int) -> list[asyncpg.Record]:
+    """The chain rows with first <= seq <= last (`seqs`: the rows' seqs, ascending). A bisection,
+    not a scan: a long soak leaves ~10^5 batches over ~10^6 chain rows."""
+    return rows[bisect.bisect_left(seqs, first) : bisect.bisect_right(seqs, last)]
 
 
 async def _check_checkpoint(
