@@ -68,9 +68,11 @@ deploy-check: install
 
 bench: install system-deps
 	$(PY) -m loadtests.bench
+	$(PY) -m loadtests.kafka_bench --events 10000
 
 bench-quick: install system-deps
 	$(PY) -m loadtests.bench --quick
+	$(PY) -m loadtests.kafka_bench --events 2000
 
 # Kafka ingestion end to end beside POST /finance/payment and /ledger/post_batch of the same events.
 bench-kafka: install
