@@ -98,18 +98,22 @@ class RayNode:
         return f"127.0.0.1:{self.port}"
 
     def _command(self) -> list[str]:
-        worker_low = free_port()
-        ports = {
+        ports: dict[str, int] = {
             "--node-manager-port": free_port(),
             "--object-manager-port": free_port(),
             "--dashboard-agent-listen-port": free_port(),
             "--dashboard-agent-grpc-port": free_port(),
             "--runtime-env-agent-port": free_port(),
             "--metrics-export-port": free_port(),
-            # A window of worker ports around a free one (workers bind lazily; 60 is plenty).
-            "--min-worker-port": max(worker_low - 30, 20000),
-            "--max-worker-port": max(worker_low - 30, 20000) + 60,
         }
+        # A window of worker ports around a free one (workers bind lazily; 60 is plenty), clear of
+        # the components' ports: Ray refuses a window that holds one of them.
+        taken = {*ports.values(), self.port}
+        while True:
+            low = max(free_port() - 30, 20000)
+            if not any(low <= port <= low + 60 for port in taken):
+                break
+        ports["--min-worker-port"], ports["--max-worker-port"] = low, low + 60
         command = [
             str(RAY),
             "start",
