@@ -2,19 +2,20 @@
 
 A round takes every cross-shard journal queued since the last round and runs:
 intent (one INSERT into the `xtx` log) -> PREPARE (one call per participant shard) ->
-durable decision (one transaction that inserts the journal rows of the committing ones
-and records commit/abort for all) -> COMMIT/ABORT (one call per shard, retried until
-acknowledged) -> DONE. The decision transaction is the commit point (presumed abort).
+durable decision (one COPY of the committing ones' journal rows: that row is the commit
+record, an abort writes nothing) -> COMMIT/ABORT (one call per shard, retried until
+acknowledged) -> DONE (one DELETE of the finished ones' log rows). The decision's COPY is
+the commit point (presumed abort).
 
-Up to `rounds_max` rounds are in flight at once (a round logs and prepares while the
-previous one decides and sends its decisions). Their decision transactions take turns
+Up to `rounds_max` rounds (default 3) are in flight at once (a round logs and prepares while
+earlier ones decide and send their decisions). Their decision transactions take turns
 (`_decide_lock`), and each takes its coordinator-stream positions and `posted_at` inside
 its turn, so the stream's journals become visible in sequence order. A journal id or
 idempotency key belongs to at most one live round: a later round answers its copy from
 the store once the owning round is over.
 
 A recovery pass, at start and periodically, finishes every logged transaction that no
-live round owns: PREPARING ones are aborted, decided ones have their decision resent.
+live round owns: one with its journal row is committed, any other aborted.
 See docs/ARCHITECTURE.md, "Cross-shard journals".
 """
 
@@ -23,22 +24,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 import msgspec
 
 from actors.messages import (
-    CROSS_ITEM,
     CROSS_ITEMS,
     ENCODER,
     MSGPACK_ONE_ITEM_ARRAY,
     RAW_ITEMS,
-    RESULTS,
+    VOTES,
     CrossItem,
     DecideItem,
     PrepareItem,
@@ -49,7 +50,7 @@ from actors.shard_engine import Clock, StateLost, stop_serving, unavailable, utc
 from ledger.errors import ErrorCode
 from ledger.invariants import check
 from ledger.timestamps import parse_rfc3339, rfc3339
-from sharding.twophase import CoordinatorTx, Decision, Phase, recovery_decision
+from sharding.twophase import CoordinatorTx, Decision, Phase, logged_decision
 from signer.canonical import journal_digest, posted_body
 from store import repository
 from store.repository import COORDINATOR_STREAM, Existing, find_existing, hold_writer_lock, pg_microseconds
@@ -57,14 +58,25 @@ from store.writer import JOURNAL_COLUMNS, JOURNALS_UNIQUE
 
 log = logging.getLogger(__name__)
 
+# Rounds in flight (see the module docstring); the front end sends as many calls at once
+# (`LEDGER_COORDINATOR_IN_FLIGHT`, api/posting.py), so the two knobs go together. Three keep the
+# shards and PostgreSQL busy while a round waits on another hop (docs/benchmarks.md, "Sixth session").
+ROUNDS_MAX: Final = int(os.environ.get("LEDGER_COORDINATOR_ROUNDS", "3"))
+
+# Intents go in by COPY (PostgreSQL: 4.3 against 9.8 µs per row for the INSERT below, see
+# docs/benchmarks.md "Sixth session") after one probe for stored journals of the round's ids.
+# COPY cannot skip rows: an id whose earlier attempt is still logged fails it on `xtx_pkey` (rare),
+# and the round then logs its intents with the INSERT, which skips those ids. No ON CONFLICT
+# there: the coordinator is the only writer of `xtx` and a round's ids are its own (`_dedupe`),
+# so the NOT EXISTS probes are exact.
+_XTX_COLUMNS = ("txid", "state", "request")  # the participants are the keys of the request's parts
+_STORED = "SELECT journal_id FROM journals WHERE journal_id = ANY($1::text[])"
 _INSERT_INTENTS = """
-INSERT INTO xtx (txid, state, participants, request)
-SELECT t.txid, 'preparing', string_to_array(t.participants, ',')::integer[], t.request
-  FROM unnest($1::text[], $2::text[], $3::bytea[]) AS t(txid, participants, request)
-ON CONFLICT (txid) DO UPDATE
-   SET state = 'preparing', participants = EXCLUDED.participants, request = EXCLUDED.request,
-       created_at = now(), decided_at = NULL
- WHERE xtx.state = 'done' AND NOT EXISTS (SELECT 1 FROM journals j WHERE j.journal_id = xtx.txid)
+INSERT INTO xtx (txid, state, request)
+SELECT t.txid, 'preparing', t.request
+  FROM unnest($1::text[], $2::bytea[]) AS t(txid, request)
+ WHERE NOT EXISTS (SELECT 1 FROM xtx x WHERE x.txid = t.txid)
+   AND NOT EXISTS (SELECT 1 FROM journals j WHERE j.journal_id = t.txid)
 RETURNING txid
 """
 
@@ -81,12 +93,15 @@ RETURNING journal_id
 """
 
 
-_DECIDE = """
-UPDATE xtx SET state = CASE WHEN txid = ANY($1::text[]) THEN 'commit' ELSE 'abort' END, decided_at = $3
- WHERE txid = ANY($2::text[]) AND state = 'preparing'
-"""
+# Every participant acknowledged: the transaction is finished and leaves the log (migration 0023).
+_FORGET = "DELETE FROM xtx WHERE txid = ANY($1::text[])"
 
-_MARK_DONE = "UPDATE xtx SET state = 'done' WHERE txid = ANY($1::text[]) AND state IN ('commit', 'abort')"
+# Logged transactions with their outcome: the coordinator-stream journal row is the commit record.
+_OPEN = """
+SELECT x.txid, x.request, j.hash, j.posted_at FROM xtx x
+  LEFT JOIN journals j ON j.journal_id = x.txid AND j.stream_id = -1
+ WHERE x.txid = ANY($1::text[])
+"""
 
 
 @dataclass(slots=True)
@@ -127,7 +142,7 @@ class CoordinatorEngine:
         *,
         clock: Clock = utc_now,
         batch_max: int = 8192,
-        rounds_max: int = 2,
+        rounds_max: int = ROUNDS_MAX,
         decide_timeout_s: float = 60.0,
         recovery_every_s: float = 5.0,
         hash_alg: str = "sha256",
@@ -191,8 +206,8 @@ class CoordinatorEngine:
         """Post a batch of cross-shard journals; msgpack list of `Result` in order."""
         future: asyncio.Future[list[Result]] = asyncio.get_running_loop().create_future()
         with self._timed("decode"):
-            # Item by item, keeping each item's bytes: the intent logs them as they came.
-            items = [(CROSS_ITEM.decode(raw), raw) for raw in RAW_ITEMS.decode(payload)]
+            # Each item with its own bytes: the intent logs them as they came.
+            items = list(zip(CROSS_ITEMS.decode(payload), RAW_ITEMS.decode(payload), strict=True))
         self.queue.put_nowait((items, future))
         results = await future
         with self._timed("encode"):
@@ -282,9 +297,9 @@ class CoordinatorEngine:
         with self._timed("send"):
             await self._send_decisions(live)
         async with self.pool.acquire() as conn:
-            done = [e.item.journal_id for e in live if not e.tx.unacked()]
+            done = [e.item.journal_id for e in live if e.tx.phase is Phase.DONE]
             with self._timed("done"):
-                await conn.execute(_MARK_DONE, done)
+                await conn.execute(_FORGET, done)
             if not work.earlier:
                 with self._timed("answer"):
                     await self._answer_existing(conn, entries)
@@ -369,7 +384,7 @@ class CoordinatorEngine:
         unfinished = {
             r[0]
             for r in await conn.fetch(
-                "SELECT txid FROM xtx WHERE txid = ANY($1::text[]) AND state <> 'done'",
+                "SELECT txid FROM xtx WHERE txid = ANY($1::text[])",
                 [found.journal_id for _, found in replays],
             )
         }
@@ -380,17 +395,27 @@ class CoordinatorEngine:
                 e.result = Result(found.journal_id, True, rfc3339(found.posted_at), hash=found.hash)
 
     async def _log_intents(self, conn: asyncpg.Connection, live: list[_Round]) -> list[_Round]:
-        """Log the intents; an id whose `xtx` row exists (a replay, or an unfinished attempt) is skipped."""
+        """Log the intents; an id with an `xtx` row (unfinished) or a stored journal (a replay) is skipped.
+
+        One probe for stored journals, then one COPY; an id still logged by an unfinished attempt
+        fails the COPY, and the INSERT then skips it (see `_INSERT_INTENTS`). A log row beside an
+        older journal of the same id would read as committed (`recover`), hence the probe.
+        """
         if not live:
             return live
-        inserted = await conn.fetch(
-            _INSERT_INTENTS,
-            [e.item.journal_id for e in live],
-            [",".join(str(s) for s in sorted(e.item.parts)) for e in live],
-            # As `ENCODER.encode([e.item])`, without encoding again: the item's bytes as they came.
-            [MSGPACK_ONE_ITEM_ARRAY + e.raw for e in live],
-        )
-        logged = {r[0] for r in inserted}
+        stored = {r[0] for r in await conn.fetch(_STORED, [e.item.journal_id for e in live])}
+        fresh = [e for e in live if e.item.journal_id not in stored] if stored else live
+        # The request as `ENCODER.encode([e.item])`, without encoding again: the item's bytes as they came.
+        records = [(e.item.journal_id, "preparing", MSGPACK_ONE_ITEM_ARRAY + e.raw) for e in fresh]
+        try:
+            if records:
+                await conn.copy_records_to_table("xtx", records=records, columns=_XTX_COLUMNS)
+            logged = {r[0] for r in records}
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name != "xtx_pkey":
+                raise
+            inserted = await conn.fetch(_INSERT_INTENTS, [r[0] for r in records], [r[2] for r in records])
+            logged = {r[0] for r in inserted}
         for e in live:
             if e.item.journal_id not in logged:
                 e.result = unavailable(e.item.journal_id, "a previous attempt is being resolved; retry")
@@ -405,7 +430,7 @@ class CoordinatorEngine:
         async def ask(shard: int, group: list[_Round]) -> None:
             payload = ENCODER.encode([PrepareItem(e.item.journal_id, e.item.parts[shard]) for e in group])
             try:
-                votes = RESULTS.decode(await self.shards[shard].prepare(payload))
+                votes = VOTES.decode(await self.shards[shard].prepare(payload))
             except Exception as exc:
                 log.warning("prepare on shard %s failed: %s", shard, exc)
                 for e in group:
@@ -414,8 +439,13 @@ class CoordinatorEngine:
                 return
             check(len(votes) == len(group), "a shard answered a different number of votes")
             for e, vote in zip(group, votes, strict=True):
-                e.tx.on_vote(shard, vote.ok)
-                if not vote.ok and e.result is None:
+                if vote is True:
+                    e.tx.on_vote(shard, True)
+                    continue
+                check(isinstance(vote, Result) and not vote.ok, "a NO vote must carry its refusal")
+                assert isinstance(vote, Result)
+                e.tx.on_vote(shard, False)
+                if e.result is None:
                     e.result = Result(e.item.journal_id, False, code=vote.code, message=vote.message,
                                       details=vote.details)  # fmt: skip
 
@@ -456,21 +486,22 @@ class CoordinatorEngine:
                                 item.principal, item.idem_key, item.request_hash, item.journal.reverses,
                                 e.hash, None, body))  # fmt: skip
             self.seq_known = False
-            inserted, positions = await self._commit_point(conn, records, live, posted_at)
+            inserted, positions = await self._commit_point(conn, records, posted_at)
             self.seq += positions
             self.seq_known = True
         for e in live:
-            decision = Decision.COMMIT if e.item.journal_id in inserted else Decision.ABORT
-            e.tx.decided(decision)
-            self.outcomes[str(decision)] += 1
-            if decision is Decision.COMMIT:
+            if e.item.journal_id in inserted:
+                e.tx.decided(Decision.COMMIT)
                 e.result = Result(e.item.journal_id, True, stamp, hash=e.hash)
+            else:
+                e.tx.decided(Decision.ABORT)
+        self.outcomes["commit"] += len(inserted)
+        self.outcomes["abort"] += len(live) - len(inserted)
 
     async def _commit_point(
         self,
         conn: asyncpg.Connection,
         records: list[tuple[Any, ...]],
-        live: list[_Round],
         posted_at: datetime,
     ) -> tuple[set[str], int]:
         """Write the decision; returns the committed ids and how many stream positions were used.
@@ -483,7 +514,7 @@ class CoordinatorEngine:
         """
         for _attempt in range(3):
             try:
-                return await self._write_decision(conn, records, live, posted_at, copy=True), len(records)
+                return await self._write_decision(conn, records, posted_at, copy=True), len(records)
             except asyncpg.UniqueViolationError as exc:
                 if exc.constraint_name not in JOURNALS_UNIQUE:
                     raise
@@ -495,35 +526,32 @@ class CoordinatorEngine:
             keys = {(x.principal, x.idem_key) for x in existing if x.idem_key is not None}
             kept = [r for r in records if r[0] not in ids and (r[5], r[6]) not in keys]
             records = [(r[0], r[1], seq, *r[3:]) for seq, r in enumerate(kept, start=self.seq + 1)]
-        return await self._write_decision(conn, records, live, posted_at, copy=False), len(records)
+        return await self._write_decision(conn, records, posted_at, copy=False), len(records)
 
     @staticmethod
     async def _write_decision(
         conn: asyncpg.Connection,
         records: list[tuple[Any, ...]],
-        live: list[_Round],
         posted_at: datetime,
         *,
         copy: bool,
     ) -> set[str]:
-        """The decision transaction; returns the ids whose journal row went in (they commit).
+        """The decision: one statement; returns the ids whose journal row went in (they commit).
 
-        With `copy`, every row goes in by COPY (an existing id or key aborts it with a unique
-        violation); otherwise by INSERT ... ON CONFLICT DO NOTHING, which skips the existing ones.
+        The coordinator-stream journal row is the commit record (migration 0023): a logged
+        transaction with that row committed, one without it aborts (presumed abort), so nothing
+        else is written here. With `copy`, every row goes in by COPY (an existing id or key aborts
+        it with a unique violation); otherwise by INSERT ... ON CONFLICT DO NOTHING, which skips the
+        existing ones. Either is a single statement, hence atomic without an explicit transaction.
         """
-        async with conn.transaction():
-            inserted: set[str] = set()
-            if records and copy:
-                await conn.copy_records_to_table("journals", records=records, columns=JOURNAL_COLUMNS)
-                inserted = {r[0] for r in records}
-            elif records:
-                ids, _, seqs, _, *middle, _, bodies = (list(column) for column in zip(*records, strict=True))
-                rows = await conn.fetch(
-                    _INSERT_JOURNALS, COORDINATOR_STREAM, posted_at, ids, seqs, *middle, bodies
-                )
-                inserted = {r[0] for r in rows}
-            await conn.execute(_DECIDE, list(inserted), [e.item.journal_id for e in live], posted_at)
-        return inserted
+        if not records:
+            return set()
+        if copy:
+            await conn.copy_records_to_table("journals", records=records, columns=JOURNAL_COLUMNS)
+            return {r[0] for r in records}
+        ids, _, seqs, _, *middle, _, bodies = (list(column) for column in zip(*records, strict=True))
+        rows = await conn.fetch(_INSERT_JOURNALS, COORDINATOR_STREAM, posted_at, ids, seqs, *middle, bodies)
+        return {r[0] for r in rows}
 
     async def _send_decisions(self, live: list[_Round]) -> None:
         """Send COMMIT/ABORT to every participant, retrying each shard until it acknowledges."""
@@ -540,7 +568,7 @@ class CoordinatorEngine:
 
         await asyncio.gather(*(tell(shard, group) for shard, group in per_shard.items()))
         for e in live:
-            if e.tx.unacked() and e.result is not None and e.result.ok:
+            if e.tx.phase is not Phase.DONE and e.result is not None and e.result.ok:
                 e.result = unavailable(e.item.journal_id, "committed; a participant is recovering")
 
     async def _call_decide(self, shard: int, payload: bytes) -> bool:
@@ -567,37 +595,32 @@ class CoordinatorEngine:
             await asyncio.sleep(self.recovery_every_s)
 
     async def recover(self) -> int:
-        """Finish every open transaction that no live round owns; returns how many were finished."""
+        """Finish every open transaction that no live round owns; returns how many were finished.
+
+        A logged transaction whose journal row is in the coordinator stream committed; any other
+        is presumed aborted (`sharding.twophase.logged_decision`). Its decision is resent until
+        every participant acknowledged, then its row leaves the log.
+        """
         assert self.pool is not None
         busy = set(self.in_flight)
         async with self.pool.acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT x.txid, x.state, x.request, j.hash, j.posted_at FROM xtx x "
-                "LEFT JOIN journals j ON j.journal_id = x.txid WHERE x.state <> 'done'"
-            )
+            txids = [r[0] for r in await conn.fetch("SELECT txid FROM xtx")]
             # A round owning a row at any time during the read may have moved it on since: leave it.
             busy |= self.in_flight
-            rows = [r for r in rows if r["txid"] not in busy]
-            if not rows:
+            txids = [t for t in txids if t not in busy]
+            if not txids:
                 return 0
-            stale = [r["txid"] for r in rows if r["state"] == Phase.PREPARING]
-            await conn.execute(
-                "UPDATE xtx SET state = 'abort', decided_at = now() WHERE txid = ANY($1::text[]) "
-                "AND state = 'preparing'",
-                stale,
-            )
+            rows = await conn.fetch(_OPEN, txids)
         finished: list[str] = []
         for row in rows:
-            decision = recovery_decision(Phase(row["state"]))
-            if decision is None:
-                continue
+            decision = logged_decision(committed=row["hash"] is not None)
             (item,) = CROSS_ITEMS.decode(row["request"])
             ok = await self._resend(item, decision, row["hash"], row["posted_at"])
             if ok:
                 finished.append(item.journal_id)
                 self.outcomes[f"recovered_{decision}"] += 1
         async with self.pool.acquire() as conn:
-            await conn.execute(_MARK_DONE, finished)
+            await conn.execute(_FORGET, finished)
         return len(finished)
 
     async def _resend(self, item: CrossItem, decision: Decision, hashed: bytes | None, posted: Any) -> bool:

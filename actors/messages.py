@@ -87,6 +87,9 @@ HOLD_ITEMS: Final = msgspec.msgpack.Decoder(list[HoldItem])
 JOURNAL: Final = msgspec.msgpack.Decoder(Journal)
 RESULTS: Final = msgspec.msgpack.Decoder(list[Result])
 ACKS: Final = msgspec.msgpack.Decoder(list[bool])
+# A shard's answer to PREPARE, one vote per part in order: `True` (YES), or the refusal (a NO).
+Vote = bool | Result
+VOTES: Final = msgspec.msgpack.Decoder(list[Vote])
 # A coordinator call item by item: each item's msgpack bytes (kept for the `xtx` log), then decoded.
 RAW_ITEMS: Final = msgspec.msgpack.Decoder(list[msgspec.Raw])
 CROSS_ITEM: Final = msgspec.msgpack.Decoder(CrossItem)

@@ -36,6 +36,7 @@ from actors.messages import (
     PostItem,
     PrepareItem,
     Result,
+    Vote,
 )
 from actors.ports import SignerPort
 from actors.shard_holds import ShardHolds
@@ -188,8 +189,9 @@ class ShardEngine:
             )
             for row in await repository.load_in_doubt(conn, self.shard_id):
                 (item,) = CROSS_ITEMS.decode(row["request"])
-                lines = item.parts.get(self.shard_id, ())
-                self.book.reserve(item.journal_id, lines, force=True)
+                lines = item.parts.get(self.shard_id)
+                if lines is not None:  # a transaction this shard takes part in
+                    self.book.reserve(item.journal_id, lines, force=True)
             await self.holds.load(conn)
         self.loop_task = asyncio.create_task(self._run(), name=f"shard-{self.shard_id}")
         self.sweep_task = asyncio.create_task(self._sweep_loop(), name=f"shard-{self.shard_id}-sweep")
@@ -222,7 +224,7 @@ class ShardEngine:
         return ENCODER.encode(results)
 
     async def prepare(self, payload: bytes) -> bytes:
-        """Reserve cross-shard parts; msgpack list of `Result` votes (ok = YES, else the rejection)."""
+        """Reserve cross-shard parts; msgpack list of votes (`messages.VOTES`: True = YES, else a refusal)."""
         return ENCODER.encode(await self._submit("prepare", PREPARE_ITEMS.decode(payload)))
 
     async def decide(self, payload: bytes) -> bytes:
@@ -392,14 +394,14 @@ class ShardEngine:
                 return moving(item.hold_id, slots)
         return await self.holds.handle(item)
 
-    def _prepare_one(self, item: PrepareItem) -> Result:
+    def _prepare_one(self, item: PrepareItem) -> Vote:
         if self.moves.fenced:
             slots = self.moves.blocked(item.lines)
             if slots:  # a NO vote: the coordinator aborts and answers SHARD_MOVING (retryable)
                 return moving(item.txid, slots)
         rejection = self.book.reserve(item.txid, item.lines)
         if rejection is None:
-            return Result(item.txid, True)
+            return True  # YES: one byte on the wire, thousands per round
         return Result(
             item.txid, False, code=rejection.code, message=rejection.message, details=rejection.details
         )
@@ -570,24 +572,7 @@ class ShardEngine:
             leaves.append(hashed)
             head = hashed
             accepted.append((pending, hashed))
-        for part, _w, _i in batch.parts:
-            self.book.stage_reserved(part.txid, part.lines, staging)
-            seq += 1
-            part_time = parse_rfc3339(part.posted_at)
-            check(part_time is not None, "decision carries a malformed posted_at")
-            assert part_time is not None
-            part_us = pg_microseconds(part_time)
-            rows.l_seq.append(seq)
-            rows.l_journal_id.append(part.txid)
-            rows.l_hash.append(part.hash)
-            rows.l_prev_hash.append(head)
-            leaves.append(part.hash)
-            head = part.hash
-            for line in part.lines:
-                rows.lines.append(
-                    (part.txid, line.line_no, self.shard_id, line.account_id, line.currency,
-                     "D" if line.is_debit else "C", line.amount, part_us, True)
-                )  # fmt: skip
+        seq, head = self._add_parts(rows, batch, staging, seq, head, leaves)
         self._add_deltas(rows, staging)
         if leaves and self.signer is not None:
             rows.batch = await self._sign_batch(first_seq, seq, leaves, posted_at)
@@ -606,6 +591,39 @@ class ShardEngine:
             answers[pending.work][pending.index] = Result(pending.item.journal_id, True, stamp, hash=hashed)
         for _part, w, i in batch.parts:
             answers[w][i] = True
+
+    def _add_parts(
+        self,
+        rows: BatchRows,
+        batch: _Batch,
+        staging: Staging,
+        seq: int,
+        head: bytes | None,
+        leaves: list[bytes],
+    ) -> tuple[int, bytes | None]:
+        """Stage the batch's committed cross-shard parts and add their links and lines to the chain."""
+        part_stamps: dict[str, int] = {}  # the parts of one coordinator round share their posted_at
+        for part, _w, _i in batch.parts:
+            self.book.stage_reserved(part.txid, part.lines, staging)
+            seq += 1
+            part_us = part_stamps.get(part.posted_at)
+            if part_us is None:
+                part_time = parse_rfc3339(part.posted_at)
+                check(part_time is not None, "decision carries a malformed posted_at")
+                assert part_time is not None
+                part_us = part_stamps[part.posted_at] = pg_microseconds(part_time)
+            rows.l_seq.append(seq)
+            rows.l_journal_id.append(part.txid)
+            rows.l_hash.append(part.hash)
+            rows.l_prev_hash.append(head)
+            leaves.append(part.hash)
+            head = part.hash
+            for line in part.lines:
+                rows.lines.append(
+                    (part.txid, line.line_no, self.shard_id, line.account_id, line.currency,
+                     "D" if line.is_debit else "C", line.amount, part_us, True)
+                )  # fmt: skip
+        return seq, head
 
     async def _sign_batch(
         self, first_seq: int, last_seq: int, leaves: list[bytes], signed_at: datetime

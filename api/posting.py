@@ -32,9 +32,10 @@ BATCH_ITEMS_MAX: Final = 8192
 # Ray calls in flight per destination. One per shard: whatever arrives while a shard's call is
 # out leaves in the next one, so a shard's group commit gets everything that accumulated during
 # its previous cycle (bigger commits: +45% single-journal throughput against two in flight). The
-# coordinator keeps two, so one round can prepare while the previous one decides.
+# coordinator keeps three, so rounds overlap (one prepares while others decide and send; as many as
+# the coordinator runs at once, `LEDGER_COORDINATOR_ROUNDS`).
 SHARD_IN_FLIGHT: Final = int(os.environ.get("LEDGER_SHARD_IN_FLIGHT", "1"))
-COORDINATOR_IN_FLIGHT: Final = int(os.environ.get("LEDGER_COORDINATOR_IN_FLIGHT", "2"))
+COORDINATOR_IN_FLIGHT: Final = int(os.environ.get("LEDGER_COORDINATOR_IN_FLIGHT", "3"))
 IN_FLIGHT_MAX: Final = 2
 # Journals waiting per destination (front-end queue). Beyond it a submission is answered 503
 # SERVICE_UNAVAILABLE (retryable) at once instead of queued: memory stays bounded under overload.

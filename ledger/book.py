@@ -383,16 +383,16 @@ class Book:
             if slot < 0:
                 slot = self._new_slot(key)
             posted_debits, posted_credits = self._dp[slot] + debits, self._cp[slot] + credits
-            check(posted_debits >= 0 and posted_credits >= 0, f"negative posted totals for {key}")
-            check(max(posted_debits, posted_credits) <= INT64_MAX, f"posted totals overflow for {key}")
+            check(posted_debits >= 0 and posted_credits >= 0, "negative posted totals for %s", key)
+            check(max(posted_debits, posted_credits) <= INT64_MAX, "posted totals overflow for %s", key)
             self._dp[slot], self._cp[slot] = posted_debits, posted_credits
         for key, (debits, credits) in staging.pending.items():
             slot = self._slot(key)
             if slot < 0:
                 slot = self._new_slot(key)
             pending_debits, pending_credits = self._dpend[slot] + debits, self._cpend[slot] + credits
-            check(pending_debits >= 0 and pending_credits >= 0, f"negative pending totals for {key}")
-            check(max(pending_debits, pending_credits) <= INT64_MAX, f"pending totals overflow for {key}")
+            check(pending_debits >= 0 and pending_credits >= 0, "negative pending totals for %s", key)
+            check(max(pending_debits, pending_credits) <= INT64_MAX, "pending totals overflow for %s", key)
             self._dpend[slot], self._cpend[slot] = pending_debits, pending_credits
         for txid in staging.released:
             self.release(txid)
@@ -456,7 +456,7 @@ class Book:
             key = (line.account_id, line.currency)
             totals = self.reserved[key]
             totals[0 if line.is_debit else 1] -= line.amount
-            check(min(totals) >= 0, f"reservation totals went negative for {key}")
+            check(min(totals) >= 0, "reservation totals went negative for %s", key)
             if totals == [0, 0]:
                 del self.reserved[key]
         return True

@@ -8,10 +8,11 @@ Protocol summary (vocabulary *prepare / commit / abort* is reserved for it):
 
 * The coordinator durably logs the intent (phase PREPARING with the whole journal), sends PREPARE to every
   participant, decides COMMIT iff every participant voted YES (any NO, failed call or timeout -> ABORT),
-  durably logs the decision (the commit point), resends it until every participant acknowledged, then
-  logs DONE.  On restart every PREPARING tx is aborted (presumed abort); COMMIT/ABORT txs are resent.
+  makes a COMMIT durable (the commit point; in the node, the journal row), resends the decision until
+  every participant acknowledged, then forgets the tx (DONE).  Only COMMIT needs a durable record: on
+  restart a logged tx without one is aborted (presumed abort, `logged_decision`), one with it is resent.
 * A participant reserves its part on a YES vote.  On restart it re-reserves, unconditionally, every logged
-  tx naming it that is PREPARING or COMMIT-but-not-applied-by-it (`reservations_to_reload`).  Because it
+  unfinished tx naming it that it has not applied (`reservations_to_reload`).  Because it
   cannot know whether it voted YES before the crash, a reloaded reservation that is later refused keeps
   holding its funds until the decision arrives (see `ParticipantTx.on_prepare`).
 """
@@ -31,6 +32,7 @@ __all__ = [
     "ParticipantTx",
     "Phase",
     "ProtocolViolation",
+    "logged_decision",
     "recovery_decision",
     "reservations_to_reload",
     "stale_reservations",
@@ -41,10 +43,13 @@ class ProtocolViolation(Exception):
     """An invariant of the two-phase-commit protocol was broken (always checked, also in production)."""
 
 
-def _check(condition: bool, message: str) -> None:
-    """Raise `ProtocolViolation` with `message` unless `condition` holds."""
+def _check(condition: bool, message: str, *args: object) -> None:
+    """Raise `ProtocolViolation` with `message % args` unless `condition` holds.
+
+    The message is formatted only on failure: these checks run several times per journal.
+    """
     if not condition:
-        raise ProtocolViolation(message)
+        raise ProtocolViolation(message % args if args else message)
 
 
 class Phase(enum.StrEnum):
@@ -82,6 +87,16 @@ def recovery_decision(phase: Phase) -> Decision | None:
     return None
 
 
+def logged_decision(*, committed: bool) -> Decision:
+    """Decision a restarted coordinator resends for a logged tx that no live round owns.
+
+    The commit record is the tx's journal row, written by the decision in one statement
+    (`committed`): a tx without it was never decided COMMIT, and with no live round left to
+    decide it, it is presumed aborted. The log row itself only says "maybe prepared".
+    """
+    return Decision.COMMIT if committed else Decision.ABORT
+
+
 @dataclass(slots=True)
 class CoordinatorTx:
     """The coordinator's in-memory view of one cross-shard tx.
@@ -101,11 +116,13 @@ class CoordinatorTx:
 
     def __post_init__(self) -> None:
         """Validate the participant set and the initial phase/decision pair."""
-        _check(len(self.participants) > 0, f"tx {self.txid}: no participants")
+        _check(len(self.participants) > 0, "tx %s: no participants", self.txid)
         if self.phase == Phase.PREPARING:
-            _check(self.decision is None, f"tx {self.txid}: PREPARING with a decision")
+            _check(self.decision is None, "tx %s: PREPARING with a decision", self.txid)
         elif self.phase != Phase.DONE:
-            _check(self.decision == recovery_decision(self.phase), f"tx {self.txid}: phase/decision mismatch")
+            _check(
+                self.decision == recovery_decision(self.phase), "tx %s: phase/decision mismatch", self.txid
+            )
 
     @classmethod
     def recovered(cls, txid: str, participants: frozenset[int], phase: Phase) -> CoordinatorTx:
@@ -118,7 +135,7 @@ class CoordinatorTx:
 
     def _check_participant(self, shard: int) -> None:
         """Fail unless `shard` takes part in this tx."""
-        _check(shard in self.participants, f"tx {self.txid}: shard {shard} is not a participant")
+        _check(shard in self.participants, "tx %s: shard %s is not a participant", self.txid, shard)
 
     def on_vote(self, shard: int, yes: bool) -> Decision | None:
         """Record a vote; return the decision the moment it is reached (ABORT at first NO, COMMIT on all YES).
@@ -147,18 +164,18 @@ class CoordinatorTx:
     def decided(self, decision: Decision) -> None:
         """Record that `decision` is durable.  COMMIT needs all YES; deciding differently twice fails."""
         if self.decision is not None:
-            _check(self.decision == decision, f"tx {self.txid}: decided {self.decision}, now {decision}")
+            _check(self.decision == decision, "tx %s: decided %s, now %s", self.txid, self.decision, decision)
             return
-        _check(self.phase == Phase.PREPARING, f"tx {self.txid}: deciding in phase {self.phase}")
+        _check(self.phase == Phase.PREPARING, "tx %s: deciding in phase %s", self.txid, self.phase)
         if decision == Decision.COMMIT:
-            _check(self.proposal == Decision.COMMIT, f"tx {self.txid}: COMMIT without every vote YES")
+            _check(self.proposal == Decision.COMMIT, "tx %s: COMMIT without every vote YES", self.txid)
         self.decision = decision
         self.phase = _PHASE_OF[decision]
 
     def on_ack(self, shard: int) -> bool:
         """Record a participant's acknowledgement of the decision; True once all acked (phase DONE)."""
         self._check_participant(shard)
-        _check(self.decision is not None, f"tx {self.txid}: ack from shard {shard} before the decision")
+        _check(self.decision is not None, "tx %s: ack from shard %s before the decision", self.txid, shard)
         self.acked.add(shard)
         if self.acked >= self.participants:
             self.phase = Phase.DONE
@@ -234,13 +251,13 @@ class ParticipantTx:
         if self.state == "committed":
             return False
         may_commit = self.state == "reserved" or (self.state == "refused" and self.reloaded)
-        _check(may_commit, f"tx {self.txid}: COMMIT for a participant in state {self.state}")
+        _check(may_commit, "tx %s: COMMIT for a participant in state %s", self.txid, self.state)
         self.state, self.holds_reservation = "committed", False
         return True
 
     def on_abort(self) -> bool:
         """Handle ABORT (idempotent): True if a reservation must be released now."""
-        _check(self.state != "committed", f"tx {self.txid}: ABORT for a committed participant")
+        _check(self.state != "committed", "tx %s: ABORT for a committed participant", self.txid)
         release = self.holds_reservation
         self.state, self.holds_reservation = "aborted", False
         return release
@@ -252,14 +269,15 @@ LogRow = tuple[str, Phase, frozenset[int], frozenset[int]]
 def reservations_to_reload(shard: int, log: Iterable[LogRow]) -> list[str]:
     """Txids a restarted `shard` must re-reserve, in log order.
 
-    Those are the txs naming it that are PREPARING or COMMIT-but-not-applied-by-it.  Log rows are
-    (txid, phase, participants, shards_that_applied).
+    Those are the txs naming it that are PREPARING or COMMIT and that it has not applied.  Log rows
+    are (txid, phase, participants, shards_that_applied).  A logged row stays PREPARING until the tx
+    is finished (its commit record is the journal row), so a PREPARING row may be committed and
+    applied by some participants already: those must not reserve it again.
     """
     return [
         txid
         for txid, phase, participants, applied in log
-        if shard in participants
-        and (phase == Phase.PREPARING or (phase == Phase.COMMIT and shard not in applied))
+        if shard in participants and shard not in applied and phase in (Phase.PREPARING, Phase.COMMIT)
     ]
 
 

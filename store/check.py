@@ -54,7 +54,7 @@ HAVING sum(CASE side WHEN 'D' THEN amount ELSE -amount END) <> 0
 _WITHOUT_LINES = """
 SELECT j.journal_id FROM journals j
  WHERE NOT EXISTS (SELECT 1 FROM journal_lines l WHERE l.journal_id = j.journal_id)
-   AND NOT EXISTS (SELECT 1 FROM xtx x WHERE x.txid = j.journal_id AND x.state = 'commit')
+   AND NOT EXISTS (SELECT 1 FROM xtx x WHERE x.txid = j.journal_id)  -- parts still being applied
  ORDER BY 1
 """
 

@@ -341,11 +341,15 @@ async def load_chain_head(conn: asyncpg.Connection, shard_id: int) -> ChainHead:
 
 
 async def load_in_doubt(conn: asyncpg.Connection, shard_id: int) -> list[asyncpg.Record]:
-    """Cross-shard transactions naming this shard that it has not applied and that may commit."""
+    """Logged cross-shard transactions that may commit and that this shard has not applied.
+
+    Rows written since migration 0023 carry no `participants` (they are the keys of the request's
+    parts): the caller keeps the transactions whose request names this shard.
+    """
     return await conn.fetch(
         """
         SELECT x.txid, x.state, x.request FROM xtx x
-         WHERE x.state IN ('preparing', 'commit') AND $1 = ANY(x.participants)
+         WHERE x.state IN ('preparing', 'commit') AND (x.participants IS NULL OR $1 = ANY(x.participants))
            AND NOT EXISTS (SELECT 1 FROM shard_links l WHERE l.journal_id = x.txid AND l.shard_id = $1)
          ORDER BY x.created_at
         """,

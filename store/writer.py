@@ -12,7 +12,9 @@ NOTHING RETURNING` (see `loadtests/pg_commit.py`) but has no ON CONFLICT: a jour
 idempotency key or chain position that already exists aborts the transaction with a
 unique violation on `journals`. Such batches (replays, races: rare) are then written again
 with the INSERT, which skips the existing rows and tells which they are, so the caller
-gets the same `DuplicateJournals` either way.
+gets the same `DuplicateJournals` either way. The chain links of cross-shard parts go the
+same way: by COPY, and a part applied before (a resent COMMIT: rare) makes the batch be
+written again with the INSERT, which names it (`PartsAlreadyApplied`).
 """
 
 from __future__ import annotations
@@ -128,6 +130,10 @@ ON CONFLICT (journal_id, shard_id) DO NOTHING
 RETURNING journal_id
 """
 
+_LINK_COLUMNS = ("shard_id", "seq", "journal_id", "hash", "prev_hash")
+# UNIQUE (journal_id, shard_id) of `shard_links` (migration 0001): the part is applied already.
+LINKS_UNIQUE = "shard_links_journal_id_shard_id_key"
+
 _INSERT_ACCOUNTS = """
 INSERT INTO accounts (account_id, account_type, slot)
 SELECT * FROM unnest($1::text[], $2::text[], $3::integer[])
@@ -170,14 +176,21 @@ async def commit_batch(conn: asyncpg.Connection, rows: BatchRows, after: After |
     Nothing of the batch is written when either is raised. `after` (holds only, never the posting
     path) runs last inside the same transaction.
     """
-    try:
-        await _write_batch(conn, rows, _copy_journals, after)
-    except asyncpg.UniqueViolationError as exc:
-        if exc.constraint_name not in JOURNALS_UNIQUE:
-            raise
-        # Some journal already exists (or appears twice): the COPY rolled back. The INSERT finds
-        # out which, and raises DuplicateJournals for them.
-        await _write_batch(conn, rows, _insert_journals, after)
+    write_journals, write_links = _copy_journals, _copy_links
+    for _attempt in range(3):
+        try:
+            await _write_batch(conn, rows, write_journals, write_links, after)
+            return
+        except asyncpg.UniqueViolationError as exc:
+            # Some journal already exists (or appears twice), or a part was applied before: the COPY
+            # rolled back. The INSERT finds out which, and raises DuplicateJournals / PartsAlreadyApplied.
+            if exc.constraint_name in JOURNALS_UNIQUE and write_journals is _copy_journals:
+                write_journals = _insert_journals
+            elif exc.constraint_name == LINKS_UNIQUE and write_links is _copy_links:
+                write_links = _insert_links
+            else:
+                raise
+    check(False, "a batch written by INSERT still hit a unique violation")
 
 
 async def _copy_journals(conn: asyncpg.Connection, rows: BatchRows) -> None:
@@ -194,13 +207,35 @@ async def _insert_journals(conn: asyncpg.Connection, rows: BatchRows) -> None:
         raise DuplicateJournals(set(rows.j_id) - {r[0] for r in inserted})
 
 
+async def _copy_links(conn: asyncpg.Connection, rows: BatchRows) -> None:
+    """The fast path: every chain link by COPY; a part applied before aborts with a unique violation."""
+    records = zip(
+        itertools.repeat(rows.shard_id, len(rows.l_seq)), rows.l_seq, rows.l_journal_id, rows.l_hash,
+        rows.l_prev_hash, strict=True,
+    )  # fmt: skip
+    await conn.copy_records_to_table("shard_links", records=records, columns=_LINK_COLUMNS)
+
+
+async def _insert_links(conn: asyncpg.Connection, rows: BatchRows) -> None:
+    """The conflict path: insert the new links; raise PartsAlreadyApplied naming the parts that were not."""
+    applied = await conn.fetch(
+        _INSERT_LINKS, rows.shard_id, rows.l_seq, rows.l_journal_id, rows.l_hash, rows.l_prev_hash
+    )
+    if len(applied) != len(rows.l_journal_id):
+        raise PartsAlreadyApplied(set(rows.l_journal_id) - {r[0] for r in applied})
+
+
+Write = Callable[[asyncpg.Connection, BatchRows], Awaitable[None]]
+
+
 async def _write_batch(
     conn: asyncpg.Connection,
     rows: BatchRows,
-    write_journals: Callable[[asyncpg.Connection, BatchRows], Awaitable[None]],
+    write_journals: Write,
+    write_links: Write,
     after: After | None = None,
 ) -> None:
-    """The batch's transaction, with its journal rows written by `write_journals`."""
+    """The batch's transaction, with its journal rows and chain links written by the given writers."""
     async with conn.transaction():
         if rows.accounts:
             accounts = sorted(rows.accounts)
@@ -210,11 +245,7 @@ async def _write_batch(
         if rows.j_id:
             await write_journals(conn, rows)
         if rows.l_journal_id:
-            applied = await conn.fetch(
-                _INSERT_LINKS, rows.shard_id, rows.l_seq, rows.l_journal_id, rows.l_hash, rows.l_prev_hash
-            )
-            if len(applied) != len(rows.l_journal_id):
-                raise PartsAlreadyApplied(set(rows.l_journal_id) - {r[0] for r in applied})
+            await write_links(conn, rows)
         if rows.lines:
             await conn.copy_records_to_table("journal_lines", records=rows.lines, columns=_LINE_COLUMNS)
         if rows.batch is not None:

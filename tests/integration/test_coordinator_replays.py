@@ -235,7 +235,10 @@ def test_replays_and_conflicts_get_the_stored_answer(dsn: str) -> None:
 
 
 def test_logged_request_is_the_item_encoded_alone(dsn: str) -> None:
-    """The intent stores each item's own bytes: identical to `ENCODER.encode([item])`, decodable alike."""
+    """The intent stores each item's own bytes: identical to `ENCODER.encode([item])`, decodable alike.
+
+    A participant refuses every decision, so the committed transactions stay in the log (a finished
+    one leaves it) and the recovery pass then finishes them from those bytes alone."""
     rng = random.Random(7)
     debits = _accounts("revenue:raw:r", 0, 4)
     credits = _accounts("asset:raw:a", 1, 4)
@@ -255,22 +258,26 @@ def test_logged_request_is_the_item_encoded_alone(dsn: str) -> None:
         ]
         for engine in engines:
             await engine.start()
-        coordinator = CoordinatorEngine(dsn, {e.shard_id: e for e in engines}, recovery_every_s=3600)
+        ports = {e.shard_id: _Port(e) for e in engines}
+        ports[1].decide_fails = True
+        coordinator = CoordinatorEngine(dsn, ports, decide_timeout_s=0.2, recovery_every_s=3600)
         await coordinator.start()
-        try:
-            results = await _submit(coordinator, *items)
-            assert all(r.ok for r in results), results
-        finally:
-            await coordinator.close()
-            for engine in engines:
-                await engine.close()
         conn = await asyncpg.connect(dsn)
         try:
+            results = await _submit(coordinator, *items)
+            assert all(r.code == ErrorCode.SERVICE_UNAVAILABLE for r in results), results
             rows = await conn.fetch(
                 "SELECT txid, request FROM xtx WHERE txid = ANY($1::text[])", [i.journal_id for i in items]
             )
+            ports[1].decide_fails = False
+            assert await coordinator.recover() == len(items)
+            assert await conn.fetchval("SELECT count(*) FROM xtx") == 0
+            assert all(r.ok for r in await _submit(coordinator, *items))  # replays of committed ones
         finally:
             await conn.close()
+            await coordinator.close()
+            for engine in engines:
+                await engine.close()
         return {r[0]: bytes(r[1]) for r in rows}
 
     stored = asyncio.run(scenario())

@@ -18,16 +18,18 @@ from typing import Any
 import asyncpg
 import pytest
 
-from store.migrations import apply_migrations
 from store.writer import (
     JOURNALS_UNIQUE,
+    LINKS_UNIQUE,
     BatchRows,
     DuplicateJournals,
+    PartsAlreadyApplied,
     _insert_journals,
+    _insert_links,
     _write_batch,
     commit_batch,
 )
-from tests.support.databases import create_database, drop_database
+from tests.support.databases import migrated_database
 
 PRINCIPAL = "service:writer-test"
 CASH, SALES = "asset:w-cash", "revenue:w-sales"
@@ -53,22 +55,13 @@ class SpyConnection(asyncpg.Connection):  # type: ignore[misc]
 @pytest.fixture
 def dsn() -> Iterator[str]:
     """A fresh migrated database with shard 0; dropped after the test."""
+    with migrated_database("ledger_test_writer") as created:
 
-    async def make() -> str:
-        created = await create_database("ledger_test_writer")
-        conn = await asyncpg.connect(created)
-        try:
-            await apply_migrations(conn)
+        async def add_shard(conn: SpyConnection) -> None:
             await conn.execute("INSERT INTO shards (shard_id) VALUES (0)")
-        finally:
-            await conn.close()
-        return created
 
-    created = asyncio.run(make())
-    try:
+        on(created, add_shard)
         yield created
-    finally:
-        asyncio.run(drop_database(created))
 
 
 def on(dsn: str, body: Callable[[SpyConnection], Awaitable[None]]) -> None:
@@ -207,7 +200,7 @@ def test_copy_path_raises_what_the_insert_path_raises(
         if stored:
             await commit_batch(conn, batch(stored))
         with pytest.raises(DuplicateJournals) as legacy:
-            await _write_batch(conn, batch(incoming), _insert_journals)
+            await _write_batch(conn, batch(incoming), _insert_journals, _insert_links)
         before = await snapshot(conn)
         with pytest.raises(DuplicateJournals) as caught:
             await commit_batch(conn, batch(incoming))
@@ -241,5 +234,48 @@ def test_journals_unique_names_every_unique_index_of_journals(dsn: str) -> None:
             " WHERE x.indrelid = 'journals'::regclass AND x.indisunique"
         )
         assert {r[0] for r in names} == JOURNALS_UNIQUE
+
+    on(dsn, body)
+
+
+def parts(links: list[tuple[str, int]]) -> BatchRows:
+    """A shard-0 batch applying cross-shard parts (txid, chain seq): one cash debit line each."""
+    rows = BatchRows(0)
+    now = datetime.now(UTC)
+    for txid, seq in links:
+        rows.l_seq.append(seq)
+        rows.l_journal_id.append(txid)
+        rows.l_hash.append(txid.encode().ljust(32, b"h"))
+        rows.l_prev_hash.append(None)
+        rows.lines.append((txid, 0, 0, CASH, "USD", "D", 100, now, True))
+    rows.accounts = [(CASH, "asset", 1)]
+    rows.deltas = [(CASH, "USD", 1, 100 * len(links), 0)]
+    return rows
+
+
+def test_links_by_copy_and_a_part_applied_before_is_named(dsn: str) -> None:
+    """Chain links go in by COPY; a resent COMMIT of an applied part is named, nothing else written.
+
+    The shard releases the named parts' reservations and commits the rest, so a client would see a
+    cross-shard journal applied twice (or a batch lost) if the COPY's conflict were misread.
+    """
+
+    async def body(conn: SpyConnection) -> None:
+        await commit_batch(conn, parts([("x-1", 1), ("x-2", 2)]))
+        before = await snapshot(conn)
+        links = await conn.fetchval("SELECT count(*) FROM shard_links")
+        with pytest.raises(PartsAlreadyApplied) as caught:
+            await commit_batch(conn, parts([("x-3", 3), ("x-2", 4)]))
+        assert caught.value.journal_ids == {"x-2"}
+        assert await snapshot(conn) == before
+        assert await conn.fetchval("SELECT count(*) FROM shard_links") == links == 2
+        await commit_batch(conn, parts([("x-3", 3)]))
+        stored = await conn.fetch("SELECT journal_id, seq FROM shard_links ORDER BY seq")
+        assert [tuple(r) for r in stored] == [("x-1", 1), ("x-2", 2), ("x-3", 3)]
+        names = await conn.fetch(
+            "SELECT i.relname FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid"
+            " WHERE x.indrelid = 'shard_links'::regclass AND x.indisunique AND NOT x.indisprimary"
+        )
+        assert {r[0] for r in names} == {LINKS_UNIQUE}
 
     on(dsn, body)

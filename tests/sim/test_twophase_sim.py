@@ -7,6 +7,10 @@ a fault-free tail must bring every tx to DONE.  Checked on every seed: atomicity
 logged, no double application, no guarded account ever negative in durable state, conservation of money,
 no reservation left over.
 
+The durable state is the node's (migration 0023): a log row per unfinished tx that never changes
+(PREPARING, "maybe prepared"), a commit record (the journal row) written by a COMMIT decision and nothing
+for an ABORT, and the row deleted once every participant acknowledged.
+
 Replay one seed:  LEDGER_SIM_SEED=1234 pytest tests/sim -k replay
 Run more seeds:   LEDGER_SIM_SEEDS=5000 pytest tests/sim
 """
@@ -27,7 +31,7 @@ from sharding.twophase import (
     PartVote,
     Phase,
     ProtocolViolation,
-    recovery_decision,
+    logged_decision,
     reservations_to_reload,
     stale_reservations,
 )
@@ -76,11 +80,10 @@ class Faults:
 
 @dataclass(slots=True)
 class LogRow:
-    """Durable decision-log row of the coordinator (SQL table ``xtx``)."""
+    """Durable log row of an unfinished tx (SQL table ``xtx``): always PREPARING, deleted when DONE."""
 
     phase: Phase
     journal: dict[int, Part]
-    decision: Decision | None = None
 
 
 @dataclass(slots=True)
@@ -168,6 +171,9 @@ class World:
     initial: dict[str, int]
     queue: list[str]
     log: dict[str, LogRow] = field(default_factory=dict)
+    committed: set[str] = field(default_factory=set)  # commit records (the journal rows), durable
+    logged: set[str] = field(default_factory=set)  # every tx ever logged
+    presumed_aborted: set[str] = field(default_factory=set)
     mem: dict[str, CoordinatorTx] = field(default_factory=dict)
     batch: list[str] = field(default_factory=list)
     pending: dict[str, Decision] = field(default_factory=dict)
@@ -178,15 +184,16 @@ class World:
     trace: deque[str] = field(default_factory=lambda: deque(maxlen=25))
 
     # ---- durable log -------------------------------------------------------------------------------
-    def write_phase(self, txid: str, phase: Phase) -> None:
-        """Durably move a logged tx to `phase`; the decision, once logged, never changes."""
-        row = self.log[txid]
-        allowed = {Phase.PREPARING: (Phase.COMMIT, Phase.ABORT), Phase.COMMIT: (Phase.DONE,)}
-        allowed[Phase.ABORT] = (Phase.DONE,)
-        _ensure(phase in allowed.get(row.phase, ()), f"log {txid}: {row.phase} -> {phase}")
-        if phase in (Phase.COMMIT, Phase.ABORT):
-            row.decision = Decision(phase.value)
-        row.phase = phase
+    def write_decision(self, txid: str, decision: Decision) -> None:
+        """Make a decision durable: COMMIT writes the commit record, ABORT writes nothing (presumed abort)."""
+        _ensure(txid in self.log, f"deciding {txid}, which is not logged")
+        if decision == Decision.COMMIT:
+            _ensure(txid not in self.presumed_aborted, f"{txid} committed after recovery presumed it aborted")
+            self.committed.add(txid)
+
+    def forget(self, txid: str) -> None:
+        """Every participant acknowledged: the tx leaves the log."""
+        del self.log[txid]
 
     # ---- coordinator -------------------------------------------------------------------------------
     def submit(self) -> None:
@@ -197,7 +204,9 @@ class World:
         """Durably log the batch (PREPARING + journal), then queue the PREPAREs."""
         for txid in self.batch:
             journal = self.journals[txid]
+            _ensure(txid not in self.log and txid not in self.committed, f"{txid} logged twice")
             self.log[txid] = LogRow(Phase.PREPARING, journal)
+            self.logged.add(txid)
             self.mem[txid] = CoordinatorTx(txid, frozenset(journal))
             self.outbox.extend(Msg("prepare", txid, s) for s in sorted(journal))
         self.batch = []
@@ -206,7 +215,7 @@ class World:
     def log_decisions(self) -> None:
         """Durably log the reached decisions (the commit point), then queue them for sending."""
         for txid, decision in self.pending.items():
-            self.write_phase(txid, Phase(decision.value))
+            self.write_decision(txid, decision)
             self.mem[txid].decided(decision)
             self.queue_decision(self.mem[txid], self.mem[txid].participants)
             self.stats[f"decided-{decision}"] += 1
@@ -228,7 +237,7 @@ class World:
         """An acknowledgement reached the coordinator; log DONE when every participant acked."""
         ctx = self.mem.get(msg.txid)
         if ctx is not None and ctx.on_ack(msg.shard):
-            self.write_phase(msg.txid, Phase.DONE)
+            self.forget(msg.txid)
             del self.mem[msg.txid]
 
     def tick(self) -> None:
@@ -256,14 +265,11 @@ class World:
         self.queue = self.batch + self.queue
         self.mem, self.batch, self.pending, self.outbox = {}, [], {}, []
         for txid, row in self.log.items():
-            decision = recovery_decision(row.phase)
-            if decision is None:
-                continue
-            ctx = CoordinatorTx.recovered(txid, frozenset(row.journal), row.phase)
-            if row.phase == Phase.PREPARING:
-                self.write_phase(txid, Phase.ABORT)
+            decision = logged_decision(committed=txid in self.committed)
+            ctx = CoordinatorTx.recovered(txid, frozenset(row.journal), Phase(decision.value))
+            if decision == Decision.ABORT:
+                self.presumed_aborted.add(txid)
                 self.stats["presumed-aborts"] += 1
-            ctx.decided(decision)
             self.mem[txid] = ctx
             self.queue_decision(ctx, ctx.participants)
 
@@ -349,7 +355,7 @@ class World:
     def quiescent(self) -> bool:
         """Nothing left to do: all submitted, nothing in flight, every logged tx DONE."""
         busy = self.queue or self.batch or self.pending or self.outbox or self.network
-        return not busy and all(row.phase == Phase.DONE for row in self.log.values())
+        return not busy and not self.log
 
     def faulty_step(self) -> None:
         """One random step of the faulty phase."""
@@ -433,18 +439,16 @@ def make_journal(rng: random.Random, shards: list[Shard]) -> dict[int, Part]:
 
 def check_final(world: World) -> None:
     """Check the durable state at quiescence."""
-    _ensure(set(world.log) == set(world.journals), "some submitted tx was never logged")
+    _ensure(world.logged == set(world.journals), "some submitted tx was never logged")
+    _ensure(not world.log, f"txs left in the log: {sorted(world.log)}")
     expected = Counter[str]()
-    for txid, row in world.log.items():
-        _ensure(row.phase == Phase.DONE, f"{txid} not DONE: {row.phase}")
+    for txid, journal in world.journals.items():
         applied_by = {s.sid for s in world.shards if txid in s.applied}
-        _ensure(
-            applied_by in (set(), set(row.journal)), f"{txid} applied by {applied_by} of {set(row.journal)}"
-        )
-        committed = row.decision == Decision.COMMIT
-        _ensure(bool(applied_by) == committed, f"{txid}: applied={bool(applied_by)}, logged {row.decision}")
+        _ensure(applied_by in (set(), set(journal)), f"{txid} applied by {applied_by} of {set(journal)}")
+        committed = txid in world.committed
+        _ensure(bool(applied_by) == committed, f"{txid}: applied={bool(applied_by)}, committed {committed}")
         if committed:
-            for part in row.journal.values():
+            for part in journal.values():
                 expected.update(dict(part))
     for shard in world.shards:
         _ensure(

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
 import secrets
+from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+
+from store.migrations import apply_migrations
 
 SHARED_ADMIN_DSN: str = os.environ.get("LEDGER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 _IDENT_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -55,3 +60,23 @@ async def drop_database(dsn: str, admin_dsn: str = SHARED_ADMIN_DSN) -> None:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
+
+
+@contextlib.contextmanager
+def migrated_database(prefix: str) -> Iterator[str]:
+    """A fresh database with the node's migrations applied; dropped on exit (for sync fixtures)."""
+
+    async def make() -> str:
+        created = await create_database(prefix)
+        conn = await asyncpg.connect(created)
+        try:
+            await apply_migrations(conn)
+        finally:
+            await conn.close()
+        return created
+
+    dsn = asyncio.run(make())
+    try:
+        yield dsn
+    finally:
+        asyncio.run(drop_database(dsn))

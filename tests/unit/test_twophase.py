@@ -11,6 +11,7 @@ from sharding.twophase import (
     PartVote,
     Phase,
     ProtocolViolation,
+    logged_decision,
     recovery_decision,
     reservations_to_reload,
     stale_reservations,
@@ -93,6 +94,14 @@ def test_acks_lead_to_done() -> None:
     assert tx.on_ack(2) is True
     assert tx.phase == Phase.DONE
     assert tx.unacked() == frozenset()
+
+
+def test_logged_decision() -> None:
+    """A logged tx with its commit record (the journal row) commits; without one it is presumed aborted."""
+    assert logged_decision(committed=True) is Decision.COMMIT
+    assert logged_decision(committed=False) is Decision.ABORT
+    tx = CoordinatorTx.recovered("t1", frozenset({1, 2}), Phase(logged_decision(committed=True).value))
+    assert (tx.phase, tx.decision) == (Phase.COMMIT, Decision.COMMIT)
 
 
 def test_recovery() -> None:
@@ -180,9 +189,13 @@ def test_applied_tx_votes_yes_without_reserving() -> None:
 
 
 def test_reservations_to_reload() -> None:
-    """PREPARING, or COMMIT not applied by the shard, naming it; log order kept."""
+    """PREPARING or COMMIT, naming the shard and not applied by it; log order kept.
+
+    Since migration 0023 a logged tx stays PREPARING until it is finished, committed or not: a
+    participant that applied its part before a restart must not reserve it again (h)."""
     log = [
         ("a", Phase.PREPARING, frozenset({1, 2}), frozenset[int]()),
+        ("h", Phase.PREPARING, frozenset({1, 2}), frozenset({1})),
         ("b", Phase.COMMIT, frozenset({1, 2}), frozenset({1})),
         ("c", Phase.COMMIT, frozenset({1, 2}), frozenset({2})),
         ("d", Phase.ABORT, frozenset({1, 2}), frozenset[int]()),
@@ -191,7 +204,7 @@ def test_reservations_to_reload() -> None:
         ("g", Phase.PREPARING, frozenset({1, 3}), frozenset[int]()),
     ]
     assert reservations_to_reload(1, log) == ["a", "c", "g"]
-    assert reservations_to_reload(2, log) == ["a", "b", "f"]
+    assert reservations_to_reload(2, log) == ["a", "h", "b", "f"]
 
 
 def test_stale_reservations() -> None:
