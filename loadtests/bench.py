@@ -23,6 +23,10 @@ Steps (every step bounded in time):
    cost of signing is a ratio measured in the same invocation.
 5. The node gets SIGTERM (SIGKILL after 20 s), the database is dropped, and one table is printed.
 
+After each node's scenarios it also prints the CPU microseconds each process group (front end,
+Ray actors, Ray's own processes, PostgreSQL backends, the load generator) spent per acknowledged
+journal (`loadtests.cpu_meter`): on a shared machine that comparison holds when throughput does not.
+
 The load generators run on the same machine as the node and PostgreSQL, so they take CPU from them;
 request bodies are pre-generated before the timed window to keep that cost small.
 """
@@ -61,6 +65,7 @@ from loadtests.baseline import (
     new_database_name,
     run_baseline,
 )
+from loadtests.cpu_meter import CpuMeter
 from sharding.slots import SlotMap, even_slot_map
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -756,7 +761,10 @@ async def _one_node(
     try:
         node = start_node(opts.node_bin, opts.port, opts.shards, dsn, log_dir, extra_env)
         try:
-            return await drive_node(opts, node, run_id, bodies, same, pairs_file)
+            meter = CpuMeter(node.proc.pid, dsn)
+            results = await drive_node(opts, node, run_id, bodies, same, pairs_file, meter)
+            print("\n" + meter.table(), flush=True)
+            return results
         except BaseException as exc:
             print_node_tail(node, f"scenario failed: {exc!r}")
             raise
@@ -774,8 +782,10 @@ async def drive_node(
     bodies: dict[str, BatchBodies],
     pairs: list[Pair],
     pairs_file: Path,
+    meter: CpuMeter,
 ) -> list[BenchResult]:
-    """Wait for readiness, smoke-check, then run the node scenarios in order."""
+    """Wait for readiness, smoke-check, then run the node scenarios in order, with the CPU per
+    acknowledged journal of each (recorded in ``meter`` and in the result's ``cpu_us`` extra)."""
     waited = await wait_ready(node, opts.ready_timeout)
     print(f"node ready after {waited:.1f}s at {node.base_url}", flush=True)
     results = []
@@ -786,11 +796,14 @@ async def drive_node(
         await smoke_batch(node.base_url, batch)
         print(f"running {name} ({opts.batch_clients} clients x {opts.batch_size} journals) ...", flush=True)
         before = await commit_counters(node.base_url)
+        cpu = await meter.start()
         result = await run_batch(node.base_url, opts.seconds, opts.batch_clients, batch, name)
+        result.extra["cpu_us"] = await meter.stop(name, result.ops, cpu)
         results.append(with_commit_size(result, before, await commit_counters(node.base_url)))
     if "single" in opts.only:
         print(f"running single (wrk -t{opts.wrk_threads} -c{opts.wrk_connections}) ...", flush=True)
         before = await commit_counters(node.base_url)
+        cpu = await meter.start()
         result = await run_single(
             node.base_url,
             opts.seconds,
@@ -800,6 +813,7 @@ async def drive_node(
             connections=opts.wrk_connections,
             threads=opts.wrk_threads,
         )
+        result.extra["cpu_us"] = await meter.stop("single", result.ops, cpu)
         results.append(with_commit_size(result, before, await commit_counters(node.base_url)))
     return results
 

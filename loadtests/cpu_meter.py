@@ -1,0 +1,105 @@
+"""CPU spent per item by each process group of a benchmark run, read from `/proc` (psutil).
+
+On a 2-core machine that also runs the load generator (and, often, other work), wall-clock
+throughput swings with whatever else runs; the CPU each process spent per journal does not (other
+load slows the node but adds no CPU time to its processes). Every benchmark that compares two paths
+or two commits therefore prints both.
+
+Groups:
+
+- ``front end``: the node's own process (`ledger-node serve`: aiohttp, the batcher, finance code).
+- ``ray actors``: its descendants whose command line starts with ``ray::`` (shards, coordinator,
+  signer, audit writer).
+- ``ray system``: its other descendants (raylet, GCS, Ray's dashboard and log agents).
+- ``postgres``: the backends connected to the node's database (`pg_stat_activity`), sampled at the
+  start and the end of a phase (the node's pools keep their connections, so the set is stable).
+- ``load generator``: this process and the children it has waited for (`wrk`).
+- ``broker``: an optional extra process (the Kafka broker).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable
+from typing import TypeVar
+
+import asyncpg
+import psutil  # type: ignore[import-untyped]
+
+GROUPS = ("front end", "ray actors", "ray system", "postgres", "load generator", "broker")
+T = TypeVar("T")
+
+
+def _seconds(proc: psutil.Process, children: bool = False) -> float:
+    try:
+        times = proc.cpu_times()
+    except psutil.Error:
+        return 0.0
+    total = times.user + times.system
+    if children:
+        total += times.children_user + times.children_system
+    return float(total)
+
+
+async def cpu_seconds(node_pid: int, dsn: str, broker_pid: int | None = None) -> dict[str, float]:
+    """CPU seconds used so far by each group (see the module docstring)."""
+    totals = dict.fromkeys(GROUPS, 0.0)
+    node = psutil.Process(node_pid)
+    totals["front end"] = _seconds(node)
+    for child in node.children(recursive=True):
+        try:
+            name = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        totals["ray actors" if name.startswith("ray::") else "ray system"] += _seconds(child)
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+        own = conn.get_server_pid()
+    finally:
+        await conn.close()
+    for row in rows:
+        if row[0] != own:
+            with contextlib.suppress(psutil.Error):
+                totals["postgres"] += _seconds(psutil.Process(row[0]))
+    totals["load generator"] = _seconds(psutil.Process(), children=True)
+    if broker_pid is not None:
+        with contextlib.suppress(psutil.Error):
+            totals["broker"] = _seconds(psutil.Process(broker_pid))
+    return totals
+
+
+class CpuMeter:
+    """CPU µs per item of each measured phase, by group (`cpu_seconds` before and after)."""
+
+    def __init__(self, node_pid: int, dsn: str, broker_pid: int | None = None, unit: str = "journal") -> None:
+        self.node_pid, self.dsn, self.broker_pid, self.unit = node_pid, dsn, broker_pid, unit
+        self.phases: dict[str, dict[str, float]] = {}
+
+    async def start(self) -> dict[str, float]:
+        """A reading to pass to `stop` later."""
+        return await cpu_seconds(self.node_pid, self.dsn, self.broker_pid)
+
+    async def stop(self, label: str, items: int, before: dict[str, float]) -> dict[str, float]:
+        """Record the phase `label` that handled `items` items since `before`; its µs per item."""
+        after = await cpu_seconds(self.node_pid, self.dsn, self.broker_pid)
+        per = {g: (after[g] - before[g]) * 1e6 / max(items, 1) for g in GROUPS}
+        self.phases[label] = per
+        return per
+
+    async def measure(self, label: str, items: int, phase: Awaitable[T]) -> T:
+        """Await `phase` and record its CPU per item (`items` known in advance)."""
+        before = await self.start()
+        result = await phase
+        await self.stop(label, items, before)
+        return result
+
+    def table(self) -> str:
+        """One row per phase: µs per item for each group that spent any, and the sum."""
+        used = [g for g in GROUPS if any(per[g] >= 0.5 for per in self.phases.values())]
+        head = f"CPU us per {self.unit}"
+        lines = [f"{head:<22}" + "".join(f"{g:>15}" for g in used) + f"{'all':>10}"]
+        for label, per in self.phases.items():
+            cells = "".join(f"{per[g]:>15.1f}" for g in used)
+            lines.append(f"{label:<22}{cells}{sum(per[g] for g in used):>10.1f}")
+        return "\n".join(lines)
