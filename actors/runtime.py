@@ -14,6 +14,7 @@ from typing import Any
 
 import ray
 
+from actors.direct import Address, DirectClient
 from actors.ports import CoordinatorPort, ShardPort
 from actors.shard import CoordinatorActor, ShardActor, SignerActor
 
@@ -22,6 +23,10 @@ log = logging.getLogger(__name__)
 # Keep batch arguments (several MiB for 8,190 journals) inline in the task spec rather
 # than going through the object store, which costs 2-4x more per call.
 INLINE_ARGS_MAX = 64 * 1024 * 1024
+
+DIRECT_CALLS = os.environ.get("LEDGER_DIRECT_CALLS", "1") != "0"
+"""Hot methods (shard post/prepare/decide/hold, coordinator submit, signer sign_statements) over
+direct connections (actors/direct.py) instead of Ray calls; `LEDGER_DIRECT_CALLS=0` turns it off."""
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -68,26 +73,41 @@ def stop_ray() -> None:
         ray.shutdown()
 
 
-class RayShard:
-    """`ShardPort` over a shard actor handle."""
+class _DirectPort:
+    """A port over an actor handle whose hot methods go through a `DirectClient` when enabled."""
 
-    def __init__(self, handle: Any) -> None:
+    def __init__(self, handle: Any, direct: bool | None = None) -> None:
         self.handle = handle
+        enabled = DIRECT_CALLS if direct is None else direct
+        self.direct = DirectClient(self._address, type(self).__name__) if enabled else None
+
+    async def _address(self) -> Address:
+        host, port, token = await self.handle.direct_address.remote()
+        return str(host), int(port), bytes(token)
+
+    async def _call(self, method: str, argument: Any) -> Any:
+        if self.direct is not None:
+            return await self.direct.call(method, argument)
+        return await getattr(self.handle, method).remote(argument)
+
+
+class RayShard(_DirectPort):
+    """`ShardPort` over a shard actor handle (post, prepare, decide and hold direct)."""
 
     async def post(self, payload: bytes) -> bytes:
-        return await self.handle.post.remote(payload)  # type: ignore[no-any-return]
+        return await self._call("post", payload)  # type: ignore[no-any-return]
 
     async def prepare(self, payload: bytes) -> bytes:
-        return await self.handle.prepare.remote(payload)  # type: ignore[no-any-return]
+        return await self._call("prepare", payload)  # type: ignore[no-any-return]
 
     async def decide(self, payload: bytes) -> bytes:
-        return await self.handle.decide.remote(payload)  # type: ignore[no-any-return]
+        return await self._call("decide", payload)  # type: ignore[no-any-return]
 
     async def create_account(self, account_id: str, no_negative: bool, split: bool = False) -> bytes:
         return await self.handle.create_account.remote(account_id, no_negative, split)  # type: ignore[no-any-return]
 
     async def hold(self, payload: bytes) -> bytes:
-        return await self.handle.hold.remote(payload)  # type: ignore[no-any-return]
+        return await self._call("hold", payload)  # type: ignore[no-any-return]
 
     async def move(self, op: str, slots: list[int]) -> dict[str, Any]:
         return await self.handle.move.remote(op, slots)  # type: ignore[no-any-return]
@@ -100,14 +120,11 @@ class RayShard:
         return await self.handle.node_id.remote()  # type: ignore[no-any-return]
 
 
-class RayCoordinator:
-    """`CoordinatorPort` over the coordinator actor handle."""
-
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
+class RayCoordinator(_DirectPort):
+    """`CoordinatorPort` over the coordinator actor handle (submit direct)."""
 
     async def submit(self, payload: bytes) -> bytes:
-        return await self.handle.submit.remote(payload)  # type: ignore[no-any-return]
+        return await self._call("submit", payload)  # type: ignore[no-any-return]
 
     async def status(self) -> dict[str, Any]:
         return await self.handle.status.remote()  # type: ignore[no-any-return]
@@ -148,14 +165,12 @@ def spawn_shards(
     }
 
 
-class RaySigner:
-    """`SignerPort` (and admin calls) over the signer actor handle."""
-
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
+class RaySigner(_DirectPort):
+    """`SignerPort` (and admin calls) over the signer actor handle (sign_statements direct)."""
 
     async def sign_statements(self, statements: list[dict[str, Any]]) -> list[tuple[bytes, str, bytes]]:
-        return await self.handle.sign_statements.remote(statements)  # type: ignore[no-any-return]
+        signed = await self._call("sign_statements", statements)
+        return [(bytes(body), str(kid), bytes(signature)) for body, kid, signature in signed]
 
     async def checkpoint(self) -> int:
         return await self.handle.checkpoint.remote()  # type: ignore[no-any-return]

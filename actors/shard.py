@@ -17,6 +17,7 @@ from typing import Any
 import ray
 
 from actors.coordinator_engine import CoordinatorEngine
+from actors.direct import Address, DirectServer
 from actors.gc_policy import tune_gc
 from actors.shard_engine import ShardEngine
 from actors.signer_engine import SignerEngine
@@ -58,6 +59,19 @@ class _Lazy:
         tune_gc()  # after the engine loaded its state: freeze it, collect rarely (gc_policy.py)
 
 
+class _Direct:
+    """Mixin: the actor serves `direct_methods` over a direct connection (actors/direct.py)."""
+
+    direct_methods: tuple[str, ...] = ()
+    _direct: DirectServer | None = None
+
+    async def direct_address(self) -> Address:
+        """Start the direct server if needed; `(host, port, token)` for `DirectClient`."""
+        if self._direct is None:
+            self._direct = DirectServer({name: getattr(self, name) for name in self.direct_methods})
+        return await self._direct.start(str(ray.util.get_node_ip_address()))  # type: ignore[no-untyped-call]
+
+
 def _restart_process(reason: str) -> None:
     """An engine's `on_state_lost`: end this worker so Ray restarts the actor from PostgreSQL."""
     logging.getLogger(__name__).critical("restarting the actor: %s", reason)
@@ -66,8 +80,10 @@ def _restart_process(reason: str) -> None:
 
 
 @ray.remote(**ACTOR_OPTIONS)
-class ShardActor:
+class ShardActor(_Direct):
     """One shard: the single writer of the accounts in its slots."""
+
+    direct_methods = ("post", "prepare", "decide", "hold")
 
     def __init__(
         self,
@@ -120,7 +136,7 @@ class ShardActor:
 
     async def status(self) -> dict[str, Any]:
         await self.lazy.ready()
-        return self.engine.status()
+        return {**self.engine.status(), "direct_calls": self._direct.calls if self._direct else 0}
 
     async def node_id(self) -> str:
         """The Ray node this incarnation runs on (answers before the engine has loaded its state)."""
@@ -145,8 +161,10 @@ class _ShardsByName(dict[int, Any]):
 
 
 @ray.remote(**ACTOR_OPTIONS)
-class CoordinatorActor:
+class CoordinatorActor(_Direct):
     """The cross-shard coordinator (two-phase commit with a durable decision log)."""
+
+    direct_methods = ("submit",)
 
     def __init__(
         self, dsn: str, prefix: str, shard_ids: list[int], batch_max: int, hash_alg: str = "sha256"
@@ -173,8 +191,10 @@ class CoordinatorActor:
 
 
 @ray.remote(**ACTOR_OPTIONS)
-class SignerActor:
+class SignerActor(_Direct):
     """The signer: one key backend (HSM or software), the global log and its checkpoints."""
+
+    direct_methods = ("sign_statements",)
 
     def __init__(
         self,

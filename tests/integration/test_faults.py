@@ -110,6 +110,12 @@ def test_concurrent_single_and_cross_shard_posting(node: NodeHarness) -> None:
     asyncio.run(verify_store(node.dsn, client.acked, client.bodies))
     _assert_cli_check(node.dsn)
     asyncio.run(_check_balances_read_back(node.url, client, workload.accounts.all()[::5]))
+    services = node.node.services if node.node is not None else None
+    assert services is not None
+    if actor_runtime.DIRECT_CALLS:  # the hot calls took the direct channel, not Ray (actors/direct.py)
+        ports = [*services.shards.values(), services.coordinator]
+        assert all(p.direct is not None and p.direct.connects >= 1 for p in ports)
+        assert node.run(services.shards[0].status())["direct_calls"] > 0
 
 
 # -- 2. a shard actor dies mid-load ---------------------------------------------------------------
@@ -147,6 +153,8 @@ def test_shard_killed_mid_load(node: NodeHarness) -> None:
 
     asyncio.run(after())
     assert node.run(shard_port.status())["reservations"] == 0
+    if actor_runtime.DIRECT_CALLS:  # the front end reopened its direct connection to the new incarnation
+        assert shard_port.direct is not None and shard_port.direct.connects >= 2, shard_port.direct.connects
 
 
 # -- 3. the coordinator dies mid-load -------------------------------------------------------------
