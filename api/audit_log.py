@@ -32,6 +32,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
+import asyncpg
 import msgspec
 from aiohttp import web
 from prometheus_client import Counter
@@ -204,8 +205,11 @@ async def record_event(app: web.Application, actor: str, event_type: str, payloa
         log.exception("audit event %s not recorded", event_type)
 
 
-async def _journal_hashes(request: web.Request, journal_ids: list[str]) -> dict[str, str]:
-    async with request.app[SERVICES].pool.acquire() as conn:
+async def journal_hashes(pool: asyncpg.Pool, journal_ids: list[str]) -> dict[str, str]:
+    """The stored journals' hashes (hex) by id; ids not stored are absent."""
+    if not journal_ids:
+        return {}
+    async with pool.acquire() as conn:
         rows = await conn.fetch(
             "SELECT journal_id, hash FROM journals WHERE journal_id = ANY($1::text[])", journal_ids
         )
@@ -236,7 +240,7 @@ async def audit_post_batch(
     if not posted or request.app.get(AUDIT_WRITER) is None:
         return
     try:
-        hashes = known if known is not None else await _journal_hashes(request, posted)
+        hashes = known if known is not None else await journal_hashes(request.app[SERVICES].pool, posted)
     except Exception:
         log.exception("audit event ledger.post_batch not recorded (journal hash lookup)")
         audit_failures(request.app[SERVICES].metrics).labels("ledger.post_batch").inc()

@@ -1,7 +1,8 @@
 """Where the Kafka consumer's events go: the node's finance service, or a node over HTTP.
 
 `FinanceSink` (inside `ledger-node serve`) calls the same `FinanceService` methods as the HTTP
-routes and records the same audit events (actor `kafka:{topic}`). `HttpSink` (`ledger-node consume`,
+routes and records one `kafka.batch` audit event per batch (actor `kafka:{topic}`) listing what
+the HTTP routes' per-call events carry for each payment and refund. `HttpSink` (`ledger-node consume`,
 a separate process) posts each event to the node's own endpoints (`/finance/payment`, `/settlement`,
 `/finance/refund`) with a service token, so the shard actors stay the single writers of their
 accounts whatever runs the consumer.
@@ -17,13 +18,16 @@ from typing import Any, Final
 import aiohttp
 from aiohttp import web
 
-from api.audit_log import AUDIT_WRITER
+from api.audit_log import AUDIT_WRITER, audit_failures, journal_hashes
 from api.finance_routes import FINANCE
 from api.kafka_events import Outcome, PaymentEvent, Result, classify_answer, classify_error, payment_request
+from api.services import SERVICES
 
 log = logging.getLogger(__name__)
 HTTP_TIMEOUT_S: Final = 30.0
 AUDIT_KEYS: Final = ("invoice_id", "journal_id", "amount", "currency", "status")
+BATCH_EVENT: Final = "kafka.batch"
+"""The audit event type of the events a consumer batch posted (one per batch)."""
 
 
 class FinanceSink:
@@ -34,7 +38,14 @@ class FinanceSink:
         self.principal = f"kafka:{topic}"
 
     async def apply(self, event: PaymentEvent) -> Result:
-        """Post the event like the matching HTTP endpoint; its classified outcome."""
+        """Post the event like the matching HTTP endpoint; its classified outcome (audited alone)."""
+        result, answer = await self._apply(event)
+        if answer is not None:
+            await self._audit([(event, answer)])
+        return result
+
+    async def _apply(self, event: PaymentEvent) -> tuple[Result, dict[str, Any] | None]:
+        """The event's outcome and, when it posted, its answer (not audited here)."""
         finance = self.app[FINANCE]
         request = payment_request(event)
         try:
@@ -43,10 +54,10 @@ class FinanceSink:
             else:
                 answer, posted = await finance.pay(request, self.principal, event.settlement_id)
         except Exception as exc:
-            return classify_error(exc)
+            return classify_error(exc), None
         if posted:
-            await self._audit(event, answer)
-        return Result(Outcome.POSTED if posted else Outcome.REPLAYED)
+            return Result(Outcome.POSTED), answer
+        return Result(Outcome.REPLAYED), None
 
     async def apply_many(self, events: list[PaymentEvent]) -> list[Result]:
         """The events' outcomes, as `apply` one by one in order would give them, in few ledger calls.
@@ -54,14 +65,15 @@ class FinanceSink:
         Round by round: each invoice's payments (and settlements) up to its next refund go to
         `FinanceService.pay_many` together (one ledger call per step across invoices, one store
         transaction), then each invoice's refund through `refund`. After a RETRY the invoice's later
-        events are not applied (RETRY `held`): the consumer retries them in order.
+        events are not applied (RETRY `held`): the consumer retries them in order. The events that
+        posted are recorded as one `kafka.batch` audit event (`_audit`).
         """
         finance = self.app[FINANCE]
         results: list[Result | None] = [None] * len(events)
         queues: dict[str, collections.deque[int]] = {}
         for index, event in enumerate(events):
             queues.setdefault(event.invoice_id, collections.deque()).append(index)
-        posted: list[tuple[PaymentEvent, dict[str, Any]]] = []
+        answers: dict[int, dict[str, Any]] = {}
 
         def settle(index: int, result: Result) -> None:
             results[index] = result
@@ -88,32 +100,72 @@ class FinanceSink:
                     continue
                 answer, was_posted = outcome
                 if was_posted:
-                    posted.append((events[index], answer))
+                    answers[index] = answer
                 settle(index, Result(Outcome.POSTED if was_posted else Outcome.REPLAYED))
             refunds = [q.popleft() for q in queues.values() if q and events[q[0]].type == "refund"]
-            for index, result in zip(
-                refunds, await asyncio.gather(*(self.apply(events[i]) for i in refunds)), strict=True
+            for index, (result, refunded) in zip(
+                refunds, await asyncio.gather(*(self._apply(events[i]) for i in refunds)), strict=True
             ):
+                if refunded is not None:
+                    answers[index] = refunded
                 settle(index, result)
-        await asyncio.gather(*(self._audit(event, answer) for event, answer in posted))
+        await self._audit([(events[i], answers[i]) for i in sorted(answers)])
         return [r if r is not None else Result(Outcome.RETRY, "held") for r in results]
 
-    async def _audit(self, event: PaymentEvent, answer: dict[str, Any]) -> None:
-        """The HTTP path's audit event, queued (never raised; failures are logged)."""
+    async def _audit(self, posted: list[tuple[PaymentEvent, dict[str, Any]]]) -> None:
+        """One `kafka.batch` audit event for the events that posted, queued (never raised; failures
+        are logged and counted).
+
+        DECISIONS: a batch call is one event listing its journal hashes. The payload lists, in the
+        batch's order, per payment and per refund what the HTTP path's `payment.received` and
+        `refund.issued` events carry, plus the Kafka `event_id` and the journal's `journal_hash`.
+        """
         writer = self.app.get(AUDIT_WRITER)
-        if writer is None:
+        if writer is None or not posted:
             return
-        kind = "refund" if event.type == "refund" else "payment"
-        payload = {k: answer[k] for k in (f"{kind}_id", *AUDIT_KEYS)}
-        payload.update(event_id=event.event_id, settlement_id=event.settlement_id)
-        event_type = "refund.issued" if kind == "refund" else "payment.received"
+        metrics = self.app[SERVICES].metrics
         try:
-            future = await writer.enqueue(self.principal, event_type, payload)
+            hashes = await journal_hashes(
+                self.app[SERVICES].pool, [a["journal_id"] for _, a in posted if a["journal_id"]]
+            )
+        except Exception:  # the event is still worth recording: its ids name the journals
+            log.exception("audit event %s: journal hashes not read; recorded without them", BATCH_EVENT)
+            hashes = {}
+        try:
+            future = await writer.enqueue(self.principal, BATCH_EVENT, batch_payload(posted, hashes))
         except Exception:
-            log.exception("audit event %s not recorded", event_type)
+            log.exception("audit event %s not recorded", BATCH_EVENT)
+            audit_failures(metrics).labels(BATCH_EVENT).inc()
             return
+
+        def settled(done: asyncio.Future[Any]) -> None:
+            if not done.cancelled() and done.exception() is not None:
+                log.error("audit event %s not recorded: %s", BATCH_EVENT, done.exception())
+                audit_failures(metrics).labels(BATCH_EVENT).inc()
+
+        future.add_done_callback(settled)
         if writer.answer_after_commit:
             await asyncio.wait([future])
+
+
+def batch_payload(
+    posted: list[tuple[PaymentEvent, dict[str, Any]]], hashes: dict[str, str]
+) -> dict[str, Any]:
+    """The `kafka.batch` payload: `{payments: [...], refunds: [...]}`, each entry the HTTP event's
+    keys (`payment_id` or `refund_id`, invoice_id, journal_id, amount, currency, status,
+    settlement_id) with `event_id` and `journal_hash` (hex; null without a journal, or when the
+    hashes could not be read)."""
+    payload: dict[str, list[dict[str, Any]]] = {"payments": [], "refunds": []}
+    for event, answer in posted:
+        kind = "refund" if event.type == "refund" else "payment"
+        entry = {k: answer[k] for k in (f"{kind}_id", *AUDIT_KEYS)}
+        entry.update(
+            event_id=event.event_id,
+            settlement_id=event.settlement_id,
+            journal_hash=hashes.get(answer["journal_id"]) if answer["journal_id"] else None,
+        )
+        payload[f"{kind}s"].append(entry)
+    return payload
 
 
 def _payments_ahead(queue: collections.deque[int], events: list[PaymentEvent]) -> int:

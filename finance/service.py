@@ -54,7 +54,15 @@ from finance.stripe_gateway import PermanentProviderError, StripeGateway, Transi
 from finance.tax import Seller, TaxRules, load_rules
 from ledger.errors import ErrorCode, LedgerError, Rejection, validation_error
 from ledger.invariants import check
-from ledger.journal import JOURNAL_ID_PATTERN, LINES_MAX, Journal, JournalIn, validate_journal
+from ledger.journal import (
+    JOURNAL_ID_PATTERN,
+    LINES_MAX,
+    Journal,
+    JournalIn,
+    JournalWire,
+    journal_from_wire,
+    validate_journal,
+)
 from ledger.money import fits_int64, is_currency
 from ledger.timestamps import rfc3339
 from signer.canonical import canonical, request_hash
@@ -270,8 +278,18 @@ def concurrent_change(row: asyncpg.Record, after: Invoice) -> Rejection:
 
 
 def journal_of(body: dict[str, Any], journal_id: str) -> Journal:
-    """A step's journal body validated under its deterministic id."""
-    return validate_journal(msgspec.convert({**body, "journal_id": journal_id}, JournalIn))
+    """A step's journal body validated under its deterministic id.
+
+    The ledger's wire fast path (`journal_from_wire`, a few times cheaper per journal) answers the
+    journal `validate_journal` would; anything it does not vouch for takes `validate_journal`,
+    which raises the exact error.
+    """
+    raw = {**body, "journal_id": journal_id}
+    try:
+        journal = journal_from_wire(msgspec.convert(raw, JournalWire))
+    except msgspec.ValidationError:
+        journal = None
+    return journal if journal is not None else validate_journal(msgspec.convert(raw, JournalIn))
 
 
 def invoice_document(invoice: Invoice, due_date: str | None, terms: str | None) -> dict[str, Any]:
@@ -726,6 +744,30 @@ class FinanceService:
             entry[1][0] -= 1
             if entry[1][0] == 0:
                 del self._locks[name]
+
+    @contextlib.asynccontextmanager
+    async def _locked_all(self, names: list[str]) -> AsyncIterator[None]:
+        """`_locked` for many names, taken in the given order (one context for a whole batch)."""
+        entries: list[tuple[str, tuple[asyncio.Lock, list[int]]]] = []
+        acquired = 0
+        try:
+            for name in names:
+                entry = self._locks.get(name)
+                if entry is None:
+                    entry = self._locks[name] = (asyncio.Lock(), [0])
+                entry[1][0] += 1
+                entries.append((name, entry))
+                await entry[0].acquire()
+                acquired += 1
+            yield
+        finally:
+            for position in range(len(entries) - 1, -1, -1):
+                name, entry = entries[position]
+                if position < acquired:
+                    entry[0].release()
+                entry[1][0] -= 1
+                if entry[1][0] == 0:
+                    del self._locks[name]
 
     # -- reading ---------------------------------------------------------------------------------
     async def view(self, invoice_id: str) -> dict[str, Any]:
@@ -1390,9 +1432,7 @@ class FinanceService:
             targets[index] = (invoice_id, payment_id_of(request.payment_provider, request.provider_reference))
         names = sorted({f"payment:{m}" for _, m in targets.values()})
         names += sorted({f"invoice:{i}" for i, _ in targets.values()})
-        async with contextlib.AsyncExitStack() as stack:  # one global order: never a lock cycle
-            for name in names:
-                await stack.enter_async_context(self._locked(name))
+        async with self._locked_all(names):  # one global order: never a lock cycle
             batch = _PayBatch(self, items, targets, outcomes, principal, halts)
             await batch.run()
         return outcomes

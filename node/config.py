@@ -9,7 +9,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from api.kafka_consumer import KafkaSettings
+from api.kafka_consumer import BATCH_MAX_DEFAULT, KafkaSettings
 from api.limits import LimitConfigError, LimitSettings, limit_settings_from_env
 from api.oidc import OidcSettings
 from finance import payout_schedule, payouts
@@ -83,7 +83,7 @@ def kafka_from_env() -> KafkaSettings | None:
     """The Kafka consumer's settings when `KAFKA_BOOTSTRAP_SERVERS` is set (docs/kafka.md), else None.
 
     `LEDGER_KAFKA_TOPIC` (payments), `LEDGER_KAFKA_GROUP` (ledger-node-payments),
-    `LEDGER_KAFKA_DLQ_TOPIC` ({topic}.dlq), `LEDGER_KAFKA_BATCH_MAX` (500, 1..10000),
+    `LEDGER_KAFKA_DLQ_TOPIC` ({topic}.dlq), `LEDGER_KAFKA_BATCH_MAX` (2000, 1..10000),
     `LEDGER_KAFKA_CONCURRENCY` (64, 1..1024), `LEDGER_KAFKA_CONSUMERS` (3, 1..64),
     `LEDGER_KAFKA_RETRY_MAX_S` (10).
     """
@@ -102,7 +102,7 @@ def kafka_from_env() -> KafkaSettings | None:
         topic=topic,
         group_id=os.environ.get("LEDGER_KAFKA_GROUP") or "ledger-node-payments",
         dlq_topic=dlq_topic,
-        batch_max=env_int("LEDGER_KAFKA_BATCH_MAX", 500, 1, 10_000),
+        batch_max=env_int("LEDGER_KAFKA_BATCH_MAX", BATCH_MAX_DEFAULT, 1, 10_000),
         concurrency=env_int("LEDGER_KAFKA_CONCURRENCY", 64, 1, 1024),
         consumers=env_int("LEDGER_KAFKA_CONSUMERS", 3, 1, 64),
         retry_max_s=retry_max_s,

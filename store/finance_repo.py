@@ -170,9 +170,15 @@ async def payments_by_reference(
     return {(r["provider"], r["provider_reference"]): r for r in rows}
 
 
+PAYMENT_COLUMNS: Final = "invoice_id, kind, status, version, currency, issued_at, body"
+"""The invoice columns a payment reads (`invoice_rows`): its state, version and body."""
+
+
 async def invoice_rows(conn: asyncpg.Connection, invoice_ids: list[str]) -> dict[str, asyncpg.Record]:
-    """Many invoice rows by id (missing ids are absent)."""
-    rows = await conn.fetch("SELECT * FROM invoices WHERE invoice_id = ANY($1::text[])", invoice_ids)
+    """Many invoices' `PAYMENT_COLUMNS` by id (missing ids are absent)."""
+    rows = await conn.fetch(
+        f"SELECT {PAYMENT_COLUMNS} FROM invoices WHERE invoice_id = ANY($1::text[])", invoice_ids
+    )
     return {r["invoice_id"]: r for r in rows}
 
 
@@ -191,9 +197,12 @@ _UPDATE_INVOICES = """
 UPDATE invoices AS i SET
     status = u.status, amount_paid = u.amount_paid, amount_refunded = u.amount_refunded,
     customer_credit = u.customer_credit, body = u.body::jsonb,
-    journal_ids = i.journal_ids || ARRAY(
-        SELECT j FROM unnest(string_to_array(u.journal_ids, ',')) WITH ORDINALITY AS x (j, n)
-        WHERE NOT j = ANY(i.journal_ids) ORDER BY n),
+    journal_ids = CASE
+        WHEN NOT i.journal_ids && string_to_array(u.journal_ids, ',')  -- the usual case: all new
+        THEN i.journal_ids || string_to_array(u.journal_ids, ',')
+        ELSE i.journal_ids || ARRAY(
+            SELECT j FROM unnest(string_to_array(u.journal_ids, ',')) WITH ORDINALITY AS x (j, n)
+            WHERE NOT j = ANY(i.journal_ids) ORDER BY n) END,
     version = i.version + u.steps, updated_at = now(),
     issued_at = COALESCE(i.issued_at, CASE WHEN u.status = 'issued' THEN now() END),
     paid_at = COALESCE(i.paid_at, CASE WHEN u.status = 'paid' THEN now() END)

@@ -127,9 +127,11 @@ def test_events_post_once_and_poison_goes_to_the_dead_letter_topic(
     """Tried: 12 invoices, each paid by two half events over 3 partitions, plus a duplicate event,
     bad JSON and a payment of an unknown invoice in the middle -> every invoice paid exactly (no
     customer credit), 24 payment journals (the duplicate posted nothing), both poison records in the
-    dead-letter topic with reason, code and original offset, later events still posted, and
-    /metrics shows consumed, posted, dead letters by reason, batch latency and lag 0. The node's
-    three consumers (one group) hold one partition each."""
+    dead-letter topic with reason, code and original offset, later events still posted,
+    /metrics shows consumed, posted, dead letters by reason, batch latency and lag 0, and the audit
+    stream holds `kafka.batch` events (one per consumer batch, actor `kafka:{topic}`) that list each
+    posted payment exactly once with its event id and its stored journal's hash. The node's three
+    consumers (one group) hold one partition each."""
     prefix = f"kin-{secrets.token_hex(3)}"
     assert kafka_node.node is not None
     consumers = kafka_node.node.consumers
@@ -179,7 +181,48 @@ def test_events_post_once_and_poison_goes_to_the_dead_letter_topic(
             assert _metric(text, "ledger_kafka_dlq_total", reason="rejected", code="NOT_FOUND") >= 1
             assert _metric(text, "ledger_kafka_batch_seconds_count") >= 1
 
+            audited = await _kafka_audit_events(c)
+            assert audited and {e["event_type"] for e in audited} == {"kafka.batch"}
+            listed = [p for e in audited for p in e["payload"]["payments"]]
+            assert all(e["payload"]["refunds"] == [] and e["payload"]["payments"] for e in audited)
+            paid = {
+                p: invoice_id
+                for invoice_id in totals
+                for p in expect_ok(await c.call("GET", f"/finance/invoice/{invoice_id}", role="auditor"))[
+                    "payments"
+                ]
+            }
+            assert sorted(p["payment_id"] for p in listed) == sorted(paid)  # each exactly once
+            assert all(p["invoice_id"] == paid[p["payment_id"]] for p in listed)
+            expected_ids = {f"evt-{i}-{half}" for i in totals for half in "ab"}
+            assert {p["event_id"] for p in listed} == expected_ids
+            hashes = await _journal_hashes(kafka_node.dsn, [p["journal_id"] for p in listed])
+            assert [p["journal_hash"] for p in listed] == [hashes[p["journal_id"]] for p in listed]
+
     asyncio.run(flow())
+
+
+async def _kafka_audit_events(c: Client) -> list[dict[str, Any]]:
+    """The audit events recorded by the node's consumers of TOPIC, in order."""
+    events: list[dict[str, Any]] = []
+    cursor = ""
+    while True:
+        page = expect_ok(await c.call("GET", f"/audit/events?limit=1000{cursor}", role="auditor"))
+        if not page["events"]:
+            return [e for e in events if e["actor_id"] == f"kafka:{TOPIC}"]
+        events += page["events"]
+        cursor = f"&cursor={page['next_cursor']}"
+
+
+async def _journal_hashes(dsn: str, journal_ids: list[str]) -> dict[str, str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT journal_id, hash FROM journals WHERE journal_id = ANY($1::text[])", journal_ids
+        )
+    finally:
+        await conn.close()
+    return {r["journal_id"]: bytes(r["hash"]).hex() for r in rows}
 
 
 def test_separate_consumer_pauses_while_the_node_is_unreachable_and_resumes(

@@ -11,8 +11,9 @@ import pytest
 
 from api.kafka_consumer import DeadLetter, _Acks, dead_letter
 from api.kafka_events import Outcome, Poison, Reason, Result, classify_answer, classify_error, decode_event
-from api.kafka_sinks import http_request
+from api.kafka_sinks import BATCH_EVENT, batch_payload, http_request
 from ledger.errors import ErrorCode, LedgerError, Rejection
+from signer.canonical import canonical
 
 GOOD = {
     "event_id": "e1",
@@ -105,3 +106,41 @@ def test_commit_point_is_the_acknowledged_prefix() -> None:
     assert acks.commit_point(tp) == 12
     acks.ack(records[2])
     assert acks.commit_point(tp) == 14
+
+
+def test_a_batch_audit_payload_lists_each_posted_event_like_its_http_event() -> None:
+    """Tried: a batch that posted a settlement, a refund and a payment without a journal ->
+    one `kafka.batch` payload: payments and refunds in batch order, each with the HTTP event's keys
+    plus event_id and its journal's hash (null without a journal), canonical-encodable."""
+    settlement = decode_event(json.dumps(GOOD).encode())
+    refund = decode_event(
+        json.dumps({**GOOD, "event_id": "e2", "type": "refund", "settlement_id": None}).encode()
+    )
+    free = decode_event(
+        json.dumps({**GOOD, "event_id": "e3", "type": "payment", "settlement_id": None}).encode()
+    )
+    common = {"invoice_id": "inv-1", "amount": 1190, "currency": "EUR", "status": "paid", "extra": 1}
+    posted = [
+        (settlement, {**common, "payment_id": "pay-1", "journal_id": "inv-1.pay.pay-1"}),
+        (refund, {**common, "refund_id": "rfd-1", "journal_id": "inv-1.refund.rfd-1"}),
+        (free, {**common, "payment_id": "pay-2", "journal_id": None}),
+    ]
+    payload = batch_payload(posted, {"inv-1.pay.pay-1": "aa", "inv-1.refund.rfd-1": "bb"})
+    keys = ("invoice_id", "journal_id", "amount", "currency", "status")
+
+    def entry(kind: str, index: int, event_id: str, settlement_id: str | None, hashed: str | None) -> dict:
+        answer = posted[index][1]
+        return {
+            f"{kind}_id": answer[f"{kind}_id"],
+            **{k: answer[k] for k in keys},
+            "event_id": event_id,
+            "settlement_id": settlement_id,
+            "journal_hash": hashed,
+        }
+
+    assert payload["payments"] == [
+        entry("payment", 0, "e1", "st-1", "aa"),
+        entry("payment", 2, "e3", None, None),
+    ]
+    assert payload["refunds"] == [entry("refund", 1, "e2", None, "bb")]
+    assert BATCH_EVENT == "kafka.batch" and json.loads(canonical(payload)) == payload

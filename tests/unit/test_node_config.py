@@ -124,13 +124,13 @@ def test_kafka_consumers_default_to_three_and_malformed_counts_refuse_start_up(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Tried: KAFKA_BOOTSTRAP_SERVERS unset (no consumer at all); set with LEDGER_KAFKA_CONSUMERS
-    unset, 1 and 8 -> 3, 1, 8 (batch 500); 0, 65 and "two" -> ConfigError naming the variable."""
+    unset, 1 and 8 -> 3, 1, 8 (batch 2000); 0, 65 and "two" -> ConfigError naming the variable."""
     monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)
     assert NodeConfig.from_env().kafka is None
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
     monkeypatch.delenv("LEDGER_KAFKA_CONSUMERS", raising=False)
     kafka = NodeConfig.from_env().kafka
-    assert kafka is not None and (kafka.consumers, kafka.batch_max) == (3, 500)
+    assert kafka is not None and (kafka.consumers, kafka.batch_max) == (3, 2000)
     for value, expected in (("1", 1), ("8", 8)):
         monkeypatch.setenv("LEDGER_KAFKA_CONSUMERS", value)
         kafka = NodeConfig.from_env().kafka
