@@ -18,7 +18,8 @@ database and `ledger-node serve` with `KAFKA_BOOTSTRAP_SERVERS` (topic `payments
    (target: kafka >= 0.8x).
 
 Besides events/s it prints the CPU each process group spent per event in each phase (front end,
-Ray actors, the database's PostgreSQL backends, the broker) and, as ``idle (per s)``, what the
+Ray actors, Ray's own processes, the database's PostgreSQL backends, this process as the load
+generator, the broker; `loadtests.cpu_meter`) and, as ``idle (per s)``, what the
 groups spend per second doing nothing (Ray's and the node's background work), measured over 3 s
 before the phases.
 
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import subprocess
 import sys
@@ -40,8 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
-import psutil  # type: ignore[import-untyped]
 
 from loadtests.baseline import create_database, drop_database, new_database_name
 from loadtests.bench import (
@@ -53,73 +51,10 @@ from loadtests.bench import (
     stop_node,
     wait_ready,
 )
+from loadtests.cpu_meter import CpuMeter
 from loadtests.kafka_load import payment_event, produce
 
 TOPIC = "payments"
-GROUPS = ("front end", "ray actors", "postgres", "broker")
-
-
-async def cpu_seconds(node_pid: int, broker_pid: int, dsn: str) -> dict[str, float]:
-    """CPU seconds so far of the node's processes by group: the front end (`ledger-node serve`),
-    its Ray actors (descendants named ray::...), the PostgreSQL backends of its database and the
-    broker. Differences over a phase, per event, compare paths on a shared machine far better than
-    wall-clock throughput (other load slows both, but does not add CPU to these processes)."""
-    totals = dict.fromkeys(GROUPS, 0.0)
-
-    def add(group: str, proc: psutil.Process) -> None:
-        try:
-            times = proc.cpu_times()
-        except psutil.Error:
-            return
-        totals[group] += times.user + times.system
-
-    node = psutil.Process(node_pid)
-    add("front end", node)
-    for child in node.children(recursive=True):
-        try:
-            name = " ".join(child.cmdline())
-        except psutil.Error:
-            continue
-        if name.startswith("ray::"):
-            add("ray actors", child)
-    conn = await asyncpg.connect(dsn)
-    try:
-        pids = [
-            r[0]
-            for r in await conn.fetch("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
-        ]
-    finally:
-        await conn.close()
-    for pid in pids:
-        with contextlib.suppress(psutil.Error):
-            add("postgres", psutil.Process(pid))
-    with contextlib.suppress(psutil.Error):
-        add("broker", psutil.Process(broker_pid))
-    return totals
-
-
-class CpuMeter:
-    """CPU per item of each timed phase, by process group (`cpu_seconds` before and after)."""
-
-    def __init__(self, node_pid: int, broker_pid: int, dsn: str) -> None:
-        self.node_pid, self.broker_pid, self.dsn = node_pid, broker_pid, dsn
-        self.phases: dict[str, dict[str, float]] = {}
-
-    async def measure(self, label: str, items: int, phase: Any) -> float:
-        """Run `phase` (awaitable of items/s) and record its CPU µs per item by group."""
-        before = await cpu_seconds(self.node_pid, self.broker_pid, self.dsn)
-        rate = float(await phase)
-        after = await cpu_seconds(self.node_pid, self.broker_pid, self.dsn)
-        self.phases[label] = {g: (after[g] - before[g]) * 1e6 / items for g in GROUPS}
-        return rate
-
-    def table(self) -> str:
-        lines = [f"{'CPU us per event':<16}" + "".join(f"{g:>12}" for g in GROUPS) + f"{'all':>10}"]
-        for label, per in self.phases.items():
-            lines.append(
-                f"{label:<16}" + "".join(f"{per[g]:>12.0f}" for g in GROUPS) + f"{sum(per.values()):>10.0f}"
-            )
-        return "\n".join(lines)
 
 
 def start_broker(port: int) -> subprocess.Popen[bytes]:
@@ -287,7 +222,7 @@ async def amain(opts: argparse.Namespace) -> int:
             node = start_node(opts.node_bin, free_port(), opts.shards, dsn, Path(tmp), env)
             try:
                 await wait_ready(node, 180)
-                meter = CpuMeter(node.proc.pid, broker.pid, dsn)
+                meter = CpuMeter(node.proc.pid, dsn, broker.pid, unit="event")
                 async with aiohttp.ClientSession() as http:
                     kafka_invoices = await issue_invoices(http, node.base_url, f"kq-{name}", opts.events)
                     http_invoices = await issue_invoices(http, node.base_url, f"hq-{name}", opts.events)
