@@ -46,6 +46,7 @@ from loadtests.bench import (
     AUTH_HEADERS,
     DEFAULT_ADMIN_DSN,
     DEFAULT_NODE_BIN,
+    commit_counters,
     free_port,
     start_node,
     stop_node,
@@ -228,24 +229,31 @@ async def amain(opts: argparse.Namespace) -> int:
                     http_invoices = await issue_invoices(http, node.base_url, f"hq-{name}", opts.events)
                     n = opts.events
                     await meter.measure("idle (per s)", 3, asyncio.sleep(3, result=0.0))
-                    kafka = await meter.measure(
-                        "kafka", n, run_kafka(http, node.base_url, bootstrap, kafka_invoices)
+                    commits: dict[str, tuple[float, float]] = {}
+
+                    async def phase(label: str, work: Any) -> float:
+                        before = await commit_counters(node.base_url)
+                        rate = float(await meter.measure(label, n, work))
+                        after = await commit_counters(node.base_url)
+                        commits[label] = (after[0] - before[0], after[1] - before[1])
+                        return rate
+
+                    kafka = await phase("kafka", run_kafka(http, node.base_url, bootstrap, kafka_invoices))
+                    payments = await phase(
+                        "http-payment", run_http_payments(http, node.base_url, http_invoices)
                     )
-                    payments = await meter.measure(
-                        "http-payment", n, run_http_payments(http, node.base_url, http_invoices)
-                    )
-                    batch = await meter.measure(
-                        "post-batch", n, run_post_batch(http, node.base_url, http_invoices)
-                    )
+                    batch = await phase("post-batch", run_post_batch(http, node.base_url, http_invoices))
             finally:
                 await stop_node(node)
     finally:
         broker.terminate()
         broker.wait(10)
         await drop_database(opts.admin_dsn, name)
-    print(f"{'scenario':<16}{'events/s':>12}{'kafka ratio':>14}")
+    print(f"{'scenario':<16}{'events/s':>12}{'kafka ratio':>14}{'shard commits':>15}{'journals/commit':>17}")
     for label, rate in (("kafka", kafka), ("http-payment", payments), ("post-batch", batch)):
-        print(f"{label:<16}{rate:>12.0f}{kafka / rate:>13.2f}x")
+        count, journals = commits[label]
+        size = journals / count if count else 0.0
+        print(f"{label:<16}{rate:>12.0f}{kafka / rate:>13.2f}x{count:>15.0f}{size:>17.1f}")
     print(meter.table())
     return 0
 
