@@ -35,14 +35,14 @@ import asyncpg
 import msgspec
 
 from actors.messages import (
-    CROSS_ITEMS,
+    CROSS_CALLS,
     ENCODER,
     MSGPACK_ONE_ITEM_ARRAY,
     RAW_ITEMS,
     VOTES,
-    CrossItem,
+    CrossCall,
     DecideItem,
-    PrepareItem,
+    PrepareOut,
     Result,
 )
 from actors.ports import ShardPort
@@ -108,7 +108,7 @@ SELECT x.txid, x.request, j.hash, j.posted_at FROM xtx x
 class _Round:
     """One cross-shard journal inside a round (`raw`: its msgpack bytes as the caller sent them)."""
 
-    item: CrossItem
+    item: CrossCall
     raw: msgspec.Raw
     tx: CoordinatorTx
     result: Result | None = None
@@ -117,7 +117,7 @@ class _Round:
 
 
 IdemKey = tuple[str, str]
-_Call = tuple[list[tuple[CrossItem, msgspec.Raw]], asyncio.Future[list[Result]]]
+_Call = tuple[list[tuple[CrossCall, msgspec.Raw]], asyncio.Future[list[Result]]]
 
 
 @dataclass(slots=True)
@@ -206,8 +206,9 @@ class CoordinatorEngine:
         """Post a batch of cross-shard journals; msgpack list of `Result` in order."""
         future: asyncio.Future[list[Result]] = asyncio.get_running_loop().create_future()
         with self._timed("decode"):
-            # Each item with its own bytes: the intent logs them as they came.
-            items = list(zip(CROSS_ITEMS.decode(payload), RAW_ITEMS.decode(payload), strict=True))
+            # Each item with its own bytes: the intent logs them as they came. The parts' lines stay
+            # msgpack (`CrossCall`): PREPARE forwards them as they came.
+            items = list(zip(CROSS_CALLS.decode(payload), RAW_ITEMS.decode(payload), strict=True))
         self.queue.put_nowait((items, future))
         results = await future
         with self._timed("encode"):
@@ -428,7 +429,7 @@ class CoordinatorEngine:
                 per_shard.setdefault(shard, []).append(e)
 
         async def ask(shard: int, group: list[_Round]) -> None:
-            payload = ENCODER.encode([PrepareItem(e.item.journal_id, e.item.parts[shard]) for e in group])
+            payload = ENCODER.encode([PrepareOut(e.item.journal_id, e.item.parts[shard]) for e in group])
             try:
                 votes = VOTES.decode(await self.shards[shard].prepare(payload))
             except Exception as exc:
@@ -555,15 +556,16 @@ class CoordinatorEngine:
 
     async def _send_decisions(self, live: list[_Round]) -> None:
         """Send COMMIT/ABORT to every participant, retrying each shard until it acknowledges."""
-        per_shard: dict[int, list[_Round]] = {}
+        per_shard: dict[int, list[tuple[_Round, DecideItem]]] = {}
         for e in live:
+            decision = _decide_item(e)  # the same for every participant
             for shard in e.item.parts:
-                per_shard.setdefault(shard, []).append(e)
+                per_shard.setdefault(shard, []).append((e, decision))
 
-        async def tell(shard: int, group: list[_Round]) -> None:
-            payload = ENCODER.encode([_decide_item(e, shard) for e in group])
+        async def tell(shard: int, group: list[tuple[_Round, DecideItem]]) -> None:
+            payload = ENCODER.encode([decision for _, decision in group])
             if await self._call_decide(shard, payload):
-                for e in group:
+                for e, _ in group:
                     e.tx.on_ack(shard)
 
         await asyncio.gather(*(tell(shard, group) for shard, group in per_shard.items()))
@@ -614,7 +616,7 @@ class CoordinatorEngine:
         finished: list[str] = []
         for row in rows:
             decision = logged_decision(committed=row["hash"] is not None)
-            (item,) = CROSS_ITEMS.decode(row["request"])
+            (item,) = CROSS_CALLS.decode(row["request"])
             ok = await self._resend(item, decision, row["hash"], row["posted_at"])
             if ok:
                 finished.append(item.journal_id)
@@ -623,27 +625,19 @@ class CoordinatorEngine:
             await conn.execute(_FORGET, finished)
         return len(finished)
 
-    async def _resend(self, item: CrossItem, decision: Decision, hashed: bytes | None, posted: Any) -> bool:
+    async def _resend(self, item: CrossCall, decision: Decision, hashed: bytes | None, posted: Any) -> bool:
         commit = decision is Decision.COMMIT
         check(not commit or hashed is not None, f"committed transaction {item.journal_id} has no journal row")
         stamp = rfc3339(posted) if commit else ""
-        acks = await asyncio.gather(
-            *(
-                self._call_decide(
-                    shard,
-                    ENCODER.encode([DecideItem(item.journal_id, commit, lines, bytes(hashed or b""), stamp)]),
-                )
-                for shard, lines in item.parts.items()
-            )
-        )
+        payload = ENCODER.encode([DecideItem(item.journal_id, commit, bytes(hashed or b""), stamp)])
+        acks = await asyncio.gather(*(self._call_decide(shard, payload) for shard in item.parts))
         return all(acks)
 
 
-def _effective(item: CrossItem) -> datetime | None:
+def _effective(item: CrossCall) -> datetime | None:
     return parse_rfc3339(item.journal.effective_at) if item.journal.effective_at else None
 
 
-def _decide_item(e: _Round, shard: int) -> DecideItem:
-    return DecideItem(
-        e.item.journal_id, e.tx.decision is Decision.COMMIT, e.item.parts[shard], e.hash, e.posted_at
-    )
+def _decide_item(e: _Round) -> DecideItem:
+    """The decision for every participant of `e` (a COMMIT applies the part each one reserved)."""
+    return DecideItem(e.item.journal_id, e.tx.decision is Decision.COMMIT, e.hash, e.posted_at)

@@ -35,19 +35,45 @@ class CrossItem(msgspec.Struct, frozen=True, array_like=True, gc=False):
     parts: dict[int, tuple[Line, ...]]
 
 
-class PrepareItem(msgspec.Struct, frozen=True, array_like=True):
+class CrossCall(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """A `CrossItem` as the coordinator decodes it: each part's lines kept as their msgpack bytes.
+
+    Same wire format as `CrossItem`. The coordinator never reads a part's lines: it forwards them to
+    the participant in a `PrepareOut` as they came, without decoding and encoding them again.
+    """
+
+    journal: Journal
+    journal_id: str
+    principal: str
+    idem_key: str | None
+    request_hash: bytes
+    parts: dict[int, msgspec.Raw]
+
+
+class PrepareItem(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """One participant's part of a cross-shard journal, sent with PREPARE."""
 
     txid: str
     lines: tuple[Line, ...]
 
 
-class DecideItem(msgspec.Struct, frozen=True, array_like=True):
-    """The coordinator's durable decision for one participant's part."""
+class PrepareOut(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """A `PrepareItem` as the coordinator encodes it (`lines`: the part's msgpack bytes, as received)."""
+
+    txid: str
+    lines: msgspec.Raw
+
+
+class DecideItem(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """The coordinator's durable decision for one participant's part.
+
+    No lines: a COMMIT applies the lines the participant reserved at PREPARE (a reservation lives
+    until its decision, and a restarted participant reloads it from the `xtx` log). `hash` and
+    `posted_at` are the committed journal's (empty for an ABORT).
+    """
 
     txid: str
     commit: bool
-    lines: tuple[Line, ...]
     hash: bytes
     posted_at: str
 
@@ -93,4 +119,5 @@ VOTES: Final = msgspec.msgpack.Decoder(list[Vote])
 # A coordinator call item by item: each item's msgpack bytes (kept for the `xtx` log), then decoded.
 RAW_ITEMS: Final = msgspec.msgpack.Decoder(list[msgspec.Raw])
 CROSS_ITEM: Final = msgspec.msgpack.Decoder(CrossItem)
+CROSS_CALLS: Final = msgspec.msgpack.Decoder(list[CrossCall])
 MSGPACK_ONE_ITEM_ARRAY: Final = b"\x91"  # msgpack fixarray header of a one-element array

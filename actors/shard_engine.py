@@ -103,7 +103,9 @@ class _Pending:
 @dataclass(slots=True)
 class _Batch:
     posts: list[_Pending] = field(default_factory=list)
-    parts: list[tuple[DecideItem, int, int]] = field(default_factory=list)
+    parts: list[tuple[DecideItem, int, int]] = field(default_factory=list)  # COMMITs of held reservations
+    part_ids: set[str] = field(default_factory=set)
+    resent: list[tuple[DecideItem, int, int]] = field(default_factory=list)  # COMMITs of no reservation
 
 
 def _is_ok(answer: Any) -> bool:
@@ -329,12 +331,7 @@ class ShardEngine:
             elif entry.kind == "account":
                 answers[w_index] = [await self._create_account(*entry.items[0])]
             elif entry.kind == "decide":
-                for i, decision in enumerate(entry.items):
-                    if decision.commit:
-                        batch.parts.append((decision, w_index, i))
-                    else:
-                        self.book.release(decision.txid)
-                        answers[w_index][i] = True
+                self._sort_decisions(entry.items, w_index, batch, answers)
             elif self.moves.fenced:  # a handoff fenced some slots: refuse postings touching them
                 for i, item in enumerate(entry.items):
                     slots = self.moves.blocked(item.journal.lines)
@@ -346,6 +343,8 @@ class ShardEngine:
                 batch.posts.extend(_Pending(item, w_index, i) for i, item in enumerate(entry.items))
         if batch.posts or batch.parts:
             await self._group_commit(batch, answers)
+        if batch.resent:
+            await self._ack_resent(batch.resent, answers, work)
         for entry, answer in zip(work, answers, strict=True):
             if entry.future.done():
                 continue
@@ -354,6 +353,55 @@ class ShardEngine:
                 entry.future.set_exception(failure)
             else:
                 entry.future.set_result(answer)
+
+    def _sort_decisions(
+        self, decisions: list[DecideItem], w_index: int, batch: _Batch, answers: list[list[Any]]
+    ) -> None:
+        """ABORTs release at once; a COMMIT applies its part's reservation in this group commit.
+
+        A COMMIT applies the lines reserved at PREPARE (the decision carries none). With no
+        reservation held, or a second COMMIT of a part already in this batch, it is a resent COMMIT
+        of a part applied before: `_ack_resent` checks the store after the group commit.
+        """
+        for i, decision in enumerate(decisions):
+            txid = decision.txid
+            if not decision.commit:
+                self.book.release(txid)
+                answers[w_index][i] = True
+            elif txid in self.book.reservations and txid not in batch.part_ids:
+                batch.parts.append((decision, w_index, i))
+                batch.part_ids.add(txid)
+            else:
+                batch.resent.append((decision, w_index, i))
+
+    async def _ack_resent(
+        self, resent: list[tuple[DecideItem, int, int]], answers: list[list[Any]], work: list[_Work]
+    ) -> None:
+        """Acknowledge COMMITs of parts applied before (their chain link is stored).
+
+        A part neither applied nor reserved means the book lost a reservation the log still holds:
+        restart from PostgreSQL, which reloads it (`repository.load_in_doubt`); the coordinator
+        resends the COMMIT. A part still reserved (the batch holding its first COMMIT failed, e.g.
+        signing) fails the call, and the coordinator resends it.
+        """
+        assert self.pool is not None
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT journal_id FROM shard_links WHERE shard_id = $1 AND journal_id = ANY($2::text[])",
+                self.shard_id,
+                [d.txid for d, _, _ in resent],
+            )
+        applied = {r[0] for r in rows}
+        lost: list[str] = []
+        for decision, w, i in resent:
+            if decision.txid in applied:
+                answers[w][i] = True
+            elif decision.txid in self.book.reservations:
+                answers[w][i] = RuntimeError(f"part {decision.txid} is not applied yet; resend the COMMIT")
+            else:
+                lost.append(decision.txid)
+        if lost:
+            self._state_lost(work, f"COMMIT of {len(lost)} part(s) neither reserved nor applied: {lost[:3]}")
 
     async def _sweep_loop(self) -> None:
         while True:
@@ -603,8 +651,10 @@ class ShardEngine:
     ) -> tuple[int, bytes | None]:
         """Stage the batch's committed cross-shard parts and add their links and lines to the chain."""
         part_stamps: dict[str, int] = {}  # the parts of one coordinator round share their posted_at
+        reservations = self.book.reservations
         for part, _w, _i in batch.parts:
-            self.book.stage_reserved(part.txid, part.lines, staging)
+            lines = reservations[part.txid]  # a COMMIT applies what PREPARE reserved (`_sort_decisions`)
+            self.book.stage_reserved(part.txid, lines, staging)
             seq += 1
             part_us = part_stamps.get(part.posted_at)
             if part_us is None:
@@ -618,7 +668,7 @@ class ShardEngine:
             rows.l_prev_hash.append(head)
             leaves.append(part.hash)
             head = part.hash
-            for line in part.lines:
+            for line in lines:
                 rows.lines.append(
                     (part.txid, line.line_no, self.shard_id, line.account_id, line.currency,
                      "D" if line.is_debit else "C", line.amount, part_us, True)

@@ -331,9 +331,12 @@ class Book:
 
     # -- checks ----------------------------------------------------------------------------
     def _ensure_accounts(self, lines: Iterable[Line], staging: Staging) -> None:
+        """Stage the accounts of `lines` that are not registered yet (created on first use)."""
+        rows, kinds, new = self._rows, self._kind, staging.new_accounts  # `accounts`, without the view
         for line in lines:
-            if line.account_id not in self.accounts and line.account_id not in staging.new_accounts:
-                staging.new_accounts[line.account_id] = line.account_type
+            row = rows.get(line.account_id)
+            if (row is None or kinds[row] == NO_ACCOUNT) and line.account_id not in new:
+                new[line.account_id] = line.account_type
 
     def shortfall(
         self, lines: tuple[Line, ...], staging: Staging | None = None, exclude: str | None = None

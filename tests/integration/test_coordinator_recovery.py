@@ -20,8 +20,8 @@ import asyncpg
 import pytest
 
 from actors.coordinator_engine import CoordinatorEngine
-from actors.messages import ENCODER, RESULTS, PostItem, Result
-from actors.shard_engine import ShardEngine
+from actors.messages import ACKS, ENCODER, RESULTS, DecideItem, PostItem, Result
+from actors.shard_engine import ShardEngine, StateLost
 from ledger.errors import ErrorCode
 from ledger.journal import JournalIn, LineIn, validate_journal
 from sharding.slots import SLOT_COUNT
@@ -225,6 +225,33 @@ async def _decision_answer_lost(node: _Node) -> None:
     (later,) = await node.submit(_item("lost-later", funder, guarded, 10))
     assert later.ok, later  # the next decision reloads the stream position: no gap, no clash
     assert await _balance(node.dsn, guarded) == 50
+
+
+async def _resent_commits(node: _Node) -> None:
+    guarded, _sink, funder = await _funded(node, "resent")
+    engine = node.engines[0]
+    conn = await asyncpg.connect(node.dsn)
+    try:
+        hashed = await conn.fetchval("SELECT hash FROM journals WHERE journal_id = 'resent-fund'")
+    finally:
+        await conn.close()
+    # A COMMIT carries no lines: the participant applies what it reserved. Resent for a part applied
+    # before (an acknowledgement lost), twice in one call, it is acknowledged and applied only once.
+    resent = DecideItem("resent-fund", True, hashed, "2026-12-07T00:00:00Z")
+    assert ACKS.decode(await engine.decide(ENCODER.encode([resent, resent]))) == [True, True]
+    assert await _balance(node.dsn, guarded) == 100
+    assert await _balance(node.dsn, funder) == -100
+    # A COMMIT of a part neither reserved nor applied: the book lost what the log holds, so the
+    # participant stops serving (its actor restarts and reloads its reservations from the log).
+    unknown = DecideItem("never-prepared", True, hashed, "2026-12-07T00:00:00Z")
+    with pytest.raises(StateLost):
+        await engine.decide(ENCODER.encode([unknown]))
+    assert await _balance(node.dsn, guarded) == 100
+
+
+def test_resent_commits_apply_once_and_unknown_ones_stop_the_participant(dsn: str) -> None:
+    """COMMITs without lines: a resent one is acknowledged, one the participant never reserved is refused."""
+    _on_node(dsn, _resent_commits)
 
 
 def test_crash_after_the_decision_commits_on_every_participant(dsn: str) -> None:

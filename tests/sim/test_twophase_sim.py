@@ -7,6 +7,9 @@ a fault-free tail must bring every tx to DONE.  Checked on every seed: atomicity
 logged, no double application, no guarded account ever negative in durable state, conservation of money,
 no reservation left over.
 
+A decision carries no lines (as on the node's wire): a COMMIT applies the part the participant
+reserved, so every COMMIT that applies must find its reservation.
+
 The durable state is the node's (migration 0023): a log row per unfinished tx that never changes
 (PREPARING, "maybe prepared"), a commit record (the journal row) written by a COMMIT decision and nothing
 for an ABORT, and the row deleted once every participant acknowledged.
@@ -301,10 +304,12 @@ class World:
             if tx.state == "refused":
                 self.stats["commit-after-reloaded-no"] += 1
             if tx.on_commit():
-                _ensure(
-                    msg.txid in shard.reserved, f"shard {shard.sid} commits {msg.txid} without reservation"
-                )
-                shard.apply(msg.txid, part)
+                # A COMMIT carries no lines: the participant applies the part it reserved.
+                reserved = shard.reserved.get(msg.txid)
+                _ensure(reserved is not None, f"shard {shard.sid} commits {msg.txid} without reservation")
+                _ensure(reserved == part, f"shard {shard.sid} reserved another part of {msg.txid}")
+                assert reserved is not None
+                shard.apply(msg.txid, reserved)
         else:
             tx.on_abort()
         shard.sync(tx, part)
