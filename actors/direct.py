@@ -109,7 +109,7 @@ class DirectServer:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
         except (asyncio.IncompleteReadError, ConnectionError, msgspec.DecodeError, DirectCallError):
-            pass
+            return  # the caller went away (or sent garbage): its connection ends here
         finally:
             writer.close()
 
