@@ -11,12 +11,12 @@ from typing import Any
 
 import ray
 
-from actors.runtime import _DirectPort
-from actors.shard import _Direct
+from actors.runtime import DirectPort
+from actors.shard import DirectMethods
 
 
 @ray.remote(num_cpus=0, max_concurrency=1000)  # type: ignore[call-overload]
-class EchoActor(_Direct):
+class EchoActor(DirectMethods):
     """Answers `echo(value)` with `value`."""
 
     direct_methods = ("echo",)
@@ -29,7 +29,7 @@ class EchoActor(_Direct):
         return os.getpid()
 
 
-class EchoPort(_DirectPort):
+class EchoPort(DirectPort):
     """Calls `echo` through Ray (`via_ray`) or direct (`direct_call`)."""
 
     def __init__(self) -> None:

@@ -73,7 +73,7 @@ def stop_ray() -> None:
         ray.shutdown()
 
 
-class _DirectPort:
+class DirectPort:
     """A port over an actor handle whose hot methods go through a `DirectClient` when enabled."""
 
     def __init__(self, handle: Any, direct: bool | None = None) -> None:
@@ -91,7 +91,7 @@ class _DirectPort:
         return await getattr(self.handle, method).remote(argument)
 
 
-class RayShard(_DirectPort):
+class RayShard(DirectPort):
     """`ShardPort` over a shard actor handle (post, prepare, decide and hold direct)."""
 
     async def post(self, payload: bytes) -> bytes:
@@ -120,7 +120,7 @@ class RayShard(_DirectPort):
         return await self.handle.node_id.remote()  # type: ignore[no-any-return]
 
 
-class RayCoordinator(_DirectPort):
+class RayCoordinator(DirectPort):
     """`CoordinatorPort` over the coordinator actor handle (submit direct)."""
 
     async def submit(self, payload: bytes) -> bytes:
@@ -165,7 +165,7 @@ def spawn_shards(
     }
 
 
-class RaySigner(_DirectPort):
+class RaySigner(DirectPort):
     """`SignerPort` (and admin calls) over the signer actor handle (sign_statements direct)."""
 
     async def sign_statements(self, statements: list[dict[str, Any]]) -> list[tuple[bytes, str, bytes]]:

@@ -59,7 +59,7 @@ class _Lazy:
         tune_gc()  # after the engine loaded its state: freeze it, collect rarely (gc_policy.py)
 
 
-class _Direct:
+class DirectMethods:
     """Mixin: the actor serves `direct_methods` over a direct connection (actors/direct.py)."""
 
     direct_methods: tuple[str, ...] = ()
@@ -80,7 +80,7 @@ def _restart_process(reason: str) -> None:
 
 
 @ray.remote(**ACTOR_OPTIONS)
-class ShardActor(_Direct):
+class ShardActor(DirectMethods):
     """One shard: the single writer of the accounts in its slots."""
 
     direct_methods = ("post", "prepare", "decide", "hold")
@@ -161,7 +161,7 @@ class _ShardsByName(dict[int, Any]):
 
 
 @ray.remote(**ACTOR_OPTIONS)
-class CoordinatorActor(_Direct):
+class CoordinatorActor(DirectMethods):
     """The cross-shard coordinator (two-phase commit with a durable decision log)."""
 
     direct_methods = ("submit",)
@@ -191,7 +191,7 @@ class CoordinatorActor(_Direct):
 
 
 @ray.remote(**ACTOR_OPTIONS)
-class SignerActor(_Direct):
+class SignerActor(DirectMethods):
     """The signer: one key backend (HSM or software), the global log and its checkpoints."""
 
     direct_methods = ("sign_statements",)

@@ -6,8 +6,9 @@ Real sockets on loopback; the "actor" is a DirectServer in the test's event loop
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -55,51 +56,48 @@ class Resolver:
         return await self.actor.server.start("127.0.0.1")
 
 
-@in_loop
-async def test_calls_pipeline_and_keep_types() -> None:
+@contextlib.asynccontextmanager
+async def connected() -> AsyncIterator[tuple[Actor, Resolver, DirectClient]]:
+    """An actor and a client of it, both closed at the end."""
     actor = Actor()
     resolver = Resolver(actor)
     client = DirectClient(resolver)
     try:
+        yield actor, resolver, client
+    finally:
+        await client.close()
+        await actor.server.close()
+
+
+@in_loop
+async def test_calls_pipeline_and_keep_types() -> None:
+    async with connected() as (actor, resolver, client):
         values = [b"bytes", "text", 7, [{"root": b"\x00" * 32, "n": 1}], None]
         assert await asyncio.gather(*(client.call("echo", v) for v in values)) == values
         big = bytes(range(256)) * 40_000  # 10 MB: a large batch of journals
         assert await client.call("echo", big) == big
         assert resolver.calls == 1  # one connection for every call
         assert actor.server.calls == len(values) + 1
-    finally:
-        await client.close()
-        await actor.server.close()
 
 
 @in_loop
 async def test_a_slow_call_does_not_hold_back_others() -> None:
-    actor = Actor()
-    client = DirectClient(Resolver(actor))
-    try:
+    async with connected() as (actor, _resolver, client):
         slow = asyncio.ensure_future(client.call("slow", 1))
         assert await client.call("echo", 2) == 2  # answered while the slow call still runs
         assert not slow.done()
         actor.release.set()
         assert await slow == 1
-    finally:
-        await client.close()
-        await actor.server.close()
 
 
 @in_loop
 async def test_a_method_that_raises_fails_only_its_call() -> None:
-    actor = Actor()
-    client = DirectClient(Resolver(actor))
-    try:
+    async with connected() as (_actor, _resolver, client):
         with pytest.raises(DirectCallError, match="ValueError: refused 3"):
             await client.call("fail", 3)
         with pytest.raises(DirectCallError, match="KeyError"):  # a method the actor does not serve
             await client.call("drop_tables", None)
         assert await client.call("echo", "still open") == "still open"
-    finally:
-        await client.close()
-        await actor.server.close()
 
 
 @in_loop
