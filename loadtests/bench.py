@@ -8,20 +8,24 @@ Steps (every step bounded in time):
 
 1. ``baseline``: :func:`loadtests.baseline.run_baseline` (uniform; ``--hot-baseline`` adds the hot
    variant) in its own scratch database, before the node is started so they do not compete for CPU.
-2. A fresh ``bench_node_*`` database is created and ``ledger-node serve`` is started as a subprocess
-   with ``DATABASE_URL`` and ``LEDGER_API_TOKENS=benchtoken=service,benchadmin=admin``;
-   ``GET /ready`` must answer 200.
+2. Each node scenario below gets its own fresh ``bench_node_*`` database and its own
+   ``ledger-node serve`` subprocess (``DATABASE_URL``,
+   ``LEDGER_API_TOKENS=benchtoken=service,benchadmin=admin``; ``GET /ready`` must answer 200), so
+   no scenario runs on the rows an earlier one wrote (``--shared-node`` runs them one after the
+   other on one node and database instead, as the benchmark did until the eighth session).
 3. ``batch``: ``--batch-clients`` aiohttp clients POST ``/ledger/post_batch`` with ``--batch-size``
    single-shard journals (both accounts on one shard) for S seconds; journals acknowledged
-   ``ok: true`` are counted. ``batch-cross`` does the same with every journal spanning two
-   shards (two-phase commit through the coordinator).
+   ``ok: true`` are counted, and the rate of every 5 s is printed (does it hold as the database
+   grows?). ``batch-cross`` does the same with every journal spanning two shards (two-phase commit
+   through the coordinator).
 4. ``single``: ``wrk`` with ``loadtests/single.lua`` POSTs one single-shard journal per request to
    ``/ledger/post`` (account pairs from a file the bench writes).
 4a. ``batch-hot``: the same batches, but every journal credits one hot account
    (``revenue:platform-fee``, created first as a split account) from asset accounts on every shard.
-4b. ``batch-unsigned``: a second node with ``LEDGER_SIGNING=off`` runs ``batch`` again, so the
+4b. ``batch-unsigned``: a node with ``LEDGER_SIGNING=off`` runs ``batch`` again, so the
    cost of signing is a ratio measured in the same invocation.
-5. The node gets SIGTERM (SIGKILL after 20 s), the database is dropped, and one table is printed.
+5. Each node gets SIGTERM (SIGKILL after 20 s) after its scenario, its database is dropped, and one
+   table is printed at the end.
 
 After each node's scenarios it also prints the CPU microseconds each process group (front end,
 Ray actors, Ray's own processes, PostgreSQL backends, the load generator) spent per acknowledged
@@ -449,19 +453,40 @@ async def batch_client(
         consecutive_failures = 0 if ok else consecutive_failures + 1
 
 
+PROGRESS_EVERY_S = 5.0
+"""Interval of the acknowledged-journals series a batch scenario records and prints."""
+
+
+async def record_progress(stats: BatchStats, series: list[int], every_s: float = PROGRESS_EVERY_S) -> None:
+    """Append the journals acknowledged in each ``every_s`` interval to ``series`` until cancelled,
+    so a run shows whether its rate holds or drifts (for instance as the database grows)."""
+    last = stats.ok_journals
+    while True:
+        await asyncio.sleep(every_s)
+        series.append(stats.ok_journals - last)
+        last = stats.ok_journals
+
+
 async def run_batch(
     base_url: str, seconds: float, clients: int, bodies: BatchBodies, name: str = "batch"
 ) -> BenchResult:
     """Run the ``batch`` scenario; journals/s counts only journals acknowledged with ``ok: true``."""
     stats = BatchStats()
+    series: list[int] = []
     url = f"{base_url}/ledger/post_batch"
     connector = aiohttp.TCPConnector(limit=clients)
     async with aiohttp.ClientSession(connector=connector) as session:
         started = time.perf_counter()
         deadline = started + seconds
+        progress = asyncio.create_task(record_progress(stats, series))
         tasks = [batch_client(session, url, bodies, deadline, stats) for _ in range(clients)]
-        await asyncio.wait_for(asyncio.gather(*tasks), timeout=seconds + 330)
+        try:
+            await asyncio.wait_for(asyncio.gather(*tasks), timeout=seconds + 330)
+        finally:
+            progress.cancel()
         elapsed = time.perf_counter() - started
+    rates = ", ".join(f"{n / PROGRESS_EVERY_S:,.0f}" for n in series)
+    print(f"{name}: journals/s per {PROGRESS_EVERY_S:.0f} s: {rates}", flush=True)
     return make_result(
         name,
         ops=stats.ok_journals,
@@ -478,6 +503,7 @@ async def run_batch(
         bodies_prebuilt=bodies.prebuilt,
         bodies_generated_live=bodies.generated_live,
         body_bytes=bodies.body_bytes,
+        progress_per_s=[round(n / PROGRESS_EVERY_S, 1) for n in series],
     )
 
 
@@ -646,6 +672,10 @@ def format_table(results: list[BenchResult], baseline: BenchResult | None) -> st
     return "\n".join(rows)
 
 
+NODE_SCENARIOS = ("batch", "batch-cross", "batch-hot", "single")
+"""The scenarios run against the signed node, in this order."""
+
+
 @dataclass(slots=True)
 class Options:
     """Parsed command-line options."""
@@ -659,6 +689,7 @@ class Options:
     port: int
     only: set[str]
     hot_baseline: bool
+    shared_node: bool
     batch_size: int
     batch_clients: int
     wrk_connections: int
@@ -684,6 +715,12 @@ def parse_args(argv: list[str] | None = None) -> Options:
         help="repeatable",
     )
     p.add_argument("--hot-baseline", action="store_true", help="also run the hot-account baseline")
+    p.add_argument(
+        "--shared-node",
+        action="store_true",
+        help="run batch, batch-cross, batch-hot and single one after the other on one node and database"
+        " (default: each on its own fresh node and database, so none runs on what an earlier one wrote)",
+    )
     p.add_argument("--batch-size", type=int, default=8190)
     p.add_argument("--batch-clients", type=int, default=4)
     p.add_argument("--wrk-connections", type=int, default=256)
@@ -697,7 +734,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         seconds=seconds, shards=a.shards, accounts=a.accounts, json_out=a.json_out,
         admin_dsn=a.admin_dsn, node_bin=a.node_bin, port=a.port or free_port(),
         only=set(a.only or ("baseline", "batch", "batch-cross", "batch-hot", "single", "batch-unsigned")),
-        hot_baseline=a.hot_baseline,
+        hot_baseline=a.hot_baseline, shared_node=a.shared_node,
         batch_size=a.batch_size, batch_clients=a.batch_clients, wrk_connections=a.wrk_connections,
         wrk_threads=a.wrk_threads, ready_timeout=a.ready_timeout,
     )  # fmt: skip
@@ -729,20 +766,23 @@ async def run_node_scenarios(opts: Options, run_id: str, log_dir: Path) -> list[
     }
     for name, batch in bodies.items():
         print(f"{name}: pre-generated {batch.prebuilt} bodies of {batch.body_bytes / 1e6:.1f} MB", flush=True)
-    results = await _one_node(opts, run_id, log_dir, bodies, same, pairs_file)
+    on_node = [n for n in NODE_SCENARIOS if n in opts.only]
+    groups = ([on_node] if on_node else []) if opts.shared_node else [[n] for n in on_node]
+    results: list[BenchResult] = []
+    for group in groups:
+        node_dir = log_dir if opts.shared_node else log_dir / group[0]
+        node_dir.mkdir(exist_ok=True)
+        scenario_bodies = {n: bodies[n] for n in group if n in bodies}
+        results += await _one_node(opts, run_id, node_dir, scenario_bodies, set(group), same, pairs_file)
     if "batch-unsigned" in opts.only:
         unsigned = {"batch-unsigned": BatchBodies(f"{run_id}u", same, opts.batch_size, budget)}
         unsigned_dir = log_dir / "unsigned"
         unsigned_dir.mkdir()
-        print("starting a second node with LEDGER_SIGNING=off for the signing-cost comparison", flush=True)
-        only = opts.only
-        opts.only = {"batch-unsigned"}
-        try:
-            results += await _one_node(
-                opts, f"{run_id}u", unsigned_dir, unsigned, same, pairs_file, {"LEDGER_SIGNING": "off"}
-            )
-        finally:
-            opts.only = only
+        print("starting a node with LEDGER_SIGNING=off for the signing-cost comparison", flush=True)
+        results += await _one_node(
+            opts, f"{run_id}u", unsigned_dir, unsigned, {"batch-unsigned"}, same, pairs_file,
+            {"LEDGER_SIGNING": "off"},
+        )  # fmt: skip
     return results
 
 
@@ -751,18 +791,20 @@ async def _one_node(
     run_id: str,
     log_dir: Path,
     bodies: dict[str, BatchBodies],
+    scenarios: set[str],
     same: list[Pair],
     pairs_file: Path,
     extra_env: dict[str, str] | None = None,
 ) -> list[BenchResult]:
-    """Start one node on a fresh database, run the scenarios, stop it, drop the database."""
+    """Start one node on a fresh database, run ``scenarios`` (batch ones with ``bodies``), stop it,
+    drop the database."""
     db_name = new_database_name("bench_node")
     dsn = await create_database(opts.admin_dsn, db_name)
     try:
         node = start_node(opts.node_bin, opts.port, opts.shards, dsn, log_dir, extra_env)
         try:
             meter = CpuMeter(node.proc.pid, dsn)
-            results = await drive_node(opts, node, run_id, bodies, same, pairs_file, meter)
+            results = await drive_node(opts, node, run_id, bodies, scenarios, same, pairs_file, meter)
             print("\n" + meter.table(), flush=True)
             return results
         except BaseException as exc:
@@ -780,6 +822,7 @@ async def drive_node(
     node: NodeProcess,
     run_id: str,
     bodies: dict[str, BatchBodies],
+    scenarios: set[str],
     pairs: list[Pair],
     pairs_file: Path,
     meter: CpuMeter,
@@ -800,7 +843,7 @@ async def drive_node(
         result = await run_batch(node.base_url, opts.seconds, opts.batch_clients, batch, name)
         result.extra["cpu_us"] = await meter.stop(name, result.ops, cpu)
         results.append(with_commit_size(result, before, await commit_counters(node.base_url)))
-    if "single" in opts.only:
+    if "single" in scenarios:
         print(f"running single (wrk -t{opts.wrk_threads} -c{opts.wrk_connections}) ...", flush=True)
         before = await commit_counters(node.base_url)
         cpu = await meter.start()
