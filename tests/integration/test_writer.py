@@ -1,4 +1,5 @@
-"""The group-commit writer on the shared PostgreSQL: journals by COPY, and what happens on a conflict.
+"""The group-commit writer on the shared PostgreSQL: journals by COPY or, for small batches, by one
+statement, and what happens on a conflict.
 
 `commit_batch` writes journal rows with COPY, which cannot skip existing rows: a replayed journal id
 or idempotency key aborts the COPY, and the batch is written again with INSERT ... ON CONFLICT DO
@@ -18,6 +19,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+import store.writer
 from store.writer import (
     JOURNALS_UNIQUE,
     LINKS_UNIQUE,
@@ -36,10 +38,17 @@ CASH, SALES = "asset:w-cash", "revenue:w-sales"
 
 
 class SpyConnection(asyncpg.Connection):  # type: ignore[misc]
-    """Counts the COPYs into `journals` and the journals INSERTs (the conflict path)."""
+    """Counts the COPYs into `journals`, the journals INSERTs (the conflict path) and the one-statement
+    group commits (`_ONE_STATEMENT`)."""
 
     journal_copies = 0
     journal_inserts = 0
+    one_statements = 0
+
+    async def execute(self, query: str, *args: Any, **kwargs: Any) -> str:
+        if query.lstrip().startswith("WITH journal_rows AS"):
+            self.one_statements += 1
+        return await super().execute(query, *args, **kwargs)
 
     async def copy_records_to_table(self, table_name: str, **kwargs: Any) -> str:
         if table_name == "journals":
@@ -277,5 +286,148 @@ def test_links_by_copy_and_a_part_applied_before_is_named(dsn: str) -> None:
             " WHERE x.indrelid = 'shard_links'::regclass AND x.indisunique AND NOT x.indisprimary"
         )
         assert {r[0] for r in names} == {LINKS_UNIQUE}
+
+    on(dsn, body)
+
+
+# -- the one-statement path: small batches of known accounts ---------------------------------------
+
+
+def known(rows: BatchRows) -> BatchRows:
+    """`rows` for accounts already stored (no account to create), as most group commits are."""
+    rows.accounts = []
+    return rows
+
+
+def seed(conn: SpyConnection) -> Awaitable[None]:
+    """The accounts `batch` uses, stored by a first (COPY) batch."""
+    return commit_batch(conn, batch([("seed-1", 1, None)], batch_seq=1))
+
+
+def test_small_batch_of_known_accounts_is_written_as_one_statement(dsn: str) -> None:
+    """Every row a COPY batch writes, written by one statement: journals, lines, balances, batch row.
+
+    Tried: a signed two-journal batch on known accounts, then an unsigned one. If the one statement
+    dropped a column, a row or the balances, the stored values below would differ.
+    """
+
+    async def body(conn: SpyConnection) -> None:
+        await seed(conn)
+        await commit_batch(
+            conn, known(batch([("s-1", 2, None), ("s-2", 3, "key-s2")], batch_seq=2, amount=7))
+        )
+        assert (conn.journal_copies, conn.one_statements, conn.journal_inserts) == (1, 1, 0)
+        journals, lines, balances, _, batches = await snapshot(conn)
+        assert journals == [("s-1", 2), ("s-2", 3), ("seed-1", 1)]
+        assert lines[:4] == [("s-1", 0), ("s-1", 1), ("s-2", 0), ("s-2", 1)]
+        assert balances == [(CASH, 114, 0), (SALES, 0, 114)]
+        assert batches == [(1,), (2,)]
+        row = await conn.fetchrow("SELECT * FROM journals WHERE journal_id = 's-2'")
+        assert (row["stream_id"], row["principal"], row["idem_key"], row["effective_at"]) == (
+            0,
+            PRINCIPAL,
+            "key-s2",
+            None,
+        )
+        assert (row["hash"], row["prev_hash"], row["reverses"]) == (b"s-2".ljust(32, b"h"), None, None)
+        assert (row["request_hash"], row["body"]) == (b"s-2".ljust(32, b"r"), b'{"journal_id":"s-2"}')
+        line = await conn.fetchrow("SELECT * FROM journal_lines WHERE journal_id = 's-2' AND line_no = 1")
+        assert (line["shard_id"], line["account_id"], line["currency"], line["side"], line["amount"]) == (
+            0, SALES, "USD", "C", 7,
+        )  # fmt: skip
+        assert line["cross_shard"] is False and line["posted_at"] == row["posted_at"]
+        signed = await conn.fetchrow("SELECT * FROM batches WHERE batch_seq = 2")
+        assert (signed["first_seq"], signed["last_seq"], signed["signer_kid"]) == (2, 3, "kid-1")
+        await commit_batch(conn, known(batch([("s-3", 4, None)])))  # unsigned: no batch row
+        assert conn.one_statements == 2
+        assert (await snapshot(conn))[4] == [(1,), (2,)]
+
+    on(dsn, body)
+
+
+@pytest.mark.parametrize(
+    ("stored", "incoming"),
+    [
+        pytest.param([("e-1", 2, None)], [("e-2", 3, None), ("e-1", 4, None)], id="existing-id"),
+        pytest.param([("e-1", 2, "k")], [("e-2", 3, "k")], id="existing-key"),
+        pytest.param([("e-1", 2, None)], [("e-2", 2, None)], id="existing-chain-position"),
+        pytest.param([], [("e-1", 2, None), ("e-1", 3, None)], id="id-twice-in-batch"),
+    ],
+)
+def test_one_statement_conflicts_raise_what_the_insert_path_raises(
+    dsn: str, stored: list[tuple[str, int, str | None]], incoming: list[tuple[str, int, str | None]]
+) -> None:
+    """A replayed id, key or chain position in a small batch: the same DuplicateJournals, nothing written.
+
+    The one statement fails on the unique index, and the transaction with the INSERT names the rows.
+    """
+
+    async def body(conn: SpyConnection) -> None:
+        await seed(conn)
+        if stored:
+            await commit_batch(conn, known(batch(stored)))
+        with pytest.raises(DuplicateJournals) as legacy:
+            await _write_batch(conn, known(batch(incoming)), _insert_journals, _insert_links)
+        before = await snapshot(conn)
+        tried = conn.one_statements
+        with pytest.raises(DuplicateJournals) as caught:
+            await commit_batch(conn, known(batch(incoming)))
+        assert conn.one_statements == tried + 1, "the one statement was tried first"
+        assert caught.value.journal_ids == legacy.value.journal_ids
+        assert await snapshot(conn) == before
+
+    on(dsn, body)
+
+
+def test_one_statement_refuses_an_unbalanced_journal_and_writes_nothing(dsn: str) -> None:
+    """The balancing trigger guards the one statement too: a journal whose lines do not balance is refused.
+
+    Tried: a small batch whose second journal debits 100 and credits 99.
+    """
+
+    async def body(conn: SpyConnection) -> None:
+        await seed(conn)
+        before = await snapshot(conn)
+        rows = known(batch([("u-1", 2, None), ("u-2", 3, None)]))
+        journal_id, line_no, shard, account, currency, side, _, at, cross = rows.lines[3]
+        rows.lines[3] = (journal_id, line_no, shard, account, currency, side, 99, at, cross)
+        with pytest.raises(asyncpg.CheckViolationError, match="u-2 does not balance"):
+            await commit_batch(conn, rows)
+        assert conn.one_statements == 1
+        assert await snapshot(conn) == before
+
+    on(dsn, body)
+
+
+def test_one_statement_links_and_a_part_applied_before_is_named(dsn: str) -> None:
+    """Cross-shard parts in a small batch: links and lines in the one statement; a resent part named."""
+
+    async def body(conn: SpyConnection) -> None:
+        await commit_batch(conn, parts([("x-1", 1)]))  # creates the account (COPY path)
+        await commit_batch(conn, known(parts([("x-2", 2), ("x-3", 3)])))
+        assert conn.one_statements == 1
+        stored = await conn.fetch("SELECT journal_id, seq FROM shard_links ORDER BY seq")
+        assert [tuple(r) for r in stored] == [("x-1", 1), ("x-2", 2), ("x-3", 3)]
+        cross = await conn.fetch("SELECT cross_shard FROM journal_lines WHERE journal_id = 'x-3'")
+        assert [r[0] for r in cross] == [True]
+        before = await snapshot(conn)
+        with pytest.raises(PartsAlreadyApplied) as caught:
+            await commit_batch(conn, known(parts([("x-4", 4), ("x-3", 5)])))
+        assert caught.value.journal_ids == {"x-3"}
+        assert await snapshot(conn) == before
+
+    on(dsn, body)
+
+
+def test_batches_above_the_one_statement_limit_go_by_copy(dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past `ONE_STATEMENT_MAX` journals the batch is written by COPY (cheaper per row at that size)."""
+    monkeypatch.setattr(store.writer, "ONE_STATEMENT_MAX", 2)
+
+    async def body(conn: SpyConnection) -> None:
+        await seed(conn)
+        await commit_batch(conn, known(batch([("l-1", 2, None), ("l-2", 3, None)])))
+        assert (conn.journal_copies, conn.one_statements) == (1, 1)
+        await commit_batch(conn, known(batch([("l-3", 4, None), ("l-4", 5, None), ("l-5", 6, None)])))
+        assert (conn.journal_copies, conn.one_statements) == (2, 1)
 
     on(dsn, body)
