@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m loadtests.pg_commit [--batches 30] [--size 2000] [--accounts 2500]
+    python -m loadtests.pg_commit [--batches 30] [--size 2000] [--accounts 2500] [--alter SQL ...]
 
 Steps:
 
@@ -13,7 +13,14 @@ Steps:
    the shard builds them (``BatchRows``, one summed balance delta per account) and written one after
    the other on one connection with ``commit_batch``; only the ``commit_batch`` calls are timed
    (from the first statement to COMMIT returning).
-3. It prints the mean cost in microseconds per journal, then drops the database.
+3. It prints the mean cost in microseconds per journal: the wall time of the calls, the CPU the
+   connection's PostgreSQL backend spent on them (``utime + stime`` of ``/proc/<pg_backend_pid()>/stat``,
+   so the server must run on this host) and the WAL they wrote (``pg_current_wal_lsn()`` before and
+   after: cluster-wide, so other writers on the server add to it). Then it drops the database.
+
+``--alter SQL`` (repeatable) runs SQL after the migrations, before the seed: dropping one index or
+trigger at a time this way measures what each costs per journal (``docs/benchmarks.md``, "Eighth
+session").
 
 No Ray, no HTTP, no signing: this isolates what the database and asyncpg cost per journal, which is
 what the schema (indexes, fillfactor) and the writer's statements decide. Run it before and after a
@@ -29,7 +36,9 @@ import asyncio
 import os
 import random
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import asyncpg
 
@@ -43,6 +52,24 @@ _BODY = (
     b'{"journal_id":"x","entries":[{"account_id":"asset:acct-1","side":"debit","amount":100,'
     b'"currency":"USD"},{"account_id":"asset:acct-2","side":"credit","amount":100,"currency":"USD"}]}'
 )
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What the timed ``commit_batch`` calls cost, per journal."""
+
+    wall_us: float
+    backend_cpu_us: float | None  # None when the backend's /proc entry is not readable (remote server)
+    wal_bytes: float
+
+
+def _backend_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far, or None if /proc does not show it."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
 
 
 async def _seed(conn: asyncpg.Connection, accounts: list[str]) -> None:
@@ -86,24 +113,34 @@ def _batch(number: int, size: int, first_seq: int, accounts: list[str], rng: ran
     return rows
 
 
-async def run(admin_dsn: str, batches: int, size: int, accounts_count: int, seed: int) -> float:
-    """Write ``batches`` batches of ``size`` journals; return the mean microseconds per journal."""
+async def run(
+    admin_dsn: str, batches: int, size: int, accounts_count: int, seed: int, alter: list[str] | None = None
+) -> Cost:
+    """Write ``batches`` batches of ``size`` journals; return their mean cost per journal."""
     rng = random.Random(seed)
     accounts = [f"asset:acct-{i}" for i in range(accounts_count)]
     async with scratch_database(admin_dsn, "bench_pgc") as dsn:
         conn = await asyncpg.connect(dsn, server_settings=SERVER_SETTINGS)
         try:
             await apply_migrations(conn)
+            for sql in alter or []:
+                await conn.execute(sql)
             await _seed(conn, accounts)
+            pid = await conn.fetchval("SELECT pg_backend_pid()")
+            cpu_before, lsn_before = _backend_cpu_s(pid), await conn.fetchval("SELECT pg_current_wal_lsn()")
             spent_s = 0.0
             for number in range(batches):
                 rows = _batch(number, size, 1 + number * size, accounts, rng)
                 started = time.perf_counter()
                 await commit_batch(conn, rows)
                 spent_s += time.perf_counter() - started
+            cpu_after = _backend_cpu_s(pid)
+            wal = await conn.fetchval("SELECT pg_current_wal_lsn() - $1::pg_lsn", lsn_before)
         finally:
             await conn.close()
-    return 1e6 * spent_s / (batches * size)
+    journals = batches * size
+    cpu_us = None if cpu_before is None or cpu_after is None else 1e6 * (cpu_after - cpu_before) / journals
+    return Cost(1e6 * spent_s / journals, cpu_us, float(wal) / journals)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,14 +150,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=2000, help="journals per group commit (default 2000)")
     p.add_argument("--accounts", type=int, default=2500, help="accounts the journals touch (default 2500)")
     p.add_argument("--seed", type=int, default=1, help="seed of the account choice (default 1)")
+    p.add_argument("--alter", action="append", metavar="SQL", help="SQL to run after the migrations")
     p.add_argument("--admin-dsn", default=os.environ.get("BENCH_ADMIN_DSN", DEFAULT_ADMIN_DSN))
     a = p.parse_args(argv)
     if a.batches < 1 or a.size < 1 or a.accounts < 2:
         p.error("--batches and --size must be >= 1, --accounts >= 2")
-    per_journal_us = asyncio.run(run(a.admin_dsn, a.batches, a.size, a.accounts, a.seed))
+    cost = asyncio.run(run(a.admin_dsn, a.batches, a.size, a.accounts, a.seed, a.alter))
+    backend = "n/a" if cost.backend_cpu_us is None else f"{cost.backend_cpu_us:.1f}"
     print(
-        f"commit_batch: {a.batches} batches x {a.size} journals: {per_journal_us:.1f} us/journal "
-        f"({1e6 / per_journal_us:,.0f} journals/s on one connection)"
+        f"commit_batch: {a.batches} batches x {a.size} journals: {cost.wall_us:.1f} us/journal "
+        f"({1e6 / cost.wall_us:,.0f} journals/s on one connection); PostgreSQL backend CPU "
+        f"{backend} us/journal; WAL {cost.wal_bytes:.0f} bytes/journal"
     )
 
 

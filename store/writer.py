@@ -16,12 +16,21 @@ gets the same `DuplicateJournals` either way. The chain links of cross-shard par
 same way: by COPY, and a part applied before (a resent COMMIT: rare) makes the batch be
 written again with the INSERT, which names it (`PartsAlreadyApplied`).
 
+Balances go in by a plain `UPDATE ... FROM unnest` (the function `add_posted_deltas`, migration
+0024), which costs PostgreSQL less than `INSERT ... ON CONFLICT DO UPDATE` (no speculative-insertion
+probe, no WAL-logged tuple lock before each update; `docs/benchmarks.md`, "Eighth session") but
+only updates rows that exist. A batch that creates accounts writes its balances with the upsert
+straight away; any other batch whose UPDATE finds fewer rows than it has deltas (an existing
+account's first posting in a currency: rare) is rolled back and written again with the upsert, so no
+delta is ever applied twice or lost.
+
 A small batch (at most `ONE_STATEMENT_MAX` journals and parts, no new accounts: the group commits
 of one-journal-per-request traffic and of light load) is written instead as one statement whose
 `WITH` clauses insert every row (`_ONE_STATEMENT`): one round trip where the transaction above
 takes about nine (BEGIN, two COPYs of two exchanges each, the batch row, the balances, COMMIT).
 A single statement is atomic without BEGIN, and its unique violations name the same constraints,
-so a conflict falls back to the transaction and its INSERTs. Measured with `python -m
+so a conflict falls back to the transaction and its INSERTs. Its balances go in by the
+upsert (one statement cannot roll back and retry on a missing row). Measured with `python -m
 loadtests.commit_paths --limit 100` (docs/benchmarks.md): at 8 and 25 journals per batch the
 statement saves ~300 us of the writer's CPU and ~50-200 us of PostgreSQL's per commit; at 100 the
 arrays cost the writer more than COPY's records, hence the limit.
@@ -46,6 +55,10 @@ class DuplicateJournals(Exception):
     def __init__(self, journal_ids: set[str]) -> None:
         super().__init__(f"{len(journal_ids)} journal(s) already exist")
         self.journal_ids = journal_ids
+
+
+class _NewBalanceRows(Exception):
+    """The balances UPDATE found fewer rows than deltas: the batch is written again with the upsert."""
 
 
 class PartsAlreadyApplied(Exception):
@@ -158,6 +171,10 @@ ON CONFLICT (account_id, currency) DO UPDATE
        credits_posted = b.credits_posted + EXCLUDED.credits_posted
 """
 
+# Every (account, currency) exists: add the deltas in place, probing balances_pkey once per delta in
+# the sorted order of the arrays (migration 0024). Returns the number of rows updated.
+_UPDATE_BALANCES = "SELECT add_posted_deltas($1::text[], $2::char(3)[], $3::bigint[], $4::bigint[])"
+
 _INSERT_BATCH = """
 INSERT INTO batches (shard_id, batch_seq, first_seq, last_seq, statement, root, signature, signer_kid,
                      signed_at)
@@ -236,10 +253,14 @@ async def commit_batch(conn: asyncpg.Connection, rows: BatchRows, after: After |
         except asyncpg.UniqueViolationError as exc:  # nothing was written: the transaction below names it
             if exc.constraint_name not in JOURNALS_UNIQUE and exc.constraint_name != LINKS_UNIQUE:
                 raise
-    for _attempt in range(3):
+    write_balances = _upsert_balances if rows.accounts else _update_balances
+    for _attempt in range(4):
         try:
-            await _write_batch(conn, rows, write_journals, write_links, after)
+            await _write_batch(conn, rows, write_journals, write_links, after, write_balances)
             return
+        except _NewBalanceRows:
+            check(write_balances is _update_balances, "the balance upsert reported missing rows")
+            write_balances = _upsert_balances
         except asyncpg.UniqueViolationError as exc:
             # Some journal already exists (or appears twice), or a part was applied before: the COPY
             # rolled back. The INSERT finds out which, and raises DuplicateJournals / PartsAlreadyApplied.
@@ -255,13 +276,10 @@ async def commit_batch(conn: asyncpg.Connection, rows: BatchRows, after: After |
 async def _write_one_statement(conn: asyncpg.Connection, rows: BatchRows) -> None:
     """A small batch in one statement (`_ONE_STATEMENT`): one round trip, atomic without BEGIN."""
     lines: list[Any] = list(zip(*rows.lines, strict=True)) if rows.lines else [[]] * len(_LINE_COLUMNS)
-    deltas = sorted(rows.deltas)
-    check(len({(d[0], d[1]) for d in deltas}) == len(deltas), "one delta per (account, currency)")
-    balances: list[Any] = list(zip(*deltas, strict=True)) if deltas else [[]] * 5
     await conn.execute(
         _ONE_STATEMENT, rows.shard_id, *rows.journal_columns(),
         rows.l_seq, rows.l_journal_id, rows.l_hash, rows.l_prev_hash,
-        *lines, *(rows.batch or _NO_BATCH_ROW), *balances,
+        *lines, *(rows.batch or _NO_BATCH_ROW), *_delta_columns(rows),
     )  # fmt: skip
 
 
@@ -297,6 +315,26 @@ async def _insert_links(conn: asyncpg.Connection, rows: BatchRows) -> None:
         raise PartsAlreadyApplied(set(rows.l_journal_id) - {r[0] for r in applied})
 
 
+def _delta_columns(rows: BatchRows) -> list[list[Any]]:
+    """The summed deltas as (account_id, currency, slot, debits, credits) columns, sorted by key."""
+    deltas = sorted(rows.deltas)
+    check(len({(d[0], d[1]) for d in deltas}) == len(deltas), "one delta per (account, currency)")
+    return [[d[i] for d in deltas] for i in range(5)]
+
+
+async def _update_balances(conn: asyncpg.Connection, rows: BatchRows) -> None:
+    """The fast path: add the deltas to existing rows; raise _NewBalanceRows if a row is missing."""
+    account_ids, currencies, _slots, debits, credits = _delta_columns(rows)
+    updated = await conn.fetchval(_UPDATE_BALANCES, account_ids, currencies, debits, credits)
+    if updated != len(account_ids):
+        raise _NewBalanceRows
+
+
+async def _upsert_balances(conn: asyncpg.Connection, rows: BatchRows) -> None:
+    """The path for new (account, currency) rows: insert them, add to the others."""
+    await conn.execute(_UPSERT_BALANCES, *_delta_columns(rows))
+
+
 Write = Callable[[asyncpg.Connection, BatchRows], Awaitable[None]]
 
 
@@ -306,8 +344,9 @@ async def _write_batch(
     write_journals: Write,
     write_links: Write,
     after: After | None = None,
+    write_balances: Write = _upsert_balances,
 ) -> None:
-    """The batch's transaction, with its journal rows and chain links written by the given writers."""
+    """The batch's transaction, its journal rows, chain links and balances written by the given writers."""
     async with conn.transaction():
         if rows.accounts:
             accounts = sorted(rows.accounts)
@@ -323,15 +362,6 @@ async def _write_batch(
         if rows.batch is not None:
             await conn.execute(_INSERT_BATCH, rows.shard_id, *rows.batch)
         if rows.deltas:
-            deltas = sorted(rows.deltas)
-            check(len({(d[0], d[1]) for d in deltas}) == len(deltas), "one delta per (account, currency)")
-            await conn.execute(
-                _UPSERT_BALANCES,
-                [d[0] for d in deltas],
-                [d[1] for d in deltas],
-                [d[2] for d in deltas],
-                [d[3] for d in deltas],
-                [d[4] for d in deltas],
-            )
+            await write_balances(conn, rows)
         if after is not None:
             await after(conn)

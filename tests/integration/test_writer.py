@@ -38,17 +38,25 @@ CASH, SALES = "asset:w-cash", "revenue:w-sales"
 
 
 class SpyConnection(asyncpg.Connection):  # type: ignore[misc]
-    """Counts the COPYs into `journals`, the journals INSERTs (the conflict path) and the one-statement
-    group commits (`_ONE_STATEMENT`)."""
+    """Counts the COPYs into `journals`, the journals INSERTs (the conflict path), balance writes and the
+    one-statement group commits (`_ONE_STATEMENT`)."""
 
     journal_copies = 0
     journal_inserts = 0
     one_statements = 0
+    balance_statements: list[str] = []  # "UPDATE" / "INSERT", in order
 
     async def execute(self, query: str, *args: Any, **kwargs: Any) -> str:
         if query.lstrip().startswith("WITH journal_rows AS"):
             self.one_statements += 1
+        if query.split()[:3] == ["INSERT", "INTO", "balances"]:
+            self.balance_statements = [*self.balance_statements, "INSERT"]
         return await super().execute(query, *args, **kwargs)
+
+    async def fetchval(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        if "add_posted_deltas(" in query:
+            self.balance_statements = [*self.balance_statements, "UPDATE"]
+        return await super().fetchval(query, *args, **kwargs)
 
     async def copy_records_to_table(self, table_name: str, **kwargs: Any) -> str:
         if table_name == "journals":
@@ -149,6 +157,45 @@ def test_new_journals_are_written_by_copy(dsn: str) -> None:
             "SELECT stream_id, principal, idem_key FROM journals WHERE journal_id = 'w-2'"
         )
         assert tuple(row) == (0, PRINCIPAL, "key-2")
+
+    on(dsn, body)
+
+
+def test_balances_update_in_place_and_new_rows_are_inserted_once(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Existing balance rows are updated in place; a new (account, currency) is inserted, never doubled.
+
+    A batch that creates accounts upserts straight away. A batch of existing accounts updates; when one
+    of its (account, currency) rows is missing (a first posting in a new currency), the UPDATE rolls
+    the batch back and the batch is written again with the upsert: every delta lands exactly once.
+    (The transaction's path: small batches would otherwise be one statement, which upserts.)
+    """
+    monkeypatch.setattr(store.writer, "ONE_STATEMENT_MAX", 0)
+
+    async def body(conn: SpyConnection) -> None:
+        await commit_batch(conn, batch([("u-1", 1, None)]))
+        assert conn.balance_statements == ["INSERT"], "new accounts: the upsert"
+        rows = batch([("u-2", 2, None), ("u-3", 3, None)])
+        rows.accounts = []
+        await commit_batch(conn, rows)
+        assert conn.balance_statements == ["INSERT", "UPDATE"], "existing rows: one UPDATE"
+        eur = batch([("u-4", 4, None)])
+        eur.accounts = []
+        eur.lines = [(*line[:4], "EUR", *line[5:]) for line in eur.lines]
+        eur.deltas = [*eur.deltas, (CASH, "EUR", 1, 100, 0), (SALES, "EUR", 2, 0, 100)]
+        usd = batch([("u-4", 4, None)]).lines  # u-4 moves 100 EUR (lines 0, 1) and 100 USD (lines 2, 3)
+        eur.lines += [(line[0], line[1] + 2, *line[2:]) for line in usd]
+        await commit_batch(conn, eur)
+        assert conn.balance_statements == ["INSERT", "UPDATE", "UPDATE", "INSERT"]
+        stored = await conn.fetch(
+            "SELECT account_id, currency, debits_posted, credits_posted FROM balances ORDER BY 1, 2"
+        )
+        assert [tuple(r) for r in stored] == [
+            (CASH, "EUR", 100, 0), (CASH, "USD", 400, 0), (SALES, "EUR", 0, 100), (SALES, "USD", 0, 400),
+        ]  # fmt: skip
+        _, lines, _, _, _ = await snapshot(conn)
+        assert len(lines) == 10, "the rolled-back attempt left no lines behind"
 
     on(dsn, body)
 
@@ -429,5 +476,30 @@ def test_batches_above_the_one_statement_limit_go_by_copy(dsn: str, monkeypatch:
         assert (conn.journal_copies, conn.one_statements) == (1, 1)
         await commit_batch(conn, known(batch([("l-3", 4, None), ("l-4", 5, None), ("l-5", 6, None)])))
         assert (conn.journal_copies, conn.one_statements) == (2, 1)
+
+    on(dsn, body)
+
+
+def test_one_statement_inserts_the_balance_row_of_a_new_currency(dsn: str) -> None:
+    """A small batch posting a known account's first EUR: the one statement's upsert inserts that row.
+
+    Tried: after a USD batch, a one-journal EUR batch on the same accounts (no account to create).
+    """
+
+    async def body(conn: SpyConnection) -> None:
+        await seed(conn)
+        eur = known(batch([("c-1", 2, None)], amount=5))
+        eur.lines = [(*line[:4], "EUR", *line[5:]) for line in eur.lines]
+        eur.deltas = [
+            (account, "EUR", slot, debits, credits) for account, _, slot, debits, credits in eur.deltas
+        ]
+        await commit_batch(conn, eur)
+        assert conn.one_statements == 1
+        stored = await conn.fetch(
+            "SELECT account_id, currency, debits_posted, credits_posted FROM balances ORDER BY 1, 2"
+        )
+        assert [tuple(r) for r in stored] == [
+            (CASH, "EUR", 5, 0), (CASH, "USD", 100, 0), (SALES, "EUR", 0, 5), (SALES, "USD", 0, 100),
+        ]  # fmt: skip
 
     on(dsn, body)
