@@ -1,4 +1,4 @@
-"""The aiohttp application: middlewares (envelope, auth) and the route table."""
+"""The aiohttp application: its middleware (envelope, shedding, auth, limits) and the route table."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ from api import (
     tax_routes,
 )
 from api.auth import PRINCIPAL, PUBLIC, STEP_UP_CHALLENGE, Role, require, require_second_factor
-from api.envelope import Handler, error_middleware, error_response, ok
-from api.limits import LIMITER, Limiter, LimitSettings, shed_middleware, token_limit_middleware
+from api.envelope import Handler, error_answer, error_response, ok
+from api.limits import LIMITER, UNSHED_PATHS, Limiter, LimitSettings, overloaded, token_refusal
 from api.requests import BATCH_BODY_MAX
 from api.services import SERVICES, Services
 from ledger.errors import ErrorCode, LedgerError
@@ -44,23 +44,52 @@ PLACEMENT_TIMEOUT_S: Final = 1.0  # /health asks each shard actor where it runs
 
 
 @web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """401 without a known credential, 403 for a role the route does not allow, 401 `mfa_required` for a
-    human without a second factor on an operator/admin route; public routes pass. Runs before every
-    handler, so auth always comes before size, type and validation checks (D6 precedence)."""
-    route_handler = getattr(request.match_info, "handler", None)
-    allowed = request.app[ROLES].get(route_handler)
-    if allowed is None or allowed == PUBLIC:
-        return await handler(request)
-    peercert = request.transport.get_extra_info("peercert") if request.transport is not None else None
-    principal = await request.app[SERVICES].auth.authenticate(request.headers.get("Authorization"), peercert)
-    require(principal, allowed)
+async def front_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The node's one middleware, in this order: the envelope (every failure answers `{ok: false,
+    error}`, `api.envelope.error_answer`); load shedding (`api.limits`; not the system routes); auth:
+    401 without a known credential, 403 for a role the route does not allow, 401 `mfa_required` for
+    a human without a second factor on an operator/admin route (public routes pass); then the
+    per-token limits (429). Auth always comes before size, type and validation checks (D6
+    precedence). One coroutine per request, where four chained middlewares cost four."""
     try:
-        require_second_factor(principal, allowed)
-    except LedgerError as exc:
-        return error_response(exc, {"WWW-Authenticate": STEP_UP_CHALLENGE})
-    request[PRINCIPAL] = principal
-    return await handler(request)
+        app = request.app
+        limiter = app[LIMITER]
+        size = -1  # -1: a system route, not counted in flight
+        if request.path not in UNSHED_PATHS:
+            size = request.content_length or 0
+            if not (limiter.try_enter(size) or await limiter.enter(size)):
+                return overloaded(request, limiter)
+        who = None
+        try:
+            allowed = app[ROLES].get(getattr(request.match_info, "handler", None))
+            if allowed is not None and allowed != PUBLIC:
+                auth, header = app[SERVICES].auth, request.headers.get("Authorization")
+                principal = auth.known(header)  # a static token seen before: no coroutine, no hashing
+                if principal is None:
+                    principal = await auth.authenticate(header, _peercert(request))
+                require(principal, allowed)
+                try:
+                    require_second_factor(principal, allowed)
+                except LedgerError as exc:
+                    return error_response(exc, {"WWW-Authenticate": STEP_UP_CHALLENGE})
+                request[PRINCIPAL] = principal
+                refused = token_refusal(request, limiter, principal.name)
+                if refused is not None:
+                    return refused
+                who = principal.name
+            return await handler(request)
+        finally:
+            if who is not None:
+                limiter.token_leave(who)
+            if size >= 0:
+                limiter.leave(size)
+    except Exception as exc:
+        return error_answer(request, exc)
+
+
+def _peercert(request: web.Request) -> Any:
+    """The TLS client certificate of the request's connection (None without mTLS)."""
+    return request.transport.get_extra_info("peercert") if request.transport is not None else None
 
 
 async def health(request: web.Request) -> web.Response:
@@ -170,8 +199,7 @@ def create_app(
 ) -> web.Application:
     """The application with every route, the envelope, load shedding and auth (`governance`: multisig
     settings; `limits`: api/limits.py, defaults when None)."""
-    middlewares = [error_middleware, shed_middleware, auth_middleware, token_limit_middleware]
-    app = web.Application(middlewares=middlewares, client_max_size=BATCH_BODY_MAX + 1)
+    app = web.Application(middlewares=[front_middleware], client_max_size=BATCH_BODY_MAX + 1)
     app[SERVICES] = svc
     app[LIMITER] = Limiter(limits or LimitSettings())
     roles: dict[Any, frozenset[Role]] = {}

@@ -75,13 +75,13 @@ class Principal:
     mfa: bool = False
     granted: frozenset[Role] = frozenset()
     identities: frozenset[str] = field(default_factory=frozenset)
+    name: str = field(init=False, repr=False, compare=False)
+    """Recorded as `posted_by` and scoping idempotency keys: `role:fingerprint`, `oidc:sub`, `mtls:id`
+    (derived once: every request reads it several times)."""
 
-    @property
-    def name(self) -> str:
-        """Recorded as `posted_by` and scoping idempotency keys: `role:fingerprint`, `oidc:sub`, `mtls:id`."""
-        if self.subject is None:
-            return f"{self.role}:{self.fingerprint}"
-        return f"{self.method}:{self.subject}"
+    def __post_init__(self) -> None:
+        name = f"{self.role}:{self.fingerprint}" if self.subject is None else f"{self.method}:{self.subject}"
+        object.__setattr__(self, "name", name)
 
     @property
     def roles(self) -> frozenset[Role]:
@@ -125,6 +125,10 @@ CertMapper = Callable[[Mapping[str, Any]], Principal | None]
 """Maps a verified TLS peer certificate to a principal (`api.client_certs.ClientCertMap.principal`)."""
 
 
+VERIFIED_MAX: Final = 256
+"""Static-token headers whose principal `Authenticator` remembers (a bound: it starts over when full)."""
+
+
 def looks_like_jwt(token: str) -> bool:
     """Three base64url segments (static tokens never contain dots)."""
     return token.count(".") == 2 and token.startswith("eyJ")
@@ -145,6 +149,8 @@ class Authenticator:
         self.oidc = oidc
         self.client_certs = client_certs
         self.allow_static_operator_tokens = allow_static_operator_tokens or oidc is None
+        self._verified: dict[str, Principal] = {}
+        """Authorization header -> principal, for headers that `principal` accepted (static tokens)."""
 
     async def authenticate(self, header: str | None, peercert: Mapping[str, Any] | None) -> Principal:
         """The caller from its bearer token (JWT or static) or else its client certificate; 401 otherwise."""
@@ -153,18 +159,31 @@ class Authenticator:
             if self.oidc is not None and looks_like_jwt(presented):
                 return await self.oidc(presented)
             found = self.principal(header)
-            if found.role in STATIC_OPERATOR_ROLES and not self.allow_static_operator_tokens:
-                raise unauthorized(
-                    "static operator/admin tokens are off while OIDC is configured: sign in with OIDC "
-                    "(LEDGER_ALLOW_STATIC_OPERATOR_TOKENS=1 allows them, development only)",
-                    "static_token_disabled",
-                )
-            return found
+            if len(self._verified) >= VERIFIED_MAX:
+                self._verified.clear()
+            self._verified[header] = found
+            return self._static_allowed(found)
         if not header and peercert is not None and self.client_certs is not None:
             mapped = self.client_certs(peercert)
             if mapped is not None:
                 return mapped
         return self.principal(header)
+
+    def known(self, header: str | None) -> Principal | None:
+        """What `authenticate` answers for a static-token header it accepted before (None otherwise): a
+        dict lookup instead of comparing against every token and hashing again on each request. Only
+        accepted headers are remembered, so an unknown token always takes the constant-time path."""
+        found = self._verified.get(header) if header else None
+        return None if found is None else self._static_allowed(found)
+
+    def _static_allowed(self, found: Principal) -> Principal:
+        if found.role in STATIC_OPERATOR_ROLES and not self.allow_static_operator_tokens:
+            raise unauthorized(
+                "static operator/admin tokens are off while OIDC is configured: sign in with OIDC "
+                "(LEDGER_ALLOW_STATIC_OPERATOR_TOKENS=1 allows them, development only)",
+                "static_token_disabled",
+            )
+        return found
 
     def principal(self, header: str | None) -> Principal:
         """The caller, or 401 NOT_AUTHORIZED."""

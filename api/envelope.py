@@ -73,21 +73,28 @@ def _from_http(exc: web.HTTPException) -> LedgerError:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn every failure into the envelope with a precise code."""
+    """Turn every failure into the envelope with a precise code (`api.app.front_middleware` does the
+    same for the node, together with shedding and auth)."""
     try:
         return await handler(request)
-    except LedgerError as exc:
-        return error_response(exc)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return error_response(_from_http(exc))
     except Exception as exc:
-        if is_connection_failure(exc):  # PostgreSQL unreachable: the client should retry, not give up
-            log.warning("database unavailable on %s %s: %s", request.method, request.path, exc)
-            return error_response(database_unavailable())
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(LedgerError(ErrorCode.INTERNAL_ERROR, "internal error", {}))
+        return error_answer(request, exc)
+
+
+def error_answer(request: web.Request, exc: Exception) -> web.Response:
+    """The envelope of a failure of `request`, with a precise code; an HTTPException below 400 (a
+    redirect) is raised again. Call it from the `except` block that caught `exc`."""
+    if isinstance(exc, LedgerError):
+        return error_response(exc)
+    if isinstance(exc, web.HTTPException):
+        if exc.status < 400:
+            raise exc
+        return error_response(_from_http(exc))
+    if is_connection_failure(exc):  # PostgreSQL unreachable: the client should retry, not give up
+        log.warning("database unavailable on %s %s: %s", request.method, request.path, exc)
+        return error_response(database_unavailable())
+    log.exception("unhandled error on %s %s", request.method, request.path)
+    return error_response(LedgerError(ErrorCode.INTERNAL_ERROR, "internal error", {}))
 
 
 def database_unavailable() -> LedgerError:

@@ -1,13 +1,13 @@
 """Limits and back-pressure: the node pushes back (429 / 503) instead of buffering without bound.
 
-Two middlewares (installed by `api.app.create_app`):
+Two steps of the node's middleware (`api.app.front_middleware`):
 
-- `shed_middleware` (before auth): at most `in_flight_max` requests are handled at once and their
+- shedding (before auth): at most `in_flight_max` requests are handled at once and their
   declared bodies hold at most `in_flight_bytes_max` bytes. A request over either bound waits up
   to `in_flight_wait_s` for room, then is answered 503 `SERVICE_UNAVAILABLE` (`retryable: true`,
   `Retry-After`). The public system routes (`/health`, `/ready`, `/metrics`, `/openapi.json`) are
   never shed, so an overloaded node stays observable.
-- `token_limit_middleware` (after auth): per principal (token fingerprint) a token bucket of
+- per-token limits (after auth): per principal (token fingerprint) a token bucket of
   `rate_per_s` requests per second with `burst` capacity, and at most `token_in_flight_max`
   requests in flight. Over either: 429 `RATE_LIMITED` with `Retry-After` (whole seconds).
 
@@ -30,8 +30,7 @@ from typing import Final
 
 from aiohttp import web
 
-from api.auth import PRINCIPAL
-from api.envelope import Handler, error_response
+from api.envelope import error_response
 from api.services import SERVICES
 from ledger.errors import ErrorCode, LedgerError
 
@@ -173,6 +172,13 @@ class Limiter:
         # A body larger than the whole budget may still run alone.
         return self.in_flight_bytes == 0 or self.in_flight_bytes + size <= s.in_flight_bytes_max
 
+    def try_enter(self, size: int) -> bool:
+        """Take a place at once if there is one (what `enter` does without waiting); False otherwise."""
+        if not self._fits(size):
+            return False
+        self._take(size)
+        return True
+
     async def enter(self, size: int) -> bool:
         """Take a place for a request with `size` declared body bytes; False when none freed in time.
 
@@ -195,10 +201,13 @@ class Limiter:
                 finally:
                     if not waiter.done():
                         waiter.cancel()
+        self._take(size)
+        return True
+
+    def _take(self, size: int) -> None:
         self.in_flight += 1
         self.in_flight_bytes += size
         self.in_flight_peak = max(self.in_flight_peak, self.in_flight)
-        return True
 
     def leave(self, size: int) -> None:
         """Give the place back and wake the longest waiting request."""
@@ -209,6 +218,14 @@ class Limiter:
             if not waiter.done():
                 waiter.set_result(None)
                 break
+
+    def token_leave(self, who: str) -> None:
+        """Give back the in-flight place `token_refusal` took for `who`."""
+        left = self.token_in_flight[who] - 1
+        if left:
+            self.token_in_flight[who] = left
+        else:
+            del self.token_in_flight[who]
 
     @property
     def waiting(self) -> int:
@@ -224,35 +241,20 @@ def _shed(reason: str, request: web.Request, error: LedgerError, retry_after_s: 
     return error_response(error, {"Retry-After": str(max(1, math.ceil(retry_after_s)))})
 
 
-@web.middleware
-async def shed_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bound the requests (and declared body bytes) handled at once; 503 after a short wait."""
-    if request.path in UNSHED_PATHS:
-        return await handler(request)
-    limiter = request.app[LIMITER]
-    size = request.content_length or 0
-    if not await limiter.enter(size):
-        settings = limiter.settings
-        error = LedgerError(
-            ErrorCode.SERVICE_UNAVAILABLE,
-            "node overloaded: too many requests in flight, retry later",
-            {"retryable": True, "reason": "overloaded", "in_flight_max": settings.in_flight_max},
-        )
-        return _shed("overloaded", request, error, settings.retry_after_s)
-    try:
-        return await handler(request)
-    finally:
-        limiter.leave(size)
+def overloaded(request: web.Request, limiter: Limiter) -> web.Response:
+    """503 for a request that found no place (`Limiter.enter` answered False)."""
+    settings = limiter.settings
+    error = LedgerError(
+        ErrorCode.SERVICE_UNAVAILABLE,
+        "node overloaded: too many requests in flight, retry later",
+        {"retryable": True, "reason": "overloaded", "in_flight_max": settings.in_flight_max},
+    )
+    return _shed("overloaded", request, error, settings.retry_after_s)
 
 
-@web.middleware
-async def token_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Per authenticated principal: a token bucket and an in-flight bound; 429 RATE_LIMITED."""
-    principal = request.get(PRINCIPAL)
-    if principal is None:
-        return await handler(request)
-    limiter = request.app[LIMITER]
-    who = principal.name
+def token_refusal(request: web.Request, limiter: Limiter, who: str) -> web.Response | None:
+    """429 RATE_LIMITED when principal `who` is over its token bucket or its in-flight bound; None when
+    admitted, and then `who` holds one more in-flight place until `Limiter.token_leave`."""
     wait_s = limiter.rate_wait(who)
     if wait_s > 0:
         error = LedgerError(
@@ -270,11 +272,4 @@ async def token_limit_middleware(request: web.Request, handler: Handler) -> web.
         )
         return _shed("token_in_flight", request, error, limiter.settings.retry_after_s)
     limiter.token_in_flight[who] = count + 1
-    try:
-        return await handler(request)
-    finally:
-        left = limiter.token_in_flight[who] - 1
-        if left:
-            limiter.token_in_flight[who] = left
-        else:
-            del limiter.token_in_flight[who]
+    return None

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from typing import TypeVar, cast
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
+
+M = TypeVar("M", bound=MetricWrapperBase)
 
 
 class Metrics:
     """The node's metrics; `/metrics` renders `registry`."""
 
     def __init__(self) -> None:
+        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], MetricWrapperBase] = {}
         self.registry = CollectorRegistry()
         self.post_latency = Histogram(
             "ledger_post_latency_seconds",
@@ -85,6 +91,15 @@ class Metrics:
             "ledger_twophase_outcomes", "Cross-shard outcomes since the coordinator started", ["outcome"],
             registry=self.registry,
         )  # fmt: skip
+
+    def child(self, metric: M, *labels: str) -> M:
+        """`metric.labels(*labels)`, remembered: the same child, without prometheus_client's lock and
+        checks on every request (label values here come from small fixed sets: endpoints, codes)."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return cast(M, found)  # a child of `metric`: its own type
 
 
 class KafkaMetrics:

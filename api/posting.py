@@ -355,6 +355,8 @@ class Poster:
         if self.frozen and not await self._until_thawed(submissions):
             return [_moving(sub) for sub in submissions]
         results = await self._post(submissions)
+        if len(results) == 1 and results[0].code != ErrorCode.SHARD_MOVING:
+            return results  # a single post that was not refused for a move (the common case)
         for _attempt in range(MOVE_RETRIES):
             again = [i for i, r in enumerate(results) if r.code == ErrorCode.SHARD_MOVING]
             if not again:
@@ -374,13 +376,15 @@ class Poster:
             groups = route(submissions, self._split_shard_of, self.slot_map.shard_of)
         else:
             groups = route(submissions, self.slot_map.shard_of)
+        if len(groups) == 1:  # one destination (every single post): no gather, no task; indexes 0..n-1
+            ((dest, (_, items)),) = groups.items()
+            answer = await (self.coordinator if dest == COORDINATOR else self.shards[dest]).submit(items)
+            check(len(answer) == len(submissions), "one result per submission")
+            return answer
         batchers = [self.coordinator if dest == COORDINATOR else self.shards[dest] for dest in groups]
         answers = await asyncio.gather(
             *(batcher.submit(items) for batcher, (_, items) in zip(batchers, groups.values(), strict=True))
         )
-        if len(answers) == 1:  # one destination: its indexes are 0..n-1 in order
-            check(len(answers[0]) == len(submissions), "one result per submission")
-            return answers[0]
         results: list[Result | None] = [None] * len(submissions)
         for (indexes, _), answer in zip(groups.values(), answers, strict=True):
             for index, result in zip(indexes, answer, strict=True):

@@ -30,22 +30,34 @@ def decode_json(body: bytes, kind: type[T]) -> T:
         raise validation_error(f"malformed JSON: {exc}", "$") from None
 
 
+def _too_large(limit: int) -> LedgerError:
+    return LedgerError(ErrorCode.PAYLOAD_TOO_LARGE, f"body over {limit} bytes", {"limit_bytes": limit})
+
+
 async def json_body(request: web.Request, limit: int = SINGLE_BODY_MAX) -> bytes:
     """The raw JSON body: 415 unless `application/json`, 413 above `limit` bytes."""
-    if request.content_type != "application/json":
+    if (
+        request.headers.get("Content-Type") != "application/json"
+        and request.content_type != "application/json"
+    ):
         raise LedgerError(
             ErrorCode.UNSUPPORTED_MEDIA_TYPE,
             "Content-Type must be application/json",
             {"content_type": request.content_type},
         )
     if request.content_length is not None and request.content_length > limit:
-        raise LedgerError(ErrorCode.PAYLOAD_TOO_LARGE, f"body over {limit} bytes", {"limit_bytes": limit})
+        raise _too_large(limit)
+    if request.content.is_eof():  # the whole body came with the headers (a small one): take it at once
+        body = request.content.read_nowait()
+        if len(body) > limit:
+            raise _too_large(limit)
+        return body
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.content.iter_chunked(256 * 1024):
         size += len(chunk)
         if size > limit:
-            raise LedgerError(ErrorCode.PAYLOAD_TOO_LARGE, f"body over {limit} bytes", {"limit_bytes": limit})
+            raise _too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
 

@@ -276,7 +276,11 @@ class AuditWriter:
             raise AuditUnavailable("audit writer is not running")
         encoded = canonical(payload)  # TypeError for a payload that is not JSON, in the caller's task
         future: asyncio.Future[AuditEventRef] = asyncio.get_running_loop().create_future()
-        await self.queue.put(_Pending(actor_id, event_type, encoded, future))
+        pending = _Pending(actor_id, event_type, encoded, future)
+        if self.queue.full():
+            await self.queue.put(pending)
+        else:
+            self.queue.put_nowait(pending)  # what `put` does when there is room, without its coroutine
         self.last_queued = future
         return future
 
@@ -350,7 +354,6 @@ class AuditWriter:
         seq, head = self.seq, self.head_hash
         first_seq = seq + 1
         rows = _Rows([], [], [], [], [], [], [])
-        refs: list[AuditEventRef] = []
         for pending in batch:
             seq += 1
             body = event_body(
@@ -364,7 +367,6 @@ class AuditWriter:
             rows.body.append(body)
             rows.hash.append(hashed)
             rows.prev.append(head)
-            refs.append(AuditEventRef(seq, hashed, head, created_at, None))
             head = hashed
         batch_row = None
         if self.signer is not None:
@@ -386,11 +388,9 @@ class AuditWriter:
             self.batch_seq = batch_seq = batch_row[0]
             self.batches += 1
         self.events += len(batch)
-        for pending, ref in zip(batch, refs, strict=True):
+        for pending, event_seq, hashed, prev in zip(batch, rows.seq, rows.hash, rows.prev, strict=True):
             if not pending.future.done():
-                pending.future.set_result(
-                    AuditEventRef(ref.seq, ref.hash, ref.prev_hash, ref.created_at, batch_seq)
-                )
+                pending.future.set_result(AuditEventRef(event_seq, hashed, prev, created_at, batch_seq))
 
     async def _sign(
         self, first_seq: int, last_seq: int, hashes: list[bytes], signed_at: datetime

@@ -26,10 +26,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from actors.signer_engine import SignerEngine
 from api import audit_log
-from api.app import ROLES, auth_middleware
+from api.app import ROLES, front_middleware
 from api.audit_log import AUDIT_WRITER, audit_event, decode_cursor, encode_cursor
 from api.auth import WRITERS, Authenticator, parse_tokens
-from api.envelope import error_middleware, ok
+from api.envelope import ok
+from api.limits import LIMITER, Limiter, LimitSettings
 from api.services import SERVICES, Services
 from sharding.slots import SlotMap, even_slot_map
 from signer.canonical import canonical
@@ -288,14 +289,15 @@ async def _record_handler(request: web.Request) -> web.Response:
 
 
 def _app(pool: asyncpg.Pool, writer: AuditWriter) -> web.Application:
-    """The audit routes behind the real envelope and auth middlewares (as `api.app.create_app` does)."""
+    """The audit routes behind the node's real middleware (envelope, shedding, auth), as in `create_app`."""
     services = Services(
         pool, SlotMap(even_slot_map(1)), {}, None, Authenticator(parse_tokens(
             ",".join(f"{t}={r}" for t, r in TOKENS.items())
         )), None,  # type: ignore[arg-type]
     )  # fmt: skip
-    app = web.Application(middlewares=[error_middleware, auth_middleware])
+    app = web.Application(middlewares=[front_middleware])
     app[SERVICES] = services
+    app[LIMITER] = Limiter(LimitSettings())
     app[AUDIT_WRITER] = writer
     roles = {}
     for method, path, handler, allowed in [

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from api.auth import Authenticator, Role, TokenError, parse_tokens
+from api.auth import VERIFIED_MAX, Authenticator, Principal, Role, TokenError, parse_tokens
 from ledger.errors import ErrorCode, LedgerError
 
 
@@ -94,3 +96,34 @@ def test_missing_bearer_token_is_401(header: str | None) -> None:
     assert info.value.code == ErrorCode.NOT_AUTHORIZED
     assert info.value.http_status == 401
     assert info.value.details == {"reason": "missing"}
+
+
+def test_known_answers_only_headers_authenticate_accepted() -> None:
+    """Tried: `known` (the front end's per-request shortcut) knows nothing before `authenticate`
+    accepted a header, then answers the same principal; an unknown token is never remembered; a
+    static operator token stays refused once OIDC is configured; the memory is bounded."""
+    tokens = parse_tokens("svc-token=service,op-token=operator")
+    auth = Authenticator(tokens)
+    header = "Bearer svc-token"
+    assert auth.known(header) is None and auth.known(None) is None
+    accepted = asyncio.run(auth.authenticate(header, None))
+    known = auth.known(header)
+    assert known == accepted == auth.principal(header)
+    assert known is not None and known.name == accepted.name == f"service:{accepted.fingerprint}"
+    with pytest.raises(LedgerError):
+        asyncio.run(auth.authenticate("Bearer nope", None))
+    assert auth.known("Bearer nope") is None
+
+    async def no_oidc(token: str) -> Principal:
+        raise AssertionError("a static token is not a JWT")
+
+    strict = Authenticator(tokens, oidc=no_oidc)
+    for _ in range(2):  # refused by `authenticate`, then by `known` with the same answer
+        with pytest.raises(LedgerError, match="static operator/admin tokens are off"):
+            asyncio.run(strict.authenticate("Bearer op-token", None))
+    with pytest.raises(LedgerError, match="static operator/admin tokens are off"):
+        strict.known("Bearer op-token")
+
+    for n in range(VERIFIED_MAX + 5):  # whitespace variants of one token: still bounded
+        asyncio.run(auth.authenticate("Bearer svc-token" + " " * n, None))
+    assert len(auth._verified) <= VERIFIED_MAX

@@ -93,3 +93,14 @@ def test_in_flight_bytes_budget() -> None:
         limiter.leave(500)
 
     asyncio.run(scenario())
+
+
+def test_try_enter_takes_a_free_place_without_waiting() -> None:
+    """Tried: `try_enter` (the front end's no-wait path before `enter`) takes places while they are
+    free, refuses at the bound without queueing, and a place given back is free again."""
+    limiter = Limiter(LimitSettings(in_flight_max=2))
+    assert limiter.try_enter(10) and limiter.try_enter(20)
+    assert not limiter.try_enter(1) and limiter.waiting == 0
+    assert (limiter.in_flight, limiter.in_flight_bytes, limiter.in_flight_peak) == (2, 30, 2)
+    limiter.leave(10)
+    assert limiter.try_enter(5) and limiter.in_flight_bytes == 25
