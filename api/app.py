@@ -157,6 +157,10 @@ async def ready(request: web.Request) -> web.Response:
     return ok(**details)
 
 
+_LOG_VACUUMS: Final = {"xtx_vacuums": "ok", "xtx_vacuum_failures": "failed"}
+"""Coordinator status counters of its log's VACUUMs, by the `result` label of their metric."""
+
+
 async def metrics(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus text format."""
     svc = request.app[SERVICES]
@@ -176,7 +180,9 @@ async def metrics(request: web.Request) -> web.Response:
             svc.metrics.shard_commits.labels(label).set(shard["batches"])
             svc.metrics.shard_journals.labels(label).set(shard["journals"])
     for outcome, count in (coordinator or {}).items():
-        if outcome not in {"queue_depth", "in_flight"}:
+        if outcome in _LOG_VACUUMS:
+            svc.metrics.twophase_log_vacuums.labels(_LOG_VACUUMS[outcome]).set(count)
+        elif outcome not in {"queue_depth", "in_flight"}:
             svc.metrics.twophase_outcomes.labels(outcome).set(count)
     body = generate_latest(svc.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -91,6 +91,12 @@ class Metrics:
             "ledger_twophase_outcomes", "Cross-shard outcomes since the coordinator started", ["outcome"],
             registry=self.registry,
         )  # fmt: skip
+        self.twophase_log_vacuums = Gauge(
+            "ledger_twophase_log_vacuums",
+            "VACUUMs of the coordinator's xtx log since it started, by result (ok, failed)",
+            ["result"],
+            registry=self.registry,
+        )
 
     def child(self, metric: M, *labels: str) -> M:
         """`metric.labels(*labels)`, remembered: the same child, without prometheus_client's lock and
