@@ -48,9 +48,18 @@ def operator_env() -> dict[str, str]:
 
 def free_port() -> int:
     """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports nobody listens on right now. The sockets stay bound until all are
+    chosen: one at a time, the kernel may hand out a port it just gave (two Ray components on one
+    port made `ray start` fail)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -98,14 +107,15 @@ class RayNode:
         return f"127.0.0.1:{self.port}"
 
     def _command(self) -> list[str]:
-        ports: dict[str, int] = {
-            "--node-manager-port": free_port(),
-            "--object-manager-port": free_port(),
-            "--dashboard-agent-listen-port": free_port(),
-            "--dashboard-agent-grpc-port": free_port(),
-            "--runtime-env-agent-port": free_port(),
-            "--metrics-export-port": free_port(),
-        }
+        flags = (
+            "--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+            "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
+        )  # fmt: skip
+        while True:  # distinct from each other (free_ports) and from the node's own port
+            chosen = free_ports(len(flags))
+            if self.port not in chosen:
+                break
+        ports: dict[str, int] = dict(zip(flags, chosen, strict=True))
         # A window of worker ports around a free one (workers bind lazily; 60 is plenty), clear of
         # the components' ports: Ray refuses a window that holds one of them.
         taken = {*ports.values(), self.port}
