@@ -99,9 +99,11 @@ _FORGET = "DELETE FROM xtx WHERE txid = ANY($1::text[])"
 # Every finished transaction leaves a dead `xtx` row behind. Left to autovacuum (or to nobody, where
 # it is off), the log grows by ~250 MB per 30 s of cross-shard traffic at 12,000 journals/s: the
 # recovery pass's scan and the intents' index inserts slow down, and the table crowds shared
-# buffers. So the coordinator vacuums it itself after every `XTX_VACUUM_ROWS` forgotten rows
-# (in the background: VACUUM takes no lock that blocks the rounds). Measured in docs/benchmarks.md.
-_VACUUM = "VACUUM (SKIP_LOCKED) xtx"
+# buffers. So the coordinator vacuums it itself after every `XTX_VACUUM_ROWS` forgotten rows, in the
+# background: VACUUM's lock does not conflict with the rounds' INSERT and DELETE, and TRUNCATE false
+# skips the end step that would take an exclusive lock to give empty pages back to the file system
+# (the freed space is reused by the next intents instead). Measured in docs/benchmarks.md.
+_VACUUM = "VACUUM (SKIP_LOCKED, TRUNCATE false) xtx"
 XTX_VACUUM_ROWS: Final = 50_000
 
 # Logged transactions with their outcome: the coordinator-stream journal row is the commit record.
