@@ -201,7 +201,9 @@ class CoordinatorEngine:
         self.lock_conn = await hold_writer_lock(self.dsn, COORDINATOR_STREAM)
         # Each round holds at most one connection at a time; one more for the recovery pass, one for
         # the log's vacuum.
-        self.pool = await repository.create_pool(self.dsn, 2, self.rounds_max + 3, writer=True)
+        self.pool = await repository.create_pool(
+            self.dsn, 2, self.rounds_max + 3, writer=True, name="ledger-coordinator"
+        )
         async with self.pool.acquire() as conn:
             await self._load_seq(conn)
         self.tasks = [

@@ -170,7 +170,9 @@ class ShardEngine:
     async def start(self) -> None:
         """Connect, rebuild the book from PostgreSQL, re-reserve in-doubt parts, start the loop."""
         self.lock_conn = await repository.hold_writer_lock(self.dsn, self.shard_id)
-        self.pool = await repository.create_pool(self.dsn, 2, 3, writer=True)
+        self.pool = await repository.create_pool(
+            self.dsn, 2, 3, writer=True, name=f"ledger-shard-{self.shard_id}"
+        )
         async with self.pool.acquire() as conn:
             stored = await repository.shard_slots(conn, self.shard_id)
             if stored is not None:  # the stored slot map wins: a restart after a handoff

@@ -66,7 +66,7 @@ class SignerEngine:
     async def start(self) -> None:
         """Open the key backend, publish its keys, rebuild the log, start checkpointing."""
         self.lock_conn = await repository.hold_writer_lock(self.dsn, SIGNER_WRITER_ID)
-        self.pool = await repository.create_pool(self.dsn, 1, 3)
+        self.pool = await repository.create_pool(self.dsn, 1, 3, name="ledger-signer")
         self.backend = self.backend_factory()
         await self.publish_keys()
         async with self.pool.acquire() as conn:

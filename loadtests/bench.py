@@ -805,7 +805,7 @@ async def _one_node(
         try:
             meter = CpuMeter(node.proc.pid, dsn)
             results = await drive_node(opts, node, run_id, bodies, scenarios, same, pairs_file, meter)
-            print("\n" + meter.table(), flush=True)
+            print("\n" + meter.table() + "\n" + meter.postgres_table(), flush=True)
             return results
         except BaseException as exc:
             print_node_tail(node, f"scenario failed: {exc!r}")

@@ -13,6 +13,8 @@ Groups:
 - ``ray system``: its other descendants (raylet, GCS, Ray's dashboard and log agents).
 - ``postgres``: the backends connected to the node's database (`pg_stat_activity`), sampled at the
   start and the end of a phase (the node's pools keep their connections, so the set is stable).
+  `postgres_table` splits it by the pools' `application_name` (`ledger-shard-N` -> ``shard``,
+  ``api``, ``audit``, ``coordinator``, ``signer``; anything else ``other``).
 - ``load generator``: this process and the children it has waited for (`wrk`).
 - ``broker``: an optional extra process (the Kafka broker).
 """
@@ -20,6 +22,7 @@ Groups:
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -28,6 +31,14 @@ import psutil  # type: ignore[import-untyped]
 
 GROUPS = ("front end", "ray actors", "ray system", "postgres", "load generator", "broker")
 T = TypeVar("T")
+PG_PREFIX = "pg "
+"""Keys of `cpu_seconds` that split ``postgres`` by connection (``pg shard``, ``pg api``, ...)."""
+
+
+def pg_group(application_name: str) -> str:
+    """`PG_PREFIX` + the node part a backend serves, from its pool's `application_name`."""
+    match = re.fullmatch(r"ledger-([a-z]+)(?:-\d+)?", application_name or "")
+    return PG_PREFIX + (match.group(1) if match else "other")
 
 
 def _seconds(proc: psutil.Process, children: bool = False) -> float:
@@ -54,14 +65,19 @@ async def cpu_seconds(node_pid: int, dsn: str, broker_pid: int | None = None) ->
         totals["ray actors" if name.startswith("ray::") else "ray system"] += _seconds(child)
     conn = await asyncpg.connect(dsn)
     try:
-        rows = await conn.fetch("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+        rows = await conn.fetch(
+            "SELECT pid, application_name FROM pg_stat_activity WHERE datname = current_database()"
+        )
         own = conn.get_server_pid()
     finally:
         await conn.close()
-    for row in rows:
-        if row[0] != own:
+    for pid, application_name in rows:
+        if pid != own:
             with contextlib.suppress(psutil.Error):
-                totals["postgres"] += _seconds(psutil.Process(row[0]))
+                spent = _seconds(psutil.Process(pid))
+                totals["postgres"] += spent
+                key = pg_group(application_name)
+                totals[key] = totals.get(key, 0.0) + spent
     totals["load generator"] = _seconds(psutil.Process(), children=True)
     if broker_pid is not None:
         with contextlib.suppress(psutil.Error):
@@ -83,7 +99,7 @@ class CpuMeter:
     async def stop(self, label: str, items: int, before: dict[str, float]) -> dict[str, float]:
         """Record the phase `label` that handled `items` items since `before`; its µs per item."""
         after = await cpu_seconds(self.node_pid, self.dsn, self.broker_pid)
-        per = {g: (after[g] - before[g]) * 1e6 / max(items, 1) for g in GROUPS}
+        per = {g: (after[g] - before.get(g, 0.0)) * 1e6 / max(items, 1) for g in after}
         self.phases[label] = per
         return per
 
@@ -102,4 +118,13 @@ class CpuMeter:
         for label, per in self.phases.items():
             cells = "".join(f"{per[g]:>15.1f}" for g in used)
             lines.append(f"{label:<22}{cells}{sum(per[g] for g in used):>10.1f}")
+        return "\n".join(lines)
+
+    def postgres_table(self) -> str:
+        """The ``postgres`` column split by connection (`pg_group`): µs per item per phase."""
+        used = sorted({k for per in self.phases.values() for k in per if k.startswith(PG_PREFIX)})
+        head = f"PostgreSQL us per {self.unit}"
+        lines = [f"{head:<26}" + "".join(f"{k.removeprefix(PG_PREFIX):>13}" for k in used)]
+        for label, per in self.phases.items():
+            lines.append(f"{label:<26}" + "".join(f"{per.get(k, 0.0):>13.1f}" for k in used))
         return "\n".join(lines)

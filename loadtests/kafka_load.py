@@ -37,8 +37,18 @@ def payment_event(invoice_id: str, amount: int, reference: str, currency: str = 
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-async def produce(bootstrap: str, topic: str, events: list[tuple[str, bytes]], rate: float) -> float:
-    """Send `events` (key, value) at about `rate` per second (0: as fast as possible); seconds taken."""
+async def produce(
+    bootstrap: str,
+    topic: str,
+    events: list[tuple[str, bytes]],
+    rate: float,
+    ends: dict[int, int] | None = None,
+) -> float:
+    """Send `events` (key, value) at about `rate` per second (0: as fast as possible); seconds taken.
+
+    `ends`, when given, receives per partition the offset after the last record sent to it (what a
+    consumer group has committed once it has taken everything).
+    """
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, enable_idempotence=False, acks="all", linger_ms=5
     )
@@ -52,7 +62,9 @@ async def produce(bootstrap: str, topic: str, events: list[tuple[str, bytes]], r
                 if (wait := due - time.monotonic()) > 0:
                     await asyncio.sleep(wait)
             pending.append(await producer.send(topic, value, key=key.encode()))
-        await asyncio.gather(*pending)
+        for sent in await asyncio.gather(*pending):
+            if ends is not None:
+                ends[sent.partition] = max(ends.get(sent.partition, 0), sent.offset + 1)
     finally:
         await producer.stop()
     return time.monotonic() - started

@@ -123,7 +123,7 @@ class Node:
         except SecurityConfigError as exc:
             raise StartupError(str(exc)) from None
         self.dsn = config.database_url or self._start_embedded()
-        self.pool = await repository.create_pool(self.dsn, 2, 8)
+        self.pool = await repository.create_pool(self.dsn, 2, 8, name="ledger-api")
         async with self.pool.acquire() as conn:
             applied = await apply_migrations(conn)
             if applied:

@@ -213,7 +213,7 @@ class AuditWriter:
         """Take the writer lock, load the chain head and the last audit batch, start the loop."""
         self.lock_conn = await repository.hold_writer_lock(self.dsn, AUDIT_STREAM)
         try:
-            self.pool = await repository.create_pool(self.dsn, 1, 2)
+            self.pool = await repository.create_pool(self.dsn, 1, 2, name="ledger-audit")
             async with self.pool.acquire() as conn:
                 await self._load_head(conn)
         except BaseException:

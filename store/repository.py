@@ -79,8 +79,14 @@ async def _setup_connection(conn: asyncpg.Connection) -> None:
     )
 
 
-async def create_pool(dsn: str, min_size: int, max_size: int, *, writer: bool = False) -> asyncpg.Pool:
+async def create_pool(
+    dsn: str, min_size: int, max_size: int, *, writer: bool = False, name: str = "ledger-node"
+) -> asyncpg.Pool:
     """An asyncpg pool with the node's session settings.
+
+    `name` is the connections' `application_name` (`ledger-api`, `ledger-shard-0`, ...): operators
+    see in `pg_stat_activity` which part of the node holds a connection, and benchmarks split
+    PostgreSQL's CPU by it (loadtests/cpu_meter.py).
 
     `writer` (the shards' and the coordinator's group-commit pools): connections also get the
     integer `timestamptz` codec. Installing a codec costs a type-introspection query per new
@@ -91,7 +97,7 @@ async def create_pool(dsn: str, min_size: int, max_size: int, *, writer: bool = 
         dsn,
         min_size=min_size,
         max_size=max_size,
-        server_settings=SERVER_SETTINGS,
+        server_settings={**SERVER_SETTINGS, "application_name": name},
         reset=_keep_session,
         init=_setup_connection if writer else None,
     )
