@@ -170,10 +170,15 @@ ROUTES: Final[
 # -- recording ---------------------------------------------------------------------------------
 async def audit_event(request: web.Request, event_type: str, payload: dict[str, Any]) -> None:
     """Record one event for the authenticated caller; failures are logged and counted, never raised."""
-    writer = request.app.get(AUDIT_WRITER)
+    await audit_event_by(request.app, request[PRINCIPAL].name, event_type, payload)
+
+
+async def audit_event_by(app: web.Application, who: str, event_type: str, payload: dict[str, Any]) -> None:
+    """Record one event for principal `who`; failures are logged and counted, never raised."""
+    writer = app.get(AUDIT_WRITER)
     if writer is None:
         return
-    metrics = request.app[SERVICES].metrics
+    metrics = app[SERVICES].metrics
 
     def settled(future: asyncio.Future[Any]) -> None:
         if not future.cancelled() and future.exception() is not None:
@@ -181,7 +186,7 @@ async def audit_event(request: web.Request, event_type: str, payload: dict[str, 
             audit_failures(metrics).labels(event_type).inc()
 
     try:
-        future = await writer.enqueue(request[PRINCIPAL].name, event_type, payload)
+        future = await writer.enqueue(who, event_type, payload)
     except Exception:
         log.exception("audit event %s not recorded", event_type)
         audit_failures(metrics).labels(event_type).inc()
@@ -216,16 +221,16 @@ async def journal_hashes(pool: asyncpg.Pool, journal_ids: list[str]) -> dict[str
     return {r["journal_id"]: bytes(r["hash"]).hex() for r in rows}
 
 
-async def audit_post(request: web.Request, result: Result) -> None:
-    """`ledger.post` for an acknowledged journal: {journal_id, hash, posted_at}."""
-    if not result.ok or request.app.get(AUDIT_WRITER) is None:
+async def audit_post(app: web.Application, who: str, result: Result) -> None:
+    """`ledger.post` by `who` for an acknowledged journal: {journal_id, hash, posted_at}."""
+    if not result.ok or app.get(AUDIT_WRITER) is None:
         return
     payload = {
         "journal_id": result.journal_id,
         "hash": result.hash.hex() if result.hash is not None else None,
         "posted_at": result.posted_at,
     }
-    await audit_event(request, "ledger.post", payload)
+    await audit_event_by(app, who, "ledger.post", payload)
 
 
 async def audit_post_batch(

@@ -158,16 +158,30 @@ class Authenticator:
             presented = header[len("Bearer ") :].strip()
             if self.oidc is not None and looks_like_jwt(presented):
                 return await self.oidc(presented)
-            found = self.principal(header)
-            if len(self._verified) >= VERIFIED_MAX:
-                self._verified.clear()
-            self._verified[header] = found
-            return self._static_allowed(found)
+            return self._static(header)
         if not header and peercert is not None and self.client_certs is not None:
             mapped = self.client_certs(peercert)
             if mapped is not None:
                 return mapped
         return self.principal(header)
+
+    def _static(self, header: str) -> Principal:
+        found = self.principal(header)
+        if len(self._verified) >= VERIFIED_MAX:
+            self._verified.clear()
+        self._verified[header] = found
+        return self._static_allowed(found)
+
+    def without_io(self, header: str | None) -> Principal | None:
+        """What `authenticate` answers when a static bearer token settles it (no coroutine): the
+        principal, or its 401; None when only `authenticate` can tell (no bearer token, or a JWT
+        while OIDC is on)."""
+        found = self.known(header)
+        if found is not None or not header or not header.startswith("Bearer "):
+            return found
+        if self.oidc is not None and looks_like_jwt(header[len("Bearer ") :].strip()):
+            return None
+        return self._static(header)
 
     def known(self, header: str | None) -> Principal | None:
         """What `authenticate` answers for a static-token header it accepted before (None otherwise): a

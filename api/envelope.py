@@ -24,9 +24,17 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def ok(status: int = 200, /, **body: Any) -> web.Response:
     """A success response (`status` is positional, so a body may carry a `status` key)."""
-    return web.Response(
-        body=_encoder.encode({"ok": True, **body}), status=status, content_type="application/json"
-    )
+    return web.Response(body=ok_body(**body), status=status, content_type="application/json")
+
+
+def ok_body(**body: Any) -> bytes:
+    """The bytes of a success body, `{"ok": true, ...}`."""
+    return _encoder.encode({"ok": True, **body})
+
+
+def error_body(error: LedgerError) -> bytes:
+    """The bytes of a failure body, `{"ok": false, "error": {code, message, details}}`."""
+    return _encoder.encode({"ok": False, "error": error.as_dict()})
 
 
 RETRYABLE_STATUSES: Final = frozenset({429, 503})
@@ -37,7 +45,7 @@ def error_response(error: LedgerError, headers: dict[str, str] | None = None) ->
     if error.http_status in RETRYABLE_STATUSES and "Retry-After" not in (headers or {}):
         headers = {**(headers or {}), "Retry-After": "1"}
     return web.Response(
-        body=_encoder.encode({"ok": False, "error": error.as_dict()}),
+        body=error_body(error),
         status=error.http_status,
         content_type="application/json",
         headers=headers,
@@ -84,17 +92,24 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 def error_answer(request: web.Request, exc: Exception) -> web.Response:
     """The envelope of a failure of `request`, with a precise code; an HTTPException below 400 (a
     redirect) is raised again. Call it from the `except` block that caught `exc`."""
-    if isinstance(exc, LedgerError):
-        return error_response(exc)
     if isinstance(exc, web.HTTPException):
         if exc.status < 400:
             raise exc
         return error_response(_from_http(exc))
-    if is_connection_failure(exc):  # PostgreSQL unreachable: the client should retry, not give up
-        log.warning("database unavailable on %s %s: %s", request.method, request.path, exc)
-        return error_response(database_unavailable())
-    log.exception("unhandled error on %s %s", request.method, request.path)
-    return error_response(LedgerError(ErrorCode.INTERNAL_ERROR, "internal error", {}))
+    return error_response(error_of(exc, request.method, request.path))
+
+
+def error_of(exc: Exception, method: str, path: str) -> LedgerError:
+    """The error a failure of `method path` answers (not an HTTPException): a LedgerError as it is,
+    503 when PostgreSQL is unreachable (the client should retry), else a logged 500. Call it from
+    the `except` block that caught `exc`."""
+    if isinstance(exc, LedgerError):
+        return exc
+    if is_connection_failure(exc):
+        log.warning("database unavailable on %s %s: %s", method, path, exc)
+        return database_unavailable()
+    log.exception("unhandled error on %s %s", method, path)
+    return LedgerError(ErrorCode.INTERNAL_ERROR, "internal error", {})
 
 
 def database_unavailable() -> LedgerError:

@@ -82,7 +82,8 @@ def principal(request: web.Request) -> Principal:
     return request[PRINCIPAL]
 
 
-def _result_error(result: Result) -> LedgerError:
+def result_error(result: Result) -> LedgerError:
+    """The error a rejected journal's result answers."""
     code = ErrorCode(result.code or ErrorCode.INTERNAL_ERROR)
     return LedgerError(code, result.message or code.value, dict(result.details or {}))
 
@@ -129,26 +130,41 @@ async def post_journal(request: web.Request) -> web.Response:
     body = await json_body(request)
     key = idempotency_key(request)
     who = principal(request).name
-    wire = _decode_or_none(_wire_decoder, body)  # the fast path of `decode_batch`, for one journal
-    journal = journal_from_wire(wire) if wire is not None else None
-    if journal is not None:
-        submission = Submission(journal, who, key)
-    else:  # whatever `journal_from_wire` does not vouch for: the detailed path and its exact errors
+    submission = vouched_submission(body, who, key)
+    if (
+        submission is None
+    ):  # whatever `journal_from_wire` does not vouch for: the detailed path and its exact errors
         submission = await _single_submission(svc, decode_journal(body), who, key)
     if submission.journal.reverses is not None:
         subs: list[Submission | Rejection] = [submission]
         await _check_reverses(svc, subs)
         if isinstance(subs[0], Rejection):
             raise subs[0]
+    result = await post_one(request.app, submission, started)
+    if not result.ok:
+        return error_response(result_error(result))
+    return ok(journal_id=result.journal_id, posted_at=result.posted_at)
+
+
+def vouched_submission(body: bytes, who: str, key: str | None) -> Submission | None:
+    """The submission of a `POST /ledger/post` body that the wire fast path (`journal_from_wire`, as
+    in `decode_batch`) vouches for; None for anything else (the detailed path answers it)."""
+    wire = _decode_or_none(_wire_decoder, body)
+    journal = journal_from_wire(wire) if wire is not None else None
+    return None if journal is None else Submission(journal, who, key)
+
+
+async def post_one(app: web.Application, submission: Submission, started: float) -> Result:
+    """Post one checked journal, count it (`started`: the request's `perf_counter()` at arrival) and
+    record its `ledger.post` audit event: the end of `POST /ledger/post`, shared with `api.fast_lane`."""
+    svc = app[SERVICES]
     (result,) = await svc.poster.post([submission])
     metrics = svc.metrics
     metrics.child(metrics.post_latency, "post").observe(time.perf_counter() - started)
     metrics.request_journals.observe(1)
     metrics.child(metrics.journal_results, result.code or "OK").inc()
-    await audit_post(request, result)
-    if not result.ok:
-        return error_response(_result_error(result))
-    return ok(journal_id=result.journal_id, posted_at=result.posted_at)
+    await audit_post(app, submission.principal, result)
+    return result
 
 
 async def _single_submission(svc: Services, raw: JournalIn, who: str, key: str | None) -> Submission:
@@ -401,7 +417,7 @@ def batch_answer(subs: list[Submission | Rejection], posted: list[Result]) -> Ba
                 outcomes["OK"] += 0
             plain_ok += 1
         else:
-            items.append(_FailedItem(False, answer.journal_id, _result_error(answer).as_dict()))
+            items.append(_FailedItem(False, answer.journal_id, result_error(answer).as_dict()))
             outcomes[answer.code or "OK"] += 1
     if plain_ok:
         outcomes["OK"] += plain_ok
@@ -543,7 +559,7 @@ async def create_account(request: web.Request) -> web.Response:
     raw = await svc.shards[shard].create_account(account.account_id, policy.no_negative, policy.split)
     (result,) = RESULTS.decode(raw)
     if not result.ok:
-        return error_response(_result_error(result))
+        return error_response(result_error(result))
     if policy.split:
         svc.poster.add_split(account.account_id)
     created = bool((result.details or {}).get("created"))

@@ -266,6 +266,9 @@ class NodeConfig:
     # LEDGER_RATE_LIMIT, LEDGER_TOKEN_IN_FLIGHT_MAX, LEDGER_IN_FLIGHT_MAX, LEDGER_IN_FLIGHT_BYTES_MAX,
     # LEDGER_IN_FLIGHT_WAIT_MS: load shedding (api/limits.py, docs/api.md "Limits").
     limits: LimitSettings = field(default_factory=LimitSettings)
+    # LEDGER_FAST_LANE=0: serve `POST /ledger/post` through aiohttp's full request path too
+    # (default on: api/fast_lane.py answers plain keep-alive posts itself; off under TLS anyway).
+    fast_lane: bool = True
 
     @classmethod
     def from_env(cls, **overrides: object) -> NodeConfig:
@@ -299,6 +302,7 @@ class NodeConfig:
             oidc=oidc_from_env(),
             allow_static_operator_tokens=os.environ.get("LEDGER_ALLOW_STATIC_OPERATOR_TOKENS", "0") == "1",
             limits=env_limits(),
+            fast_lane=os.environ.get("LEDGER_FAST_LANE", "1") != "0",
         )
         for name, value in overrides.items():
             if value is not None:

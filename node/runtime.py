@@ -25,6 +25,7 @@ from api.approval_routes import GovernanceConfig
 from api.audit_log import AUDIT_WRITER
 from api.auth import Authenticator, TokenError, parse_tokens
 from api.export_routes import EXPORT_SETTINGS
+from api.fast_lane import FastSite
 from api.finance_routes import RECOGNITION_INTERVAL_S
 from api.kafka_consumer import PaymentConsumer
 from api.kafka_sinks import FinanceSink
@@ -65,6 +66,7 @@ class Node:
     pool: asyncpg.Pool | None = None
     services: Services | None = None
     runner: web.AppRunner | None = None
+    site: web.TCPSite | None = None  # a `FastSite` unless LEDGER_FAST_LANE=0
     ports: list[Any] = field(default_factory=list)
     token_generated: str | None = None
     audit: AuditWriter | None = None
@@ -251,11 +253,13 @@ class Node:
             app[EXPORT_SETTINGS] = self.export_settings
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
-        site = web.TCPSite(
+        site_class = FastSite if self.config.fast_lane else web.TCPSite  # api/fast_lane.py
+        site = site_class(
             self.runner, self.config.host, self.config.port, backlog=1024, reuse_address=True,
             ssl_context=self.ssl_context,
         )  # fmt: skip
         await site.start()
+        self.site = site
         if self.config.port == 0:
             server = site._server
             assert server is not None

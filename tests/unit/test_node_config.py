@@ -139,3 +139,12 @@ def test_kafka_consumers_default_to_three_and_malformed_counts_refuse_start_up(
         monkeypatch.setenv("LEDGER_KAFKA_CONSUMERS", value)
         with pytest.raises(ConfigError, match="LEDGER_KAFKA_CONSUMERS"):
             NodeConfig.from_env()
+
+
+def test_fast_lane_is_on_unless_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LEDGER_FAST_LANE", raising=False)
+    assert NodeConfig.from_env().fast_lane is True
+    monkeypatch.setenv("LEDGER_FAST_LANE", "0")
+    assert NodeConfig.from_env().fast_lane is False
+    monkeypatch.setenv("LEDGER_FAST_LANE", "1")
+    assert NodeConfig.from_env().fast_lane is True
