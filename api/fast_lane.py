@@ -6,7 +6,7 @@ connection starts in a small protocol, `_Connection`. While a connection sends p
 for, the lane answers them itself with the same answers, metrics and audit events as the aiohttp
 handler (`ledger_routes.post_one` is shared). On the first request that is anything else (another
 route, another method or version, a header the lane does not handle, a refused token, a body the
-detailed path must judge, a full limiter), the lane hands the connection, with every byte not yet
+detailed path must judge), the lane hands the connection, with every byte not yet
 answered, to aiohttp's own `RequestHandler` and steps aside for good. aiohttp then answers that
 request and the rest, errors included, exactly as without the lane.
 
@@ -38,7 +38,7 @@ from api import ledger_routes
 from api.app import ROLES
 from api.auth import Principal, require, require_second_factor
 from api.envelope import RETRYABLE_STATUSES, error_body, error_of, ok_body
-from api.limits import LIMITER
+from api.limits import LIMITER, Refusal, overload_refusal, retry_after, token_refused
 from api.posting import Submission
 from api.requests import IDEMPOTENCY_KEY_PATTERN, SINGLE_BODY_MAX
 from api.services import SERVICES
@@ -130,9 +130,10 @@ class _Date:
         return self.value
 
 
-def response(status: int, body: bytes, date: bytes) -> bytes:
-    """An HTTP/1.1 keep-alive response with a JSON body, as aiohttp writes one for the envelope."""
-    retry = b"Retry-After: 1\r\n" if status in RETRYABLE_STATUSES else b""
+def response(status: int, body: bytes, date: bytes, retry_after_s: str = "1") -> bytes:
+    """An HTTP/1.1 keep-alive response with a JSON body, as aiohttp writes one for the envelope (a 429
+    or 503 with `Retry-After`, as `api.envelope.error_response` adds it)."""
+    retry = b"Retry-After: %s\r\n" % retry_after_s.encode() if status in RETRYABLE_STATUSES else b""
     return _RESPONSE % (status, http.HTTPStatus(status).phrase.encode(), len(body), retry, date, body)
 
 
@@ -157,10 +158,9 @@ class FastLane:
             self._sweeper = asyncio.get_running_loop().call_later(SWEEP_S, self._sweep)
         return _Connection(self)
 
-    def admit(self, head: Head, body: bytes) -> tuple[Submission, int] | None:
-        """The checks of `api.app.front_middleware` and `post_journal` up to posting, for a request
-        they would let through on the fast path: its submission and the limiter place it holds
-        (release with `release`); None (nothing taken) for any other, which aiohttp answers."""
+    def admit(self, head: Head, body: bytes) -> Submission | None:
+        """The checks of `api.app.front_middleware` and `post_journal` that need no waiting, for a
+        request they would let through: its submission; None for any other, which aiohttp answers."""
         headers = head.headers
         if headers.get(b"content-type") != b"application/json":
             return None
@@ -171,19 +171,10 @@ class FastLane:
         key = None if raw_key is None else raw_key.decode("ascii")
         if key is not None and not IDEMPOTENCY_KEY_PATTERN.fullmatch(key):
             return None
-        who = principal.name
-        submission = ledger_routes.vouched_submission(body, who, key)
+        submission = ledger_routes.vouched_submission(body, principal.name, key)
         if submission is None or submission.journal.reverses is not None:
             return None
-        limiter, size = self.limiter, len(body)
-        if not limiter.try_enter(size):
-            return None
-        held = limiter.token_in_flight.get(who, 0)
-        if held >= limiter.settings.token_in_flight_max or limiter.rate_wait(who) > 0:
-            limiter.leave(size)  # aiohttp's middleware answers the 429 (the bucket stays as it was)
-            return None
-        limiter.token_in_flight[who] = held + 1
-        return submission, size
+        return submission
 
     def _principal(self, header: bytes | None) -> Principal | None:
         if header is None:
@@ -197,23 +188,39 @@ class FastLane:
             return None
         return principal
 
-    def release(self, who: str, size: int) -> None:
-        """Give back what `admit` took."""
-        self.limiter.token_leave(who)
-        self.limiter.leave(size)
+    async def answer(self, submission: Submission, size: int, started: float) -> bytes:
+        """Shed (as the middleware does: a place in flight, then the token's limits) or post an
+        admitted journal; the response bytes, as `post_journal` and the envelope write them."""
+        limiter = self.limiter
+        if not (limiter.try_enter(size) or await limiter.enter(size)):
+            return self._shed(overload_refusal(limiter))
+        try:
+            who = submission.principal
+            refused = token_refused(limiter, who)
+            if refused is not None:
+                return self._shed(refused)
+            try:
+                return await self._post(submission, started)
+            finally:
+                limiter.token_leave(who)
+        finally:
+            limiter.leave(size)
 
-    async def answer(self, submission: Submission, started: float) -> bytes:
-        """Post an admitted journal; the response bytes, as `post_journal` and the envelope write them."""
+    async def _post(self, submission: Submission, started: float) -> bytes:
         try:
             result = await ledger_routes.post_one(self.app, submission, started)
             if result.ok:
-                return response(
-                    200, ok_body(journal_id=result.journal_id, posted_at=result.posted_at), self.date.now()
-                )
+                body = ok_body(journal_id=result.journal_id, posted_at=result.posted_at)
+                return response(200, body, self.date.now())
             error = ledger_routes.result_error(result)
         except Exception as exc:
             error = error_of(exc, "POST", PATH)
         return response(error.http_status, error_body(error), self.date.now())
+
+    def _shed(self, refusal: Refusal) -> bytes:
+        reason, error, wait_s = refusal
+        self.svc.metrics.shed_requests.labels(reason).inc()
+        return response(error.http_status, error_body(error), self.date.now(), retry_after(wait_s))
 
     def _sweep(self) -> None:
         now = time.monotonic()
@@ -280,20 +287,22 @@ class _Connection(asyncio.Protocol):
         if isinstance(head, str):
             self._hand_over()
             return
-        admitted = self.lane.admit(head, buffer[head.body_start : head.end])
-        if admitted is None:
+        body = buffer[head.body_start : head.end]
+        try:
+            submission = self.lane.admit(head, body)
+        except Exception:  # never lose a request to a lane bug: aiohttp answers it
+            log.exception("fast lane: admitting a request failed; handing the connection to aiohttp")
+            submission = None
+        if submission is None:
             self._hand_over()
             return
         self.buffer = buffer[head.end :]
         self.busy = True
-        asyncio.get_running_loop().create_task(self._serve(*admitted, time.perf_counter()))
+        asyncio.get_running_loop().create_task(self._serve(submission, len(body), time.perf_counter()))
 
     async def _serve(self, submission: Submission, size: int, started: float) -> None:
         lane = self.lane
-        try:
-            data = await lane.answer(submission, started)
-        finally:
-            lane.release(submission.principal, size)
+        data = await lane.answer(submission, size, started)
         lane.served += 1
         self.busy = False
         self.last = time.monotonic()

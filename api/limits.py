@@ -236,23 +236,38 @@ class Limiter:
 LIMITER: Final = web.AppKey("limiter", Limiter)
 
 
-def _shed(reason: str, request: web.Request, error: LedgerError, retry_after_s: float) -> web.Response:
+Refusal = tuple[str, LedgerError, float]
+"""Why a request is shed: (reason label of `ledger_shed_requests_total`, the error, Retry-After seconds)."""
+
+
+def _shed(request: web.Request, refusal: Refusal) -> web.Response:
+    reason, error, wait_s = refusal
     request.app[SERVICES].metrics.shed_requests.labels(reason).inc()
-    return error_response(error, {"Retry-After": str(max(1, math.ceil(retry_after_s)))})
+    return error_response(error, {"Retry-After": retry_after(wait_s)})
 
 
-def overloaded(request: web.Request, limiter: Limiter) -> web.Response:
-    """503 for a request that found no place (`Limiter.enter` answered False)."""
+def retry_after(seconds: float) -> str:
+    """The Retry-After header value for a wait of `seconds` (whole seconds, at least 1)."""
+    return str(max(1, math.ceil(seconds)))
+
+
+def overload_refusal(limiter: Limiter) -> Refusal:
+    """The refusal of a request that found no place (`Limiter.enter` answered False): 503."""
     settings = limiter.settings
     error = LedgerError(
         ErrorCode.SERVICE_UNAVAILABLE,
         "node overloaded: too many requests in flight, retry later",
         {"retryable": True, "reason": "overloaded", "in_flight_max": settings.in_flight_max},
     )
-    return _shed("overloaded", request, error, settings.retry_after_s)
+    return "overloaded", error, settings.retry_after_s
 
 
-def token_refusal(request: web.Request, limiter: Limiter, who: str) -> web.Response | None:
+def overloaded(request: web.Request, limiter: Limiter) -> web.Response:
+    """503 for a request that found no place (`Limiter.enter` answered False)."""
+    return _shed(request, overload_refusal(limiter))
+
+
+def token_refused(limiter: Limiter, who: str) -> Refusal | None:
     """429 RATE_LIMITED when principal `who` is over its token bucket or its in-flight bound; None when
     admitted, and then `who` holds one more in-flight place until `Limiter.token_leave`."""
     wait_s = limiter.rate_wait(who)
@@ -262,7 +277,7 @@ def token_refusal(request: web.Request, limiter: Limiter, who: str) -> web.Respo
             "rate limit exceeded for this token, retry later",
             {"reason": "rate", "rate_per_s": limiter.settings.rate_per_s, "burst": limiter.settings.burst},
         )
-        return _shed("rate_limited", request, error, wait_s)
+        return "rate_limited", error, wait_s
     count = limiter.token_in_flight.get(who, 0)
     if count >= limiter.settings.token_in_flight_max:
         error = LedgerError(
@@ -270,6 +285,12 @@ def token_refusal(request: web.Request, limiter: Limiter, who: str) -> web.Respo
             "too many requests in flight for this token, retry later",
             {"reason": "in_flight", "in_flight_max": limiter.settings.token_in_flight_max},
         )
-        return _shed("token_in_flight", request, error, limiter.settings.retry_after_s)
+        return "token_in_flight", error, limiter.settings.retry_after_s
     limiter.token_in_flight[who] = count + 1
     return None
+
+
+def token_refusal(request: web.Request, limiter: Limiter, who: str) -> web.Response | None:
+    """`token_refused` as the 429 response (None when admitted)."""
+    refused = token_refused(limiter, who)
+    return None if refused is None else _shed(request, refused)

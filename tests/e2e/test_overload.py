@@ -12,6 +12,7 @@ stored once and whole while nothing answered 429/503 is stored (`verify_store`).
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -19,14 +20,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psutil
 import pytest
 import requests
 
+from api.fast_lane import FastSite
 from api.limits import LIMITER, LimitSettings
 from tests.support.load import verify_store
-from tests.support.node import TOKENS, NodeHarness
+from tests.support.node import TOKENS, NodeHarness, journal
 
 ROOT = Path(__file__).resolve().parents[2]
 LIMITS = LimitSettings(token_in_flight_max=40, in_flight_max=64, in_flight_wait_s=0.02)
@@ -171,3 +174,64 @@ def test_shed_answers_carry_retry_after(node: NodeHarness) -> None:
     }
     answer = requests.post(f"{node.url}/ledger/post", json=body, headers=headers, timeout=10)
     assert answer.status_code == 400  # the limits are released: the request is handled again
+
+
+def test_the_fast_lane_sheds_with_the_same_answers(node: NodeHarness) -> None:
+    """Tried: valid journals on plain keep-alive connections (answered by the fast lane, not handed to
+    aiohttp) while the node is full (503 with Retry-After) and while the token is at its in-flight
+    bound (429 RATE_LIMITED, the same envelope as aiohttp's); then one that posts on the same connection."""
+    assert node.node is not None and node.node.app is not None and node.node.services is not None
+    limiter = node.node.app[LIMITER]
+    site = node.node.site
+    assert isinstance(site, FastSite) and site.lane is not None
+    url = urlsplit(node.url)
+    token = TOKENS["service"]
+    who = node.node.services.auth.principal(f"Bearer {token}").name
+
+    def post(sock: socket.socket, journal_id: str) -> tuple[int, dict[str, str], dict[str, Any]]:
+        body = json.dumps(journal(journal_id, "asset:lane-shed-a", "liability:lane-shed-b")).encode()
+        sock.sendall(
+            b"POST /ledger/post HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (token.encode(), len(body), body)
+        )
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        while len(rest) < int(headers["content-length"]):
+            rest += sock.recv(65536)
+        return int(lines[0].split()[1]), headers, json.loads(rest)
+
+    served, handed = site.lane.served, site.lane.handed_over
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        limiter.in_flight += LIMITS.in_flight_max  # the node is full
+        try:
+            full = post(sock, "lane-shed-1")
+        finally:
+            limiter.in_flight -= LIMITS.in_flight_max
+        limiter.token_in_flight[who] = LIMITS.token_in_flight_max
+        try:
+            busy = post(sock, "lane-shed-2")
+        finally:
+            limiter.token_in_flight.pop(who, None)
+        posted = post(sock, "lane-shed-3")
+    assert full[0] == 503 and full[1]["retry-after"] == "1"
+    assert (
+        full[2]["error"]["code"] == "SERVICE_UNAVAILABLE"
+        and full[2]["error"]["details"]["reason"] == "overloaded"
+    )
+    assert busy[0] == 429 and int(busy[1]["retry-after"]) >= 1
+    assert busy[2] == {
+        "ok": False,
+        "error": {
+            "code": "RATE_LIMITED",
+            "message": "too many requests in flight for this token, retry later",
+            "details": {"reason": "in_flight", "in_flight_max": LIMITS.token_in_flight_max},
+        },
+    }
+    assert posted[0] == 200 and posted[2]["journal_id"] == "lane-shed-3"
+    assert (site.lane.served - served, site.lane.handed_over - handed) == (3, 0)
+    assert limiter.token_in_flight.get(who, 0) == 0 and limiter.in_flight == 0
