@@ -249,15 +249,16 @@ class FastLane:
 class _Connection(asyncio.Protocol):
     """One client connection while the lane serves it: one request at a time, in order."""
 
-    __slots__ = ("buffer", "busy", "closed", "lane", "last", "paused", "transport")
+    __slots__ = ("buffer", "busy", "closed", "lane", "last", "paused", "transport", "writes_paused")
 
     def __init__(self, lane: FastLane) -> None:
         self.lane = lane
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
-        self.busy = False
+        self.busy = False  # a request of this connection is being answered
         self.closed = False
-        self.paused = False
+        self.paused = False  # reading paused: too much queued while blocked
+        self.writes_paused = False  # the client does not read its answers: answer nothing more
         self.last = time.monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -268,15 +269,33 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self.lane.connections.discard(self)
 
+    def pause_writing(self) -> None:
+        self.writes_paused = True
+
+    def resume_writing(self) -> None:
+        self.writes_paused = False
+        self._continue()
+
     def data_received(self, data: bytes) -> None:
         self.buffer = self.buffer + data if self.buffer else data
-        if self.busy:
+        if self.busy or self.writes_paused:
             if len(self.buffer) > BUFFER_MAX and not self.paused:
                 self.paused = True
                 assert self.transport is not None
                 self.transport.pause_reading()
             return
         self._next()
+
+    def _continue(self) -> None:
+        """Go on with the bytes queued, unless a request is in flight or the client is not reading."""
+        if self.closed or self.busy or self.writes_paused:
+            return
+        if self.paused and len(self.buffer) <= BUFFER_MAX:
+            self.paused = False
+            assert self.transport is not None
+            self.transport.resume_reading()
+        if self.buffer:
+            self._next()
 
     def _next(self) -> None:
         """Answer the next complete request, or hand the connection over, or wait for more bytes."""
@@ -309,17 +328,13 @@ class _Connection(asyncio.Protocol):
         if self.closed:
             return
         assert self.transport is not None
-        self.transport.write(data)
-        if self.paused:
-            self.paused = False
-            self.transport.resume_reading()
-        if self.buffer:
-            self._next()
+        self.transport.write(data)  # may call pause_writing: then nothing more until resume_writing
+        self._continue()
 
     def _hand_over(self) -> None:
         """From now on aiohttp serves this connection, starting with the bytes not yet answered."""
         transport = self.transport
-        assert transport is not None and not self.busy
+        assert transport is not None and not self.busy and not self.writes_paused
         self.lane.connections.discard(self)
         self.lane.handed_over += 1
         handler: Any = self.lane.server()
