@@ -29,10 +29,12 @@ import http
 import logging
 import re
 import time
+from collections.abc import Iterator
 from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from api import ledger_routes
 from api.app import ROLES
@@ -151,6 +153,25 @@ class FastLane:
         self.served = 0
         self.handed_over = 0
         self._sweeper: asyncio.TimerHandle | None = None
+        self.svc.metrics.registry.register(self)  # `collect` below: read at scrape time, no per-request cost
+
+    def collect(self) -> Iterator[Metric]:
+        """The lane's series for /metrics (a prometheus_client collector)."""
+        yield CounterMetricFamily(
+            "ledger_fast_lane_requests",
+            "POST /ledger/post requests answered by the fast lane",
+            value=self.served,
+        )
+        yield CounterMetricFamily(
+            "ledger_fast_lane_handovers",
+            "Connections the fast lane handed to aiohttp (their first request was not one it answers)",
+            value=self.handed_over,
+        )
+        yield GaugeMetricFamily(
+            "ledger_fast_lane_connections",
+            "Connections the fast lane serves now",
+            value=len(self.connections),
+        )
 
     def __call__(self) -> asyncio.Protocol:
         """A protocol for a new connection (the `create_server` factory)."""
@@ -234,6 +255,7 @@ class FastLane:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        self.svc.metrics.registry.unregister(self)
         deadline = time.monotonic() + timeout_s
         while True:
             for connection in list(self.connections):

@@ -342,8 +342,8 @@ async def audit_events_of(
 
 def test_lane_posts_are_audited_and_counted(node: NodeHarness) -> None:
     """Tried: one post through the lane and one through aiohttp (after GET /health): each has one
-    `ledger.post` audit event with the same actor and the stored journal's hash, and the post
-    counter in /metrics grew by two."""
+    `ledger.post` audit event with the same actor and the stored journal's hash, the post counter
+    in /metrics grew by two, the lane's own request counter by one and its hand-overs too."""
 
     async def scenario() -> tuple[list[dict[str, Any]], list[dict[str, Any]], str, str]:
         async with aiohttp.ClientSession() as http:
@@ -380,7 +380,19 @@ def test_lane_posts_are_audited_and_counted(node: NodeHarness) -> None:
             if line.startswith("ledger_post_latency_seconds_count") and 'endpoint="post"' in line
         )
 
+    def series(text: str, name: str) -> float:
+        (value,) = [float(line.split(" ")[1]) for line in text.splitlines() if line.startswith(name + " ")]
+        return value
+
     assert posts(after) == posts(before) + 2
+    lane_posts = series(after, "ledger_fast_lane_requests_total") - series(
+        before, "ledger_fast_lane_requests_total"
+    )
+    assert lane_posts == 1  # the lane's own counter: only the first post was answered by the lane
+    assert series(after, "ledger_fast_lane_handovers_total") > series(
+        before, "ledger_fast_lane_handovers_total"
+    )
+    assert series(after, "ledger_fast_lane_connections") >= 0
 
 
 def _read_one(sock: socket.socket) -> bytes:
