@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m loadtests.frontend_http [--seconds 8] [--connections 256] [--noop]
+    python -m loadtests.frontend_http [--seconds 8] [--connections 256] [--noop | --aiohttp]
 
 No Ray and no shard actors: the real application (``api.app.create_app``: its middleware, the
 post handler, ``api.posting.Poster`` and its batchers, the metrics) and the real audit writer
@@ -14,6 +14,8 @@ every journal of a call ``ok`` after 2 ms, with msgpack bodies as the direct cal
 (user and system): the front end's share of a ``single`` run of ``loadtests.bench`` without the
 direct-call sockets. ``--noop`` swaps the post handler for one that reads the body and answers
 a constant journal id: what aiohttp, the middleware and the envelope cost by themselves.
+The site is the node's default, the fast lane (`api/fast_lane.py`); ``--aiohttp`` serves every
+request through aiohttp's full path instead (``LEDGER_FAST_LANE=0``); ``--noop`` implies it.
 
 The machine may be shared: compare CPU per request, alternating runs of the trees compared.
 Figures: docs/benchmarks.md, "Eighth session".
@@ -40,6 +42,7 @@ from api.app import create_app
 from api.audit_log import AUDIT_WRITER
 from api.auth import Authenticator, parse_tokens
 from api.envelope import ok
+from api.fast_lane import FastSite
 from api.posting import Poster
 from api.services import Services
 from loadtests.baseline import create_database, drop_database, new_database_name
@@ -82,8 +85,9 @@ async def noop_post(request: web.Request) -> web.Response:
     return ok(journal_id="noop", posted_at=POSTED_AT)
 
 
-async def serve(dsn: str, noop: bool) -> tuple[web.AppRunner, AuditWriter, int]:
-    """The application on a free port with its audit writer started; (runner, writer, port)."""
+async def serve(dsn: str, noop: bool, lane: bool = True) -> tuple[web.AppRunner, AuditWriter, int]:
+    """The application on a free port with its audit writer started; (runner, writer, port). `lane`:
+    behind the fast lane (`api.fast_lane.FastSite`) as `ledger-node serve` runs it by default."""
     slot_map = SlotMap(even_slot_map(4))
     shards: dict[int, Any] = {shard: InstantShard() for shard in range(4)}
     coordinator: Any = InstantShard()  # a shard port's `post` as its `submit`; nothing else is called
@@ -108,7 +112,8 @@ async def serve(dsn: str, noop: bool) -> tuple[web.AppRunner, AuditWriter, int]:
     app[AUDIT_WRITER] = writer
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024, reuse_address=True)
+    site_class = FastSite if lane and not noop else web.TCPSite  # the lane would bypass the no-op handler
+    site = site_class(runner, "127.0.0.1", 0, backlog=1024, reuse_address=True)
     await site.start()
     return runner, writer, runner.addresses[0][1]
 
@@ -133,7 +138,7 @@ async def measure(a: argparse.Namespace) -> None:
             await apply_migrations(conn)
         finally:
             await conn.close()
-        runner, writer, port = await serve(dsn, a.noop)
+        runner, writer, port = await serve(dsn, a.noop, not a.aiohttp)
         try:
             tune_gc()
             await wrk(port, 2, a.connections)  # warm-up: caches filled, connections open
@@ -167,7 +172,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--seconds", type=int, default=8, help="timed seconds of wrk (default 8)")
     p.add_argument("--connections", type=int, default=256, help="wrk connections (default 256)")
-    p.add_argument("--noop", action="store_true", help="a handler that only reads and answers")
+    p.add_argument(
+        "--noop", action="store_true", help="a handler that only reads and answers (aiohttp's path)"
+    )
+    p.add_argument(
+        "--aiohttp", action="store_true", help="no fast lane: aiohttp's full path (LEDGER_FAST_LANE=0)"
+    )
     p.add_argument("--admin-dsn", default=DEFAULT_ADMIN_DSN)
     uvloop.run(measure(p.parse_args(argv)))
 
