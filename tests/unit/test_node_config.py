@@ -18,14 +18,20 @@ def test_audit_wait_defaults_to_answering_before_the_audit_commit(monkeypatch: p
         assert NodeConfig.from_env().audit_wait is False
 
 
-def test_signing_is_on_unless_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tried: LEDGER_SIGNING unset, "off" and "on"."""
-    monkeypatch.delenv("LEDGER_SIGNING", raising=False)
-    assert NodeConfig.from_env().signing is True
-    monkeypatch.setenv("LEDGER_SIGNING", "off")
-    assert NodeConfig.from_env().signing is False
-    monkeypatch.setenv("LEDGER_SIGNING", "on")
-    assert NodeConfig.from_env().signing is True
+@pytest.mark.parametrize(
+    ("variable", "attribute", "off", "on"),
+    [("LEDGER_SIGNING", "signing", "off", "on"), ("LEDGER_FAST_LANE", "fast_lane", "0", "1")],
+)
+def test_switches_are_on_unless_switched_off(
+    monkeypatch: pytest.MonkeyPatch, variable: str, attribute: str, off: str, on: str
+) -> None:
+    """Tried: the variable unset, its "off" value and its "on" value."""
+    monkeypatch.delenv(variable, raising=False)
+    assert getattr(NodeConfig.from_env(), attribute) is True
+    monkeypatch.setenv(variable, off)
+    assert getattr(NodeConfig.from_env(), attribute) is False
+    monkeypatch.setenv(variable, on)
+    assert getattr(NodeConfig.from_env(), attribute) is True
 
 
 def test_payout_schedule_is_off_by_default_and_malformed_refuses_start_up(
@@ -139,12 +145,3 @@ def test_kafka_consumers_default_to_three_and_malformed_counts_refuse_start_up(
         monkeypatch.setenv("LEDGER_KAFKA_CONSUMERS", value)
         with pytest.raises(ConfigError, match="LEDGER_KAFKA_CONSUMERS"):
             NodeConfig.from_env()
-
-
-def test_fast_lane_is_on_unless_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("LEDGER_FAST_LANE", raising=False)
-    assert NodeConfig.from_env().fast_lane is True
-    monkeypatch.setenv("LEDGER_FAST_LANE", "0")
-    assert NodeConfig.from_env().fast_lane is False
-    monkeypatch.setenv("LEDGER_FAST_LANE", "1")
-    assert NodeConfig.from_env().fast_lane is True
