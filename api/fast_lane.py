@@ -19,6 +19,10 @@ left for aiohttp's parser, so the lane never disagrees with it about where a req
 
 Off with TLS (`ssl_context`): an mTLS principal comes from the certificate, which the middleware
 reads. `LEDGER_FAST_LANE=0` turns it off (see node/config.py).
+
+`FastSite` uses `web.TCPSite`'s attributes and hands connections over through `web.Server()` and
+`RequestHandler.connection_made` / `data_received`: aiohttp is pinned in requirements.lock, and
+tests/e2e/test_fast_lane.py fails if an upgrade changes any of that.
 """
 
 from __future__ import annotations
