@@ -131,9 +131,7 @@ async def post_journal(request: web.Request) -> web.Response:
     key = idempotency_key(request)
     who = principal(request).name
     submission = vouched_submission(body, who, key)
-    if (
-        submission is None
-    ):  # whatever `journal_from_wire` does not vouch for: the detailed path and its exact errors
+    if submission is None:  # not vouched for by `journal_from_wire`: the detailed path, its exact errors
         submission = await _single_submission(svc, decode_journal(body), who, key)
     if submission.journal.reverses is not None:
         subs: list[Submission | Rejection] = [submission]
