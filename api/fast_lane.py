@@ -71,8 +71,9 @@ _REFUSED: Final = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"cont
 _SERVER: Final = SERVER_SOFTWARE.encode()
 _RESPONSE: Final = (
     b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s"
-    b"Date: %s\r\nServer: " + _SERVER + b"\r\n\r\n%s"
+    b"Date: %s\r\nServer: " + _SERVER.replace(b"%", b"%%") + b"\r\n\r\n%s"
 )
+_PHRASES: Final = {status.value: status.phrase.encode() for status in http.HTTPStatus}
 HAND_OVER: Final = "hand over"
 """What `parse` answers for a request the lane leaves to aiohttp."""
 
@@ -140,7 +141,7 @@ def response(status: int, body: bytes, date: bytes, retry_after_s: str = "1") ->
     """An HTTP/1.1 keep-alive response with a JSON body, as aiohttp writes one for the envelope (a 429
     or 503 with `Retry-After`, as `api.envelope.error_response` adds it)."""
     retry = b"Retry-After: %s\r\n" % retry_after_s.encode() if status in RETRYABLE_STATUSES else b""
-    return _RESPONSE % (status, http.HTTPStatus(status).phrase.encode(), len(body), retry, date, body)
+    return _RESPONSE % (status, _PHRASES[status], len(body), retry, date, body)
 
 
 class FastLane:
