@@ -56,7 +56,7 @@ import uuid
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import msgspec
@@ -858,29 +858,39 @@ async def drive_node(
         )
         result.extra["cpu_us"] = await meter.stop("single", result.ops, cpu)
         results.append(with_commit_size(result, before, await commit_counters(node.base_url)))
+        lane = result.extra["fast_lane_requests"]
+        print(f"single: {lane:,.0f} of {result.ops:,} requests answered by the fast lane")
     return results
 
 
-Counters = tuple[float, float]
+Counters = tuple[float, float, float]
+_COUNTED: Final = (
+    "ledger_shard_group_commits",
+    "ledger_shard_committed_journals",
+    "ledger_fast_lane_requests_total",
+)
 
 
 async def commit_counters(base_url: str) -> Counters:
-    """(group commits, committed journals) summed over the node's shards, from /metrics."""
+    """(group commits, committed journals) summed over the node's shards, and the requests the front
+    end's fast lane answered (api/fast_lane.py), from /metrics."""
     async with aiohttp.ClientSession() as session, session.get(f"{base_url}/metrics") as resp:
         text = await resp.text()
-    totals = {"ledger_shard_group_commits": 0.0, "ledger_shard_committed_journals": 0.0}
+    totals = dict.fromkeys(_COUNTED, 0.0)
     for line in text.splitlines():
-        name = line.split("{", 1)[0]
+        name = line.split("{", 1)[0].split(" ", 1)[0]
         if name in totals:
             totals[name] += float(line.rsplit(" ", 1)[1])
-    return totals["ledger_shard_group_commits"], totals["ledger_shard_committed_journals"]
+    commits, journals, lane = (totals[name] for name in _COUNTED)
+    return commits, journals, lane
 
 
 def with_commit_size(result: BenchResult, before: Counters, after: Counters) -> BenchResult:
-    """Record the scenario's shard group commits and journals (or parts) per commit."""
+    """Record the scenario's shard group commits, journals (or parts) per commit and fast-lane requests."""
     commits, journals = after[0] - before[0], after[1] - before[1]
     result.extra["group_commits"] = commits
     result.extra["journals_per_commit"] = journals / commits if commits else 0.0
+    result.extra["fast_lane_requests"] = after[2] - before[2]
     return result
 
 
