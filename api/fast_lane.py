@@ -158,7 +158,6 @@ class FastLane:
         self.served = 0
         self.handed_over = 0
         self._sweeper: asyncio.TimerHandle | None = None
-        self.svc.metrics.registry.register(self)  # `collect` below: read at scrape time, no per-request cost
 
     def collect(self) -> Iterator[Metric]:
         """The lane's series for /metrics (a prometheus_client collector)."""
@@ -401,6 +400,7 @@ class FastSite(web.TCPSite):
         )  # fmt: skip
         sockets = self._server.sockets
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
+        self.lane.svc.metrics.registry.register(self.lane)  # its `collect`: read at scrape time only
 
     async def stop(self) -> None:
         await super().stop()

@@ -105,10 +105,6 @@ def lane_counts(node: NodeHarness) -> tuple[int, int]:
     return node.node.site.lane.served, node.node.site.lane.handed_over
 
 
-def run(node: NodeHarness, coro: Any) -> Any:
-    return asyncio.run(coro)
-
-
 def test_lane_answers_a_post_exactly_as_aiohttp_does(node: NodeHarness) -> None:
     """Tried: the same kind of journal posted once on a fresh connection (the lane answers) and once
     on a connection that sent GET /health first (aiohttp answers): same status, envelope keys,
@@ -134,7 +130,7 @@ def test_lane_answers_a_post_exactly_as_aiohttp_does(node: NodeHarness) -> None:
             lane_counts(node),
         )
 
-    lane_answer, slow_answer, delta, _ = run(node, scenario())
+    lane_answer, slow_answer, delta, _ = asyncio.run(scenario())
     assert delta == (1, 0)  # the lane answered the first post itself
     for answer, journal_id in ((lane_answer, "fl-same-1"), (slow_answer, "fl-same-2")):
         assert answer.status == 200
@@ -153,7 +149,7 @@ def test_lane_answers_a_post_exactly_as_aiohttp_does(node: NodeHarness) -> None:
                     found.append(await resp.json())
             return found
 
-    first, second = run(node, stored())
+    first, second = asyncio.run(stored())
     assert first["journal"]["entries"][0]["amount_cents"] == 700
     assert second["journal"]["entries"][0]["amount_cents"] == 300
 
@@ -173,7 +169,7 @@ def test_pipelined_requests_are_answered_in_order_across_the_hand_over(node: Nod
         conn.close()
         return answers
 
-    first, health, second, refused = run(node, scenario())
+    first, health, second, refused = asyncio.run(scenario())
     assert (first.status, first.json["journal_id"]) == (200, "fl-pipe-1")
     assert health.status == 200 and "signingConfigured" in health.json
     assert (second.status, second.json["journal_id"]) == (200, "fl-pipe-2")
@@ -193,7 +189,7 @@ def test_many_posts_on_one_connection_stay_in_the_lane(node: NodeHarness) -> Non
         conn.close()
         return answers, before, after
 
-    answers, before, after = run(node, scenario())
+    answers, before, after = asyncio.run(scenario())
     assert [a.json["journal_id"] for a in answers] == [f"fl-many-{i}" for i in range(50)]
     assert after[0] - before[0] == 50 and after[1] == before[1]
 
@@ -245,7 +241,7 @@ def test_requests_the_lane_leaves_get_aiohttps_answer(
         conn.close()
         return answer, before, after
 
-    answer, before, after = run(node, scenario())
+    answer, before, after = asyncio.run(scenario())
     assert answer.status == status, answer.body[:300]
     if code is None:
         assert answer.json["ok"] is True
@@ -269,7 +265,7 @@ def test_chunked_body_goes_to_aiohttp_and_posts(node: NodeHarness) -> None:
         conn.close()
         return answer
 
-    answer = run(node, scenario())
+    answer = asyncio.run(scenario())
     assert answer.status == 200 and answer.json["journal_id"] == "fl-chunked"
 
 
@@ -286,7 +282,7 @@ def test_connection_close_is_honoured(node: NodeHarness) -> None:
         conn.close()
         return answer, closed
 
-    answer, closed = run(node, scenario())
+    answer, closed = asyncio.run(scenario())
     assert answer.status == 200 and closed
 
 
@@ -313,7 +309,7 @@ def test_ledger_rejections_on_the_lane_carry_the_envelope(node: NodeHarness) -> 
         conn.close()
         return answers
 
-    first, replay, conflict, overdraft = run(node, scenario())
+    first, replay, conflict, overdraft = asyncio.run(scenario())
     assert first.status == replay.status == 200
     assert replay.json == first.json
     assert conflict.status == 409 and conflict.json["error"]["code"] == "IDEMPOTENCY_CONFLICT"
@@ -368,7 +364,7 @@ def test_lane_posts_are_audited_and_counted(node: NodeHarness) -> None:
                 metrics_after = await resp.text()
         return stored, events, metrics_before, metrics_after
 
-    stored, events, before, after = run(node, scenario())
+    stored, events, before, after = asyncio.run(scenario())
     assert [e["payload"]["journal_id"] for e in events] == ["fl-audit-lane", "fl-audit-slow"]
     assert events[0]["actor_id"] == events[1]["actor_id"] and events[0]["actor_id"].startswith("service")
     assert [e["payload"]["hash"] for e in events] == [s["audit"]["hash"] for s in stored]
