@@ -30,16 +30,19 @@ of one-journal-per-request traffic and of light load) is written instead as one 
 takes about nine (BEGIN, two COPYs of two exchanges each, the batch row, the balances, COMMIT).
 A single statement is atomic without BEGIN, and its unique violations name the same constraints,
 so a conflict falls back to the transaction and its INSERTs. Its balances go in by the
-upsert (one statement cannot roll back and retry on a missing row). Measured with `python -m
-loadtests.commit_paths --limit 100` (docs/benchmarks.md): at 8 and 25 journals per batch the
-statement saves ~300 us of the writer's CPU and ~50-200 us of PostgreSQL's per commit; at 100 the
-arrays cost the writer more than COPY's records, hence the limit.
+upsert (one statement cannot roll back and retry on a missing row). Its rows travel as arrays of
+composite types (migration 0026), one element per row: asyncpg checks every array element against
+the iterable ABCs in Python, so 36 column arrays cost ~40% of the writer's CPU. Measured with
+`python -m loadtests.commit_paths` (docs/benchmarks.md, "Eleventh session"), per commit at 33
+journals: the statement costs the writer about half of what the transaction costs, and
+PostgreSQL about a fifth less. The two cost about the same at ~128-256 journals. At 1,000, COPY's
+records are cheaper for both, hence the limit.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
@@ -196,40 +199,33 @@ _LINE_COLUMNS = (
 
 # The whole group commit as one statement (see the module docstring). The sub-statements see the
 # same snapshot and none reads another's rows; the batches row goes in only when the batch is signed
-# ($26 not null); the balances upsert is the main statement, its deltas sorted by key as below.
+# ($5 not null); the balances upsert is the main statement, its deltas sorted by key as below. Rows
+# come as arrays of the composite types of migration 0026, one element per row.
 _ONE_STATEMENT = """
 WITH journal_rows AS (
     INSERT INTO journals (journal_id, stream_id, stream_seq, posted_at, effective_at, principal,
                           idem_key, request_hash, reverses, hash, prev_hash, body)
-    SELECT j.id, $1, j.seq, j.posted_at, j.effective_at, j.principal, j.idem_key, j.request_hash,
-           j.reverses, j.hash, j.prev_hash, j.body
-      FROM unnest($2::text[], $3::bigint[], $4::timestamptz[], $5::timestamptz[], $6::text[],
-                  $7::text[], $8::bytea[], $9::text[], $10::bytea[], $11::bytea[], $12::bytea[])
-           AS j(id, seq, posted_at, effective_at, principal, idem_key, request_hash, reverses, hash,
-                prev_hash, body)
+    SELECT * FROM unnest($1::commit_journal[])
 ), link_rows AS (
     INSERT INTO shard_links (shard_id, seq, journal_id, hash, prev_hash)
-    SELECT $1, l.seq, l.journal_id, l.hash, l.prev_hash
-      FROM unnest($13::bigint[], $14::text[], $15::bytea[], $16::bytea[])
-           AS l(seq, journal_id, hash, prev_hash)
+    SELECT * FROM unnest($2::commit_link[])
 ), line_rows AS (
     INSERT INTO journal_lines (journal_id, line_no, shard_id, account_id, currency, side, amount,
                                posted_at, cross_shard)
-    SELECT * FROM unnest($17::text[], $18::smallint[], $19::integer[], $20::text[], $21::text[],
-                         $22::text[], $23::bigint[], $24::timestamptz[], $25::boolean[])
+    SELECT * FROM unnest($3::commit_line[])
 ), batch_row AS (
     INSERT INTO batches (shard_id, batch_seq, first_seq, last_seq, statement, root, signature,
                          signer_kid, signed_at)
-    SELECT $1, $26, $27, $28, $29, $30, $31, $32, $33 WHERE $26::bigint IS NOT NULL
+    SELECT $4, $5, $6, $7, $8, $9, $10, $11, $12 WHERE $5::bigint IS NOT NULL
 )
 INSERT INTO balances AS b (account_id, currency, slot, debits_posted, credits_posted)
-SELECT * FROM unnest($34::text[], $35::text[], $36::integer[], $37::bigint[], $38::bigint[])
+SELECT * FROM unnest($13::commit_delta[])
 ON CONFLICT (account_id, currency) DO UPDATE
    SET debits_posted = b.debits_posted + EXCLUDED.debits_posted,
        credits_posted = b.credits_posted + EXCLUDED.credits_posted
 """
 
-ONE_STATEMENT_MAX = 32
+ONE_STATEMENT_MAX = 128
 """Journals plus cross-shard parts up to which a batch is written as one statement (above it, COPY:
 cheaper per row, and a few round trips more do not matter)."""
 
@@ -275,19 +271,29 @@ async def commit_batch(conn: asyncpg.Connection, rows: BatchRows, after: After |
 
 async def _write_one_statement(conn: asyncpg.Connection, rows: BatchRows) -> None:
     """A small batch in one statement (`_ONE_STATEMENT`): one round trip, atomic without BEGIN."""
-    lines: list[Any] = list(zip(*rows.lines, strict=True)) if rows.lines else [[]] * len(_LINE_COLUMNS)
     await conn.execute(
-        _ONE_STATEMENT, rows.shard_id, *rows.journal_columns(),
-        rows.l_seq, rows.l_journal_id, rows.l_hash, rows.l_prev_hash,
-        *lines, *(rows.batch or _NO_BATCH_ROW), *_delta_columns(rows),
+        _ONE_STATEMENT, list(_journal_records(rows)), list(_link_records(rows)), rows.lines,
+        rows.shard_id, *(rows.batch or _NO_BATCH_ROW), _sorted_deltas(rows),
+    )  # fmt: skip
+
+
+def _journal_records(rows: BatchRows) -> Iterator[tuple[Any, ...]]:
+    """The journal rows as records in `JOURNAL_COLUMNS` order (COPY's records, the statement's rows)."""
+    first, *rest = rows.journal_columns()
+    return zip(first, itertools.repeat(rows.shard_id, len(first)), *rest, strict=True)
+
+
+def _link_records(rows: BatchRows) -> Iterator[tuple[Any, ...]]:
+    """The chain links as records in `_LINK_COLUMNS` order."""
+    return zip(
+        itertools.repeat(rows.shard_id, len(rows.l_seq)), rows.l_seq, rows.l_journal_id, rows.l_hash,
+        rows.l_prev_hash, strict=True,
     )  # fmt: skip
 
 
 async def _copy_journals(conn: asyncpg.Connection, rows: BatchRows) -> None:
     """The fast path: every journal row by COPY; any existing one aborts with a unique violation."""
-    first, *rest = rows.journal_columns()
-    records = zip(first, itertools.repeat(rows.shard_id, len(first)), *rest, strict=True)
-    await conn.copy_records_to_table("journals", records=records, columns=JOURNAL_COLUMNS)
+    await conn.copy_records_to_table("journals", records=_journal_records(rows), columns=JOURNAL_COLUMNS)
 
 
 async def _insert_journals(conn: asyncpg.Connection, rows: BatchRows) -> None:
@@ -299,11 +305,7 @@ async def _insert_journals(conn: asyncpg.Connection, rows: BatchRows) -> None:
 
 async def _copy_links(conn: asyncpg.Connection, rows: BatchRows) -> None:
     """The fast path: every chain link by COPY; a part applied before aborts with a unique violation."""
-    records = zip(
-        itertools.repeat(rows.shard_id, len(rows.l_seq)), rows.l_seq, rows.l_journal_id, rows.l_hash,
-        rows.l_prev_hash, strict=True,
-    )  # fmt: skip
-    await conn.copy_records_to_table("shard_links", records=records, columns=_LINK_COLUMNS)
+    await conn.copy_records_to_table("shard_links", records=_link_records(rows), columns=_LINK_COLUMNS)
 
 
 async def _insert_links(conn: asyncpg.Connection, rows: BatchRows) -> None:
@@ -315,10 +317,16 @@ async def _insert_links(conn: asyncpg.Connection, rows: BatchRows) -> None:
         raise PartsAlreadyApplied(set(rows.l_journal_id) - {r[0] for r in applied})
 
 
-def _delta_columns(rows: BatchRows) -> list[list[Any]]:
-    """The summed deltas as (account_id, currency, slot, debits, credits) columns, sorted by key."""
+def _sorted_deltas(rows: BatchRows) -> list[tuple[str, str, int, int, int]]:
+    """The summed deltas (account_id, currency, slot, debits, credits), sorted by key (the lock order)."""
     deltas = sorted(rows.deltas)
     check(len({(d[0], d[1]) for d in deltas}) == len(deltas), "one delta per (account, currency)")
+    return deltas
+
+
+def _delta_columns(rows: BatchRows) -> list[list[Any]]:
+    """The summed deltas as (account_id, currency, slot, debits, credits) columns, sorted by key."""
+    deltas = _sorted_deltas(rows)
     return [[d[i] for d in deltas] for i in range(5)]
 
 

@@ -20,6 +20,7 @@ import asyncpg
 import pytest
 
 import store.writer
+from store.repository import _setup_connection, pg_microseconds
 from store.writer import (
     JOURNALS_UNIQUE,
     LINKS_UNIQUE,
@@ -501,5 +502,73 @@ def test_one_statement_inserts_the_balance_row_of_a_new_currency(dsn: str) -> No
         assert [tuple(r) for r in stored] == [
             (CASH, "EUR", 5, 0), (CASH, "USD", 100, 0), (SALES, "EUR", 0, 5), (SALES, "USD", 0, 100),
         ]  # fmt: skip
+
+    on(dsn, body)
+
+
+@pytest.mark.parametrize("limit", [store.writer.ONE_STATEMENT_MAX, 0], ids=["statement", "copy"])
+def test_both_paths_store_the_same_values(dsn: str, monkeypatch: pytest.MonkeyPatch, limit: int) -> None:
+    """The one statement (rows as composite arrays, migration 0026) and COPY store identical rows.
+
+    Tried: a signed two-journal batch as the shards pass it (posted_at as `pg_microseconds`
+    integers, an effective_at, a reversal, a chained prev_hash) and one cross-shard part, by each
+    path. If the statement swapped, dropped or mis-encoded a field of a row type, a value below
+    would differ from what the COPY path stores.
+    """
+    monkeypatch.setattr(store.writer, "ONE_STATEMENT_MAX", limit)
+    posted = datetime(2026, 12, 7, 21, 30, 15, 123456, tzinfo=UTC)
+    effective = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
+    us = pg_microseconds(posted)
+
+    async def body(conn: SpyConnection) -> None:
+        await _setup_connection(conn)  # as the shards' writer pools: timestamptz takes integers
+        await seed(conn)
+        await commit_batch(conn, parts([("p-0", 2)]))  # creates the part's account (COPY path)
+        rows = known(batch([("v-1", 3, "key-v1"), ("v-2", 4, None)], batch_seq=3, amount=9))
+        rows.j_posted_at = [us, us]
+        rows.j_effective_at = [effective, None]
+        rows.j_reverses = [None, "seed-1"]
+        rows.j_prev_hash = [b"p" * 32, rows.j_hash[0]]
+        rows.lines = [(*line[:7], us, False) for line in rows.lines]
+        link = known(parts([("x-9", 5)]))
+        rows.l_seq, rows.l_journal_id, rows.l_hash, rows.l_prev_hash = (
+            link.l_seq, link.l_journal_id, link.l_hash, [rows.j_hash[1]],
+        )  # fmt: skip
+        rows.lines += [(*line[:7], us, True) for line in link.lines]
+        rows.deltas = [(CASH, "USD", 1, 18 + 100, 0), (SALES, "USD", 2, 0, 18)]
+        await commit_batch(conn, rows)
+        assert conn.one_statements == (1 if limit else 0)
+        journals = await conn.fetch(
+            "SELECT journal_id, stream_id, stream_seq, posted_at, effective_at, principal, idem_key,"
+            " request_hash, reverses, hash, prev_hash, body FROM journals WHERE journal_id LIKE 'v-%'"
+            " ORDER BY 1"
+        )
+        assert [tuple(r) for r in journals] == [
+            ("v-1", 0, 3, posted, effective, PRINCIPAL, "key-v1", b"v-1".ljust(32, b"r"), None,
+             b"v-1".ljust(32, b"h"), b"p" * 32, b'{"journal_id":"v-1"}'),
+            ("v-2", 0, 4, posted, None, PRINCIPAL, None, b"v-2".ljust(32, b"r"), "seed-1",
+             b"v-2".ljust(32, b"h"), b"v-1".ljust(32, b"h"), b'{"journal_id":"v-2"}'),
+        ]  # fmt: skip
+        lines = await conn.fetch(
+            "SELECT journal_id, line_no, shard_id, account_id, currency, side, amount, posted_at,"
+            " cross_shard FROM journal_lines WHERE journal_id IN ('v-1', 'v-2', 'x-9') ORDER BY 1, 2"
+        )
+        assert [tuple(r) for r in lines] == [
+            ("v-1", 0, 0, CASH, "USD", "D", 9, posted, False),
+            ("v-1", 1, 0, SALES, "USD", "C", 9, posted, False),
+            ("v-2", 0, 0, CASH, "USD", "D", 9, posted, False),
+            ("v-2", 1, 0, SALES, "USD", "C", 9, posted, False),
+            *[(*line[:7], posted, True) for line in link.lines],
+        ]
+        stored = await conn.fetchrow("SELECT * FROM shard_links WHERE journal_id = 'x-9'")
+        assert (stored["shard_id"], stored["seq"], stored["hash"], stored["prev_hash"]) == (
+            0, 5, link.l_hash[0], b"v-2".ljust(32, b"h"),
+        )  # fmt: skip
+        signed = await conn.fetchrow("SELECT * FROM batches WHERE batch_seq = 3")
+        assert (signed["first_seq"], signed["last_seq"], signed["root"], signed["signature"]) == (
+            3, 4, b"root", b"sig",
+        )  # fmt: skip
+        # seed-1 (100), the part p-0 (100 on cash), then this batch: 2 x 9 and the part x-9 (100)
+        assert (await snapshot(conn))[2] == [(CASH, 318, 0), (SALES, 0, 118)]
 
     on(dsn, body)
