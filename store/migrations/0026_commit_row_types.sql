@@ -3,11 +3,11 @@
 -- A small group commit is written as one statement. It used to pass every column as its own array
 -- parameter (36 arrays). asyncpg's array encoder checks every element against the
 -- `collections.abc` iterable ABCs, one Python-level `isinstance` per element. At ~40 elements per
--- journal, that was about 40% of a shard's CPU for a 33-journal commit. An array of these
+-- journal, that was about 40% of the writer's CPU for a 33-journal statement. An array of these
 -- composite types costs one such check per row, and the row's fields go through the same binary
--- codecs as COPY's records. Measured with `loadtests/commit_paths.py` (docs/benchmarks.md,
--- "Eleventh session"): at 33 journals the writer's CPU per commit fell by about a quarter.
--- PostgreSQL's fell by less.
+-- codecs as COPY's records. Measured at 33 journals per commit (docs/benchmarks.md, "Eleventh
+-- session"), the writer's CPU per commit fell by about a quarter against the column arrays, and by
+-- about half against the COPY transaction, which such commits took above 32 journals.
 --
 -- The types list the columns the writer fills, in the writer's order. They are not the tables'
 -- row types, so a column later added to a table (with a default) does not break this path,
