@@ -144,11 +144,12 @@ class _Pending:
     future: asyncio.Future[AuditEventRef]
 
 
+# The events as one array of rows (migration 0026: one element per event, not one per column and
+# event) and the batch's one `created_at`.
 _INSERT_EVENTS: Final = """
 INSERT INTO audit_events (seq, actor_id, event_type, payload, body, hash, prev_hash, created_at)
-SELECT s, a, t, p::jsonb, b, h, ph, c
-  FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::bytea[], $7::bytea[],
-              $8::timestamptz[]) AS u(s, a, t, p, b, h, ph, c)
+SELECT e.seq, e.actor_id, e.event_type, e.payload::jsonb, e.body, e.hash, e.prev_hash, $2
+  FROM unnest($1::commit_audit_event[]) AS e
 """
 
 _INSERT_BATCH: Final = """
@@ -156,17 +157,6 @@ INSERT INTO batches (shard_id, batch_seq, first_seq, last_seq, statement, root, 
                      signed_at)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
 """
-
-
-@dataclass(slots=True)
-class _Rows:
-    seq: list[int]
-    actor: list[str]
-    kind: list[str]
-    payload: list[str]
-    body: list[bytes]
-    hash: list[bytes]
-    prev: list[bytes | None]
 
 
 class AuditWriter:
@@ -353,30 +343,25 @@ class AuditWriter:
         created_at = rfc3339(stamp)
         seq, head = self.seq, self.head_hash
         first_seq = seq + 1
-        rows = _Rows([], [], [], [], [], [], [])
+        rows: list[tuple[int, str, str, str, bytes, bytes, bytes | None]] = []
+        hashes: list[bytes] = []
         for pending in batch:
             seq += 1
             body = event_body(
                 seq, pending.actor_id, pending.event_type, msgspec.Raw(pending.payload), head, created_at
             )
             hashed = journal_digest(body, self.hash_alg)
-            rows.seq.append(seq)
-            rows.actor.append(pending.actor_id)
-            rows.kind.append(pending.event_type)
-            rows.payload.append(pending.payload.decode())
-            rows.body.append(body)
-            rows.hash.append(hashed)
-            rows.prev.append(head)
+            rows.append(
+                (seq, pending.actor_id, pending.event_type, pending.payload.decode(), body, hashed, head)
+            )
+            hashes.append(hashed)
             head = hashed
         batch_row = None
         if self.signer is not None:
-            batch_row = await self._sign(first_seq, seq, rows.hash, stamp)
+            batch_row = await self._sign(first_seq, seq, hashes, stamp)
         try:
             async with self.pool.acquire() as conn, conn.transaction():
-                await conn.execute(
-                    _INSERT_EVENTS, rows.seq, rows.actor, rows.kind, rows.payload, rows.body, rows.hash,
-                    rows.prev, [stamp] * len(rows.seq),
-                )  # fmt: skip
+                await conn.execute(_INSERT_EVENTS, rows, stamp)
                 if batch_row is not None:
                     await conn.execute(_INSERT_BATCH, AUDIT_STREAM, *batch_row)
         except Exception as exc:
@@ -388,9 +373,9 @@ class AuditWriter:
             self.batch_seq = batch_seq = batch_row[0]
             self.batches += 1
         self.events += len(batch)
-        for pending, event_seq, hashed, prev in zip(batch, rows.seq, rows.hash, rows.prev, strict=True):
+        for pending, row in zip(batch, rows, strict=True):
             if not pending.future.done():
-                pending.future.set_result(AuditEventRef(event_seq, hashed, prev, created_at, batch_seq))
+                pending.future.set_result(AuditEventRef(row[0], row[5], row[6], created_at, batch_seq))
 
     async def _sign(
         self, first_seq: int, last_seq: int, hashes: list[bytes], signed_at: datetime

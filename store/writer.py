@@ -168,15 +168,15 @@ ON CONFLICT (account_id) DO NOTHING
 
 _UPSERT_BALANCES = """
 INSERT INTO balances AS b (account_id, currency, slot, debits_posted, credits_posted)
-SELECT * FROM unnest($1::text[], $2::text[], $3::integer[], $4::bigint[], $5::bigint[])
+SELECT * FROM unnest($1::commit_delta[])
 ON CONFLICT (account_id, currency) DO UPDATE
    SET debits_posted = b.debits_posted + EXCLUDED.debits_posted,
        credits_posted = b.credits_posted + EXCLUDED.credits_posted
 """
 
 # Every (account, currency) exists: add the deltas in place, probing balances_pkey once per delta in
-# the sorted order of the arrays (migration 0024). Returns the number of rows updated.
-_UPDATE_BALANCES = "SELECT add_posted_deltas($1::text[], $2::char(3)[], $3::bigint[], $4::bigint[])"
+# the sorted order of the array (migrations 0024 and 0026). Returns the number of rows updated.
+_UPDATE_BALANCES = "SELECT add_posted_deltas($1::commit_delta[])"
 
 _INSERT_BATCH = """
 INSERT INTO batches (shard_id, batch_seq, first_seq, last_seq, statement, root, signature, signer_kid,
@@ -324,23 +324,17 @@ def _sorted_deltas(rows: BatchRows) -> list[tuple[str, str, int, int, int]]:
     return deltas
 
 
-def _delta_columns(rows: BatchRows) -> list[list[Any]]:
-    """The summed deltas as (account_id, currency, slot, debits, credits) columns, sorted by key."""
-    deltas = _sorted_deltas(rows)
-    return [[d[i] for d in deltas] for i in range(5)]
-
-
 async def _update_balances(conn: asyncpg.Connection, rows: BatchRows) -> None:
     """The fast path: add the deltas to existing rows; raise _NewBalanceRows if a row is missing."""
-    account_ids, currencies, _slots, debits, credits = _delta_columns(rows)
-    updated = await conn.fetchval(_UPDATE_BALANCES, account_ids, currencies, debits, credits)
-    if updated != len(account_ids):
+    deltas = _sorted_deltas(rows)
+    updated = await conn.fetchval(_UPDATE_BALANCES, deltas)
+    if updated != len(deltas):
         raise _NewBalanceRows
 
 
 async def _upsert_balances(conn: asyncpg.Connection, rows: BatchRows) -> None:
     """The path for new (account, currency) rows: insert them, add to the others."""
-    await conn.execute(_UPSERT_BALANCES, *_delta_columns(rows))
+    await conn.execute(_UPSERT_BALANCES, _sorted_deltas(rows))
 
 
 Write = Callable[[asyncpg.Connection, BatchRows], Awaitable[None]]

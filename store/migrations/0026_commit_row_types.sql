@@ -49,8 +49,36 @@ CREATE TYPE commit_line AS (
 
 CREATE TYPE commit_delta AS (
     account_id  text,
-    currency    text,
+    currency    char(3),
     slot        integer,
     debits      bigint,
     credits     bigint
 );
+
+-- The audit writer's group commit (store/audit.py) the same way; `created_at` is one per batch.
+CREATE TYPE commit_audit_event AS (
+    seq         bigint,
+    actor_id    text,
+    event_type  text,
+    payload     text,
+    body        bytea,
+    hash        bytea,
+    prev_hash   bytea
+);
+
+-- `add_posted_deltas` (migration 0024) taking the deltas as one array of rows, for the same reason;
+-- the same statement and plan settings. The column-array version stays for nodes not yet upgraded.
+CREATE FUNCTION add_posted_deltas(deltas commit_delta[])
+RETURNS bigint LANGUAGE plpgsql
+SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    updated bigint;
+BEGIN
+    UPDATE balances AS b
+       SET debits_posted = b.debits_posted + d.debits, credits_posted = b.credits_posted + d.credits
+      FROM unnest(deltas) AS d
+     WHERE b.account_id = d.account_id AND b.currency = d.currency;
+    GET DIAGNOSTICS updated = ROW_COUNT;
+    RETURN updated;
+END $$;

@@ -280,14 +280,15 @@ def _one_journal(journal_id: str, seq: int, amount: int, prev_hash: bytes) -> Ba
     ]
     rows.deltas = [("asset:cash", "USD", 1, amount, 0), ("revenue:sales", "USD", 2, 0, amount)]
     # Named as accounts of the batch (they exist: ON CONFLICT DO NOTHING), so the balances go by the
-    # upsert, which this early schema has; the plain UPDATE needs migration 0024's function.
+    # upsert rather than migration 0024's plain UPDATE.
     rows.accounts = [("asset:cash", "asset", 1), ("revenue:sales", "revenue", 2)]
     return rows
 
 
 def test_lean_writes_migration_applies_to_a_ledger_holding_data(admin_dsn: str) -> None:
     """0004 on a ledger at 0003 with journals: data kept and coherent, lines PK gone, BRIN posted_at,
-    balances fillfactor 70, balancing trigger still on, and the writer works on the result."""
+    balances fillfactor 70, balancing trigger still on; 0005 after it; and, with every later
+    migration applied, the writer works on the result."""
 
     async def body(conn: asyncpg.Connection, dsn: str) -> None:
         assert await apply_migrations(conn, load_migrations()[:3]) == [1, 2, 3]
@@ -326,14 +327,6 @@ def test_lean_writes_migration_applies_to_a_ledger_holding_data(admin_dsn: str) 
         with pytest.raises(asyncpg.exceptions.CheckViolationError, match="j-bad"):
             await _insert_lines(conn, [_line("j-bad", 0, "asset:cash", "D", 5)])
 
-        await commit_batch(conn, _one_journal("new-51", 51, 3, b"old-50"))
-        with pytest.raises(DuplicateJournals) as caught:
-            await commit_batch(conn, _one_journal("old-7", 52, 3, b"new-51"))
-        assert caught.value.journal_ids == {"old-7"}
-        assert await run_check(conn) == []
-        total = await conn.fetchval("SELECT debits_posted FROM balances WHERE account_id = 'asset:cash'")
-        assert total == sum(10 * s for s in range(1, 51)) + 3
-
         # 0005 (split accounts) on the same ledger: existing accounts stay unsplit, and a split
         # account cannot be overdraft-guarded.
         assert await apply_migrations(conn, load_migrations()[:5]) == [5]
@@ -344,6 +337,17 @@ def test_lean_writes_migration_applies_to_a_ledger_holding_data(admin_dsn: str) 
                 " VALUES ('revenue:fee', 'revenue', 3, true, true)"
             )
         assert await run_check(conn) == []
+
+        # The later migrations on the same ledger; then today's writer (whose statements need
+        # migration 0026's row types) works on it.
+        await apply_migrations(conn)
+        await commit_batch(conn, _one_journal("new-51", 51, 3, b"old-50"))
+        with pytest.raises(DuplicateJournals) as caught:
+            await commit_batch(conn, _one_journal("old-7", 52, 3, b"new-51"))
+        assert caught.value.journal_ids == {"old-7"}
+        assert await run_check(conn) == []
+        total = await conn.fetchval("SELECT debits_posted FROM balances WHERE account_id = 'asset:cash'")
+        assert total == sum(10 * s for s in range(1, 51)) + 3
 
     on_fresh_database(admin_dsn, body)
 
