@@ -144,19 +144,20 @@ class _Pending:
     future: asyncio.Future[AuditEventRef]
 
 
-# The events as one array of rows (migration 0026: one element per event, not one per column and
-# event) and the batch's one `created_at`.
-_INSERT_EVENTS: Final = """
-INSERT INTO audit_events (seq, actor_id, event_type, payload, body, hash, prev_hash, created_at)
-SELECT e.seq, e.actor_id, e.event_type, e.payload::jsonb, e.body, e.hash, e.prev_hash, $2
-  FROM unnest($1::commit_audit_event[]) AS e
-"""
-
+# One batch in one statement (one round trip, atomic without BEGIN): the events as one array of rows
+# (migration 0026: one element per event, not one per column and event) with the batch's one
+# `created_at`, and the signed batch's row when there is one ($3 not null).
 _INSERT_BATCH: Final = """
+WITH events AS (
+    INSERT INTO audit_events (seq, actor_id, event_type, payload, body, hash, prev_hash, created_at)
+    SELECT e.seq, e.actor_id, e.event_type, e.payload::jsonb, e.body, e.hash, e.prev_hash, $2
+      FROM unnest($1::commit_audit_event[]) AS e
+)
 INSERT INTO batches (shard_id, batch_seq, first_seq, last_seq, statement, root, signature, signer_kid,
                      signed_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+SELECT $11, $3, $4, $5, $6, $7, $8, $9, $10 WHERE $3::bigint IS NOT NULL
 """
+_NO_BATCH: Final = (None,) * 8
 
 
 class AuditWriter:
@@ -360,10 +361,8 @@ class AuditWriter:
         if self.signer is not None:
             batch_row = await self._sign(first_seq, seq, hashes, stamp)
         try:
-            async with self.pool.acquire() as conn, conn.transaction():
-                await conn.execute(_INSERT_EVENTS, rows, stamp)
-                if batch_row is not None:
-                    await conn.execute(_INSERT_BATCH, AUDIT_STREAM, *batch_row)
+            async with self.pool.acquire() as conn:
+                await conn.execute(_INSERT_BATCH, rows, stamp, *(batch_row or _NO_BATCH), AUDIT_STREAM)
         except Exception as exc:
             self.stale = True  # the commit may have landed with its acknowledgement lost: reload the head
             raise AuditWriteError(f"audit batch not written: {type(exc).__name__}: {exc}") from exc
