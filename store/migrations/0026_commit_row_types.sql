@@ -82,3 +82,30 @@ BEGIN
     GET DIAGNOSTICS updated = ROW_COUNT;
     RETURN updated;
 END $$;
+
+-- The Kafka consumer's batch of payments (store/finance_repo.py: `update_invoices`,
+-- `insert_payments`) the same way.
+CREATE TYPE commit_invoice_step AS (
+    invoice_id       text,
+    version          bigint,
+    steps            integer,
+    status           text,
+    amount_paid      bigint,
+    amount_refunded  bigint,
+    customer_credit  bigint,
+    body             text,
+    journal_ids      text
+);
+
+CREATE TYPE commit_payment AS (
+    payment_id          text,
+    invoice_id          text,
+    provider            text,
+    provider_reference  text,
+    amount              bigint,
+    currency            text,
+    journal_id          text,
+    principal           text,
+    answer              text,
+    settlement_id       text
+);
