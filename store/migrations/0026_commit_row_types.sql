@@ -66,8 +66,10 @@ CREATE TYPE commit_audit_event AS (
     prev_hash   bytea
 );
 
--- `add_posted_deltas` (migration 0024) taking the deltas as one array of rows, for the same reason;
--- the same statement and plan settings. The column-array version stays for nodes not yet upgraded.
+-- `add_posted_deltas` (migration 0024) taking the deltas as one array of rows, for the same reason:
+-- the same statement and plan settings, restated here because a function's argument types cannot
+-- be altered. The column-array version goes: a node migrates before it writes, so nothing calls it.
+DROP FUNCTION add_posted_deltas(text[], char(3)[], bigint[], bigint[]);
 CREATE FUNCTION add_posted_deltas(deltas commit_delta[])
 RETURNS bigint LANGUAGE plpgsql
 SET enable_hashjoin = off SET enable_mergejoin = off
