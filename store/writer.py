@@ -35,7 +35,7 @@ composite types (migration 0026), one element per row: asyncpg checks every arra
 the iterable ABCs in Python, so 36 column arrays cost ~40% of the writer's CPU. Measured with
 `python -m loadtests.commit_paths` (docs/benchmarks.md, "Eleventh session"), per commit at 33
 journals: the statement costs the writer about half of what the transaction costs, and
-PostgreSQL about a fifth less. The two cost about the same at ~128-256 journals. At 1,000, COPY's
+PostgreSQL a fifth to a third less. The two cost about the same at ~128-256 journals. At 1,000, COPY's
 records are cheaper for both, hence the limit.
 """
 
