@@ -116,6 +116,8 @@ class CoordinatorTx:
 
     def __post_init__(self) -> None:
         """Validate the participant set and the initial phase/decision pair."""
+        if self.phase is Phase.PREPARING and self.decision is None and self.participants:
+            return  # a new tx (the coordinator builds one per cross-shard journal): nothing else to check
         _check(len(self.participants) > 0, "tx %s: no participants", self.txid)
         if self.phase == Phase.PREPARING:
             _check(self.decision is None, "tx %s: PREPARING with a decision", self.txid)
@@ -143,13 +145,20 @@ class CoordinatorTx:
         Returns None while waiting, for duplicate votes (the first vote of a shard counts) and for votes
         arriving after the decision was reached.
         """
-        self._check_participant(shard)
-        if self.phase != Phase.PREPARING or self.proposal is not None or shard in self.votes:
+        if shard not in self.participants:
+            self._check_participant(shard)
+        votes = self.votes
+        phase = self.phase  # identity first: the members are what the class and its callers use
+        if (
+            (phase is not Phase.PREPARING and phase != Phase.PREPARING)
+            or self.proposal is not None
+            or shard in votes
+        ):
             return None
-        self.votes[shard] = yes
+        votes[shard] = yes
         if not yes:
             self.proposal = Decision.ABORT
-        elif len(self.votes) == len(self.participants) and all(self.votes.values()):
+        elif len(votes) == len(self.participants) and all(votes.values()):
             self.proposal = Decision.COMMIT
         return self.proposal
 
@@ -166,20 +175,29 @@ class CoordinatorTx:
         if self.decision is not None:
             _check(self.decision == decision, "tx %s: decided %s, now %s", self.txid, self.decision, decision)
             return
-        _check(self.phase == Phase.PREPARING, "tx %s: deciding in phase %s", self.txid, self.phase)
-        if decision == Decision.COMMIT:
-            _check(self.proposal == Decision.COMMIT, "tx %s: COMMIT without every vote YES", self.txid)
+        phase = self.phase
+        if phase is not Phase.PREPARING and phase != Phase.PREPARING:
+            _check(False, "tx %s: deciding in phase %s", self.txid, phase)
+        if decision is Decision.COMMIT or decision == Decision.COMMIT:
+            proposal = self.proposal
+            if proposal is not Decision.COMMIT and proposal != Decision.COMMIT:
+                _check(False, "tx %s: COMMIT without every vote YES", self.txid)
+            self.phase = Phase.COMMIT
+        else:
+            self.phase = _PHASE_OF[decision]
         self.decision = decision
-        self.phase = _PHASE_OF[decision]
 
     def on_ack(self, shard: int) -> bool:
         """Record a participant's acknowledgement of the decision; True once all acked (phase DONE)."""
-        self._check_participant(shard)
-        _check(self.decision is not None, "tx %s: ack from shard %s before the decision", self.txid, shard)
-        self.acked.add(shard)
-        if self.acked >= self.participants:
+        if shard not in self.participants:
+            self._check_participant(shard)
+        if self.decision is None:
+            _check(False, "tx %s: ack from shard %s before the decision", self.txid, shard)
+        acked = self.acked
+        acked.add(shard)
+        if len(acked) == len(self.participants):  # acks come only from participants
             self.phase = Phase.DONE
-        return self.phase == Phase.DONE
+        return self.phase is Phase.DONE or self.phase == Phase.DONE
 
     def unacked(self) -> frozenset[int]:
         """Participants that have not acknowledged the decision yet."""
