@@ -148,12 +148,9 @@ class CoordinatorTx:
         if shard not in self.participants:
             self._check_participant(shard)
         votes = self.votes
-        phase = self.phase  # identity first: the members are what the class and its callers use
-        if (
-            (phase is not Phase.PREPARING and phase != Phase.PREPARING)
-            or self.proposal is not None
-            or shard in votes
-        ):
+        # Identity checks: phases and decisions are always the enum members (typed; the log's states
+        # are converted with `Phase(...)`), and `is` costs a fraction of a StrEnum `==`.
+        if self.phase is not Phase.PREPARING or self.proposal is not None or shard in votes:
             return None
         votes[shard] = yes
         if not yes:
@@ -175,12 +172,10 @@ class CoordinatorTx:
         if self.decision is not None:
             _check(self.decision == decision, "tx %s: decided %s, now %s", self.txid, self.decision, decision)
             return
-        phase = self.phase
-        if phase is not Phase.PREPARING and phase != Phase.PREPARING:
-            _check(False, "tx %s: deciding in phase %s", self.txid, phase)
-        if decision is Decision.COMMIT or decision == Decision.COMMIT:
-            proposal = self.proposal
-            if proposal is not Decision.COMMIT and proposal != Decision.COMMIT:
+        if self.phase is not Phase.PREPARING:
+            _check(False, "tx %s: deciding in phase %s", self.txid, self.phase)
+        if decision is Decision.COMMIT:
+            if self.proposal is not Decision.COMMIT:
                 _check(False, "tx %s: COMMIT without every vote YES", self.txid)
             self.phase = Phase.COMMIT
         else:
@@ -197,7 +192,7 @@ class CoordinatorTx:
         acked.add(shard)
         if len(acked) == len(self.participants):  # acks come only from participants
             self.phase = Phase.DONE
-        return self.phase is Phase.DONE or self.phase == Phase.DONE
+        return self.phase is Phase.DONE
 
     def unacked(self) -> frozenset[int]:
         """Participants that have not acknowledged the decision yet."""
