@@ -34,15 +34,14 @@ from api.limits import LIMITER, Limiter, LimitSettings
 from api.services import SERVICES, Services
 from sharding.slots import SlotMap, even_slot_map
 from signer.canonical import canonical
-from signer.keys import SoftwareKeyBackend, verify_signature
+from signer.keys import verify_signature
 from signer.merkle import inclusion_proof, leaf_hash, verify_inclusion
 from signer.merkle import root as reference_root
 from signer.statements import batch_statement as reference_statement
 from signer.statements import statement_digest
 from store import audit
 from store.audit import AUDIT_STREAM, AuditSigningError, AuditWriter, verify_audit_chain
-from store.migrations import apply_migrations
-from tests.support.databases import create_database, drop_database
+from tests.support.signer import started_signer
 
 TOKENS = {"svc-token": "service", "aud-token": "auditor", "adm-token": "admin"}
 
@@ -73,21 +72,8 @@ class Env:
 @contextlib.asynccontextmanager
 async def environment() -> AsyncIterator[Env]:
     """A fresh migrated database, a started software-key signer and a connection."""
-    dsn = await create_database("ledger_audit")
-    try:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await apply_migrations(conn)
-            engine = SignerEngine(dsn, lambda: SoftwareKeyBackend(None), checkpoint_every_s=3600)
-            await engine.start()
-            try:
-                yield Env(dsn, conn, engine, EnginePort(engine))
-            finally:
-                await engine.close()
-        finally:
-            await conn.close()
-    finally:
-        await drop_database(dsn)
+    async with started_signer("ledger_audit", checkpoint_every_s=3600) as (dsn, conn, engine):
+        yield Env(dsn, conn, engine, EnginePort(engine))
 
 
 async def _counts(conn: asyncpg.Connection) -> tuple[int, int]:

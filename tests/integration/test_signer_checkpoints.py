@@ -23,8 +23,7 @@ from signer.canonical import digest
 from signer.keys import SoftwareKeyBackend
 from signer.merkle import root as reference_root
 from signer.statements import batch_statement
-from store.migrations import apply_migrations
-from tests.support.databases import create_database, drop_database
+from tests.support.signer import started_signer
 
 T0 = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
@@ -32,21 +31,8 @@ T0 = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 @contextlib.asynccontextmanager
 async def signer(**options: float) -> AsyncIterator[tuple[SignerEngine, asyncpg.Connection]]:
     """A migrated database, a started engine (periodic checkpoints per `options`), a connection."""
-    dsn = await create_database("ledger_ckpt")
-    try:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await apply_migrations(conn)
-            engine = SignerEngine(dsn, lambda: SoftwareKeyBackend(None), **options)
-            await engine.start()
-            try:
-                yield engine, conn
-            finally:
-                await engine.close()
-        finally:
-            await conn.close()
-    finally:
-        await drop_database(dsn)
+    async with started_signer("ledger_ckpt", **options) as (_dsn, conn, engine):
+        yield engine, conn
 
 
 async def commit_batch(
