@@ -158,9 +158,9 @@ async def post_one(app: web.Application, submission: Submission, started: float)
     svc = app[SERVICES]
     (result,) = await svc.poster.post([submission])
     metrics = svc.metrics
-    metrics.child(metrics.post_latency, "post").observe(time.perf_counter() - started)
+    metrics.post_latency.labels("post").observe(time.perf_counter() - started)
     metrics.request_journals.observe(1)
-    metrics.child(metrics.journal_results, result.code or "OK").inc()
+    metrics.journal_results.labels(result.code or "OK").inc()
     await audit_post(app, submission.principal, result)
     return result
 
