@@ -11,8 +11,9 @@ Groups:
 - ``ray actors``: its descendants whose command line starts with ``ray::`` (shards, coordinator,
   signer, audit writer).
 - ``ray system``: its other descendants (raylet, GCS, Ray's dashboard and log agents).
-- ``postgres``: the backends connected to the node's database (`pg_stat_activity`), sampled at the
-  start and the end of a phase (the node's pools keep their connections, so the set is stable).
+- ``postgres``: the backends connected to the node's database (`pg_stat_activity`), read at the
+  start and the end of a phase, backend by backend (`spent_between`: one that a pool closed during
+  the phase is left out, one it opened counts from zero).
   `postgres_table` splits it by the pools' `application_name` (`ledger-shard-N` -> ``shard``,
   ``api``, ``audit``, ``coordinator``, ``signer``; anything else ``other``).
 - ``load generator``: this process and the children it has waited for (`wrk`).
@@ -52,17 +53,28 @@ def _seconds(proc: psutil.Process, children: bool = False) -> float:
     return float(total)
 
 
-async def cpu_seconds(node_pid: int, dsn: str, broker_pid: int | None = None) -> dict[str, float]:
-    """CPU seconds used so far by each group (see the module docstring)."""
-    totals = dict.fromkeys(GROUPS, 0.0)
+Reading = dict[tuple[int, float], tuple[tuple[str, ...], float]]
+"""CPU seconds so far per process, keyed by (pid, start time), with the group keys it counts in."""
+
+
+def _reading(proc: psutil.Process, groups: tuple[str, ...], children: bool = False) -> Reading:
+    try:
+        return {(proc.pid, proc.create_time()): (groups, _seconds(proc, children))}
+    except psutil.Error:
+        return {}
+
+
+async def cpu_readings(node_pid: int, dsn: str, broker_pid: int | None = None) -> Reading:
+    """CPU seconds so far of every process the groups count (see the module docstring)."""
+    reading: Reading = {}
     node = psutil.Process(node_pid)
-    totals["front end"] = _seconds(node)
+    reading |= _reading(node, ("front end",))
     for child in node.children(recursive=True):
         try:
             name = " ".join(child.cmdline())
         except psutil.Error:
             continue
-        totals["ray actors" if name.startswith("ray::") else "ray system"] += _seconds(child)
+        reading |= _reading(child, ("ray actors" if name.startswith("ray::") else "ray system",))
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(
@@ -74,15 +86,32 @@ async def cpu_seconds(node_pid: int, dsn: str, broker_pid: int | None = None) ->
     for pid, application_name in rows:
         if pid != own:
             with contextlib.suppress(psutil.Error):
-                spent = _seconds(psutil.Process(pid))
-                totals["postgres"] += spent
-                key = pg_group(application_name)
-                totals[key] = totals.get(key, 0.0) + spent
-    totals["load generator"] = _seconds(psutil.Process(), children=True)
+                reading |= _reading(psutil.Process(pid), ("postgres", pg_group(application_name)))
+    reading |= _reading(psutil.Process(), ("load generator",), children=True)
     if broker_pid is not None:
         with contextlib.suppress(psutil.Error):
-            totals["broker"] = _seconds(psutil.Process(broker_pid))
+            reading |= _reading(psutil.Process(broker_pid), ("broker",))
+    return reading
+
+
+def spent_between(before: Reading, after: Reading) -> dict[str, float]:
+    """CPU seconds per group between two readings, process by process.
+
+    A process that started in between counts from zero. One that ended in between is left out:
+    what it spent after `before` cannot be read any more (a pool may close an idle connection
+    during a phase). Subtracting totals instead would take its whole history off its group.
+    """
+    totals = dict.fromkeys(GROUPS, 0.0)
+    for key, (groups, seconds) in after.items():
+        spent = seconds - before[key][1] if key in before else seconds
+        for group in groups:
+            totals[group] = totals.get(group, 0.0) + spent
     return totals
+
+
+async def cpu_seconds(node_pid: int, dsn: str, broker_pid: int | None = None) -> dict[str, float]:
+    """CPU seconds used so far by each group (see the module docstring)."""
+    return spent_between({}, await cpu_readings(node_pid, dsn, broker_pid))
 
 
 class CpuMeter:
@@ -92,14 +121,14 @@ class CpuMeter:
         self.node_pid, self.dsn, self.broker_pid, self.unit = node_pid, dsn, broker_pid, unit
         self.phases: dict[str, dict[str, float]] = {}
 
-    async def start(self) -> dict[str, float]:
+    async def start(self) -> Reading:
         """A reading to pass to `stop` later."""
-        return await cpu_seconds(self.node_pid, self.dsn, self.broker_pid)
+        return await cpu_readings(self.node_pid, self.dsn, self.broker_pid)
 
-    async def stop(self, label: str, items: int, before: dict[str, float]) -> dict[str, float]:
+    async def stop(self, label: str, items: int, before: Reading) -> dict[str, float]:
         """Record the phase `label` that handled `items` items since `before`; its µs per item."""
-        after = await cpu_seconds(self.node_pid, self.dsn, self.broker_pid)
-        per = {g: (after[g] - before.get(g, 0.0)) * 1e6 / max(items, 1) for g in after}
+        spent = spent_between(before, await cpu_readings(self.node_pid, self.dsn, self.broker_pid))
+        per = {g: seconds * 1e6 / max(items, 1) for g, seconds in spent.items()}
         self.phases[label] = per
         return per
 
