@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import time
 
 import asyncpg
@@ -70,11 +71,9 @@ async def signer_backends_cpu(conn: asyncpg.Connection) -> float:
     ]
     total = 0.0
     for pid in pids:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):  # a pool connection closed since the query
             times = psutil.Process(pid).cpu_times()
             total += times.user + times.system
-        except psutil.NoSuchProcess:
-            pass
     return total
 
 
