@@ -13,7 +13,7 @@ through `sign_statements` before its batch commits, so the signer remembers the
 `(shard, batch_seq)` keys it signed and the periodic checkpoint looks up only those, by primary
 key (and, when nothing was signed since, reads nothing at all). Setting `log_index` leaves a
 dead entry in the partial index of unlogged batches until the table is vacuumed; a query on
-that index reads all of them (~3.6 ms per poll after 40,000 batches, 4 polls a second;
+that index reads all of them (~4 ms per poll after 40,000 batches, 4 polls a second;
 docs/benchmarks.md, "Twelfth session"). The full scan of that index still runs at start, on
 every explicit `checkpoint()` (proof generation), after a failure, and every
 `full_scan_every_s` (60 s): it finds any batch that a previous signer (a restart) or another
