@@ -5,14 +5,12 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from itertools import accumulate
-from typing import TypeVar, cast
+from typing import Generic, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.utils import INF, floatToGoString
 
-M = TypeVar("M", bound=MetricWrapperBase)
 _go_float = cast(Callable[[float], str], floatToGoString)  # how prometheus_client writes `le` (untyped)
 
 
@@ -32,7 +30,32 @@ class _HistogramSeries:
         self.counts[bisect_left(self.bounds, amount)] += 1
 
 
-class LoopHistogram:
+S = TypeVar("S")
+
+
+class _Labelled(Generic[S]):
+    """The series of a loop-only metric, one per label-value tuple, created on first use."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str], new_series: Callable[[], S]
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.series: dict[tuple[str, ...], S] = {}
+        self._new_series = new_series
+
+    def labels(self, *values: str) -> S:
+        """The series of these label values (created on first use)."""
+        series = self.series.get(values)
+        if series is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
+            series = self.series[values] = self._new_series()
+        return series
+
+
+class LoopHistogram(_Labelled[_HistogramSeries]):
     """A Prometheus histogram updated by the event loop's thread only, read at scrape time.
 
     prometheus_client's `Histogram` takes a lock for the sum and one for the bucket on every
@@ -45,21 +68,10 @@ class LoopHistogram:
     def __init__(
         self, name: str, documentation: str, buckets: Sequence[float], labelnames: Sequence[str] = ()
     ) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.bounds = tuple(sorted(float(b) for b in buckets if b != INF))
-        self.labelnames = tuple(labelnames)
-        self.series: dict[tuple[str, ...], _HistogramSeries] = {}
+        bounds = tuple(sorted(float(b) for b in buckets if b != INF))
+        super().__init__(name, documentation, labelnames, lambda: _HistogramSeries(bounds))
+        self.bounds = bounds
         self._unlabelled = None if labelnames else self.labels()
-
-    def labels(self, *values: str) -> _HistogramSeries:
-        """The series of these label values (created on first use)."""
-        series = self.series.get(values)
-        if series is None:
-            if len(values) != len(self.labelnames):
-                raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
-            series = self.series[values] = _HistogramSeries(self.bounds)
-        return series
 
     def observe(self, amount: float) -> None:
         """Observe into the histogram without labels."""
@@ -92,26 +104,14 @@ class _CounterSeries:
         self.value += amount
 
 
-class LoopCounter:
+class LoopCounter(_Labelled[_CounterSeries]):
     """A labelled Prometheus counter updated by the event loop's thread only (see `LoopHistogram`).
 
     `name` is given without `_total`; the exposition adds it, as prometheus_client does.
     """
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
-        self.series: dict[tuple[str, ...], _CounterSeries] = {}
-
-    def labels(self, *values: str) -> _CounterSeries:
-        """The series of these label values (created on first use)."""
-        series = self.series.get(values)
-        if series is None:
-            if len(values) != len(self.labelnames):
-                raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
-            series = self.series[values] = _CounterSeries()
-        return series
+        super().__init__(name, documentation, labelnames, _CounterSeries)
 
     def describe(self) -> Iterator[Metric]:
         yield CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -127,7 +127,6 @@ class Metrics:
     """The node's metrics; `/metrics` renders `registry`."""
 
     def __init__(self) -> None:
-        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], MetricWrapperBase] = {}
         self.registry = CollectorRegistry()
         # Updated on every posting request: the loop-only kind (see `LoopHistogram`).
         self.post_latency = LoopHistogram(
@@ -207,15 +206,6 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
-
-    def child(self, metric: M, *labels: str) -> M:
-        """`metric.labels(*labels)`, remembered: the same child, without prometheus_client's lock and
-        checks on every request (label values here come from small fixed sets: endpoints, codes)."""
-        key = (metric, labels)
-        found = self._children.get(key)
-        if found is None:
-            found = self._children[key] = metric.labels(*labels)
-        return cast(M, found)  # a child of `metric`: its own type
 
 
 class KafkaMetrics:
