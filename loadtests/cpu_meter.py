@@ -33,7 +33,7 @@ import psutil  # type: ignore[import-untyped]
 GROUPS = ("front end", "ray actors", "ray system", "postgres", "load generator", "broker")
 T = TypeVar("T")
 PG_PREFIX = "pg "
-"""Keys of `cpu_seconds` that split ``postgres`` by connection (``pg shard``, ``pg api``, ...)."""
+"""Keys of `spent_between`'s answer that split ``postgres`` by connection (``pg shard``, ``pg api``, ...)."""
 
 
 def pg_group(application_name: str) -> str:
@@ -109,13 +109,8 @@ def spent_between(before: Reading, after: Reading) -> dict[str, float]:
     return totals
 
 
-async def cpu_seconds(node_pid: int, dsn: str, broker_pid: int | None = None) -> dict[str, float]:
-    """CPU seconds used so far by each group (see the module docstring)."""
-    return spent_between({}, await cpu_readings(node_pid, dsn, broker_pid))
-
-
 class CpuMeter:
-    """CPU µs per item of each measured phase, by group (`cpu_seconds` before and after)."""
+    """CPU µs per item of each measured phase, by group (`cpu_readings` before and after)."""
 
     def __init__(self, node_pid: int, dsn: str, broker_pid: int | None = None, unit: str = "journal") -> None:
         self.node_pid, self.dsn, self.broker_pid, self.unit = node_pid, dsn, broker_pid, unit
