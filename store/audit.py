@@ -9,9 +9,10 @@ created_at}``, `prev_hash` lower-case hex or null, `created_at` RFC 3339 with mi
 `prev_hash` to the previous event's hash, has the signer sign one batch statement (``shard = -2``,
 ``first_seq..last_seq``, `root` = RFC 9162 Merkle root, in the same algorithm, whose leaf data are
 the 32-byte event hashes, `signed_at` = the batch's `created_at`) and writes the events
-and the `batches` row in one transaction. The signer's checkpoints then take audit batches into
-the global log exactly like shard batches. Without a signer (signing disabled) events are still
-chained but no batch row is written.
+and the `batches` row in one transaction. The payload is stored once, inside `body` (the row's
+`payload` column is NULL since migration 0027; SQL readers use `audit_payload(payload, body)`).
+The signer's checkpoints then take audit batches into the global log exactly like shard batches.
+Without a signer (signing disabled) events are still chained but no batch row is written.
 
 Failure semantics (who decides what):
 
@@ -344,7 +345,7 @@ class AuditWriter:
         created_at = rfc3339(stamp)
         seq, head = self.seq, self.head_hash
         first_seq = seq + 1
-        rows: list[tuple[int, str, str, str, bytes, bytes, bytes | None]] = []
+        rows: list[tuple[int, str, str, None, bytes, bytes, bytes | None]] = []
         hashes: list[bytes] = []
         for pending in batch:
             seq += 1
@@ -352,9 +353,8 @@ class AuditWriter:
                 seq, pending.actor_id, pending.event_type, msgspec.Raw(pending.payload), head, created_at
             )
             hashed = journal_digest(body, self.hash_alg)
-            rows.append(
-                (seq, pending.actor_id, pending.event_type, pending.payload.decode(), body, hashed, head)
-            )
+            # `payload` NULL: it is stored once, inside `body` (migration 0027, `audit_payload`)
+            rows.append((seq, pending.actor_id, pending.event_type, None, body, hashed, head))
             hashes.append(hashed)
             head = hashed
         batch_row = None
@@ -416,7 +416,8 @@ async def verify_audit_chain(
     """Problems of the stored audit stream; empty when it is intact.
 
     Every event: seq contiguous from 1, H(body) == hash (H: the ledger's `hash_alg`), the body's
-    fields equal the row's columns (so an edited payload is caught), prev_hash links to the previous
+    fields equal the row's columns (so an edited payload is caught where a row stores one; since
+    migration 0027 new rows keep it only in the body), prev_hash links to the previous
     event's hash.
     Every audit batch: batch_seq 1..n, consecutive non-overlapping ranges over existing events, a
     canonical statement agreeing with the row, and the root recomputed from the event hashes.
@@ -475,7 +476,8 @@ def _event_problems(row: Any, prev_hash: bytes | None, alg: str = HASH_ALG) -> l
         "seq": seq,
         "actor_id": row["actor_id"],
         "event_type": row["event_type"],
-        "payload": msgspec.json.decode(row["payload"]),
+        # rows since migration 0027 keep the payload only in the body; older rows also in `payload`
+        "payload": fields["payload"] if row["payload"] is None else msgspec.json.decode(row["payload"]),
         "prev_hash": None if stored_prev is None else stored_prev.hex(),
         "created_at": rfc3339(row["created_at"]),
     }

@@ -47,7 +47,8 @@ RANGE_QUERIES: Final = {
         "WHERE created_at BETWEEN $1 AND $2 OR updated_at BETWEEN $1 AND $2 ORDER BY created_at, payout_id"
     ),
     "audit_events": (
-        "SELECT seq, actor_id, event_type, payload::text AS payload, hash, prev_hash, created_at "
+        "SELECT seq, actor_id, event_type, audit_payload(payload, body)::text AS payload, hash, prev_hash, "
+        "created_at "
         "FROM audit_events WHERE created_at BETWEEN $1 AND $2 ORDER BY seq"
     ),
 }

@@ -25,8 +25,8 @@ async def active_approver(conn: asyncpg.Connection, approver_id: str) -> asyncpg
 async def earlier_resend(conn: asyncpg.Connection, resend_id: str) -> asyncpg.Record | None:
     """The `ledger.resend` event recorded for `resend_id`, if any (seq, hash, created_at, payload)."""
     return await conn.fetchrow(
-        "SELECT seq, hash, created_at, payload FROM audit_events "
-        "WHERE event_type = $1 AND payload->>'resend_id' = $2 ORDER BY seq LIMIT 1",
+        "SELECT seq, hash, created_at, audit_payload(payload, body) AS payload FROM audit_events "
+        "WHERE event_type = $1 AND audit_payload(payload, body)->>'resend_id' = $2 ORDER BY seq LIMIT 1",
         RESEND_EVENT,
         resend_id,
     )

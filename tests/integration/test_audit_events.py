@@ -39,7 +39,7 @@ from signer.merkle import inclusion_proof, leaf_hash, verify_inclusion
 from signer.merkle import root as reference_root
 from signer.statements import batch_statement as reference_statement
 from signer.statements import statement_digest
-from store import audit
+from store import audit, resend_repo
 from store.audit import AUDIT_STREAM, AuditSigningError, AuditWriter, verify_audit_chain
 from tests.support.signer import started_signer
 
@@ -223,6 +223,45 @@ def test_tampered_payload_is_named() -> None:
             await conn.execute("DELETE FROM audit_events WHERE seq = 30")
             problems = await verify_audit_chain(conn)
             assert any("of its" in p and "events exist" in p for p in problems), problems
+
+    asyncio.run(scenario())
+
+
+def test_payload_is_stored_once_in_the_body() -> None:
+    """Migration 0027: new rows leave `payload` NULL and keep it only in the hashed body. Tried: a
+    big batch-style payload and a small one -> NULL column, `audit_payload` (what the export and the
+    resend lookup read) equals what was recorded, the chain verifies; a row stored the old way (the
+    column filled) still verifies, and an edit of its column is still named."""
+
+    async def scenario() -> None:
+        async with environment() as env:
+            writer = await env.writer()
+            big = {
+                "journals": [{"journal_id": f"j-{n}", "hash": "ab" * 32} for n in range(3000)],
+                "rejected": 0,
+            }
+            small = {"resend_id": "r-1", "journal_id": "j-1"}
+            try:
+                await writer.record("service:x", "ledger.post_batch", big)
+                await writer.record("admin:x", "ledger.resend", small)
+            finally:
+                await writer.close()
+            conn = env.conn
+            rows = await conn.fetch(
+                "SELECT seq, payload, audit_payload(payload, body)::text AS p FROM audit_events"
+            )
+            assert [r["payload"] for r in rows] == [None, None]
+            assert [msgspec.json.decode(r["p"]) for r in rows] == [big, small]
+            assert await verify_audit_chain(conn) == []
+            found = await resend_repo.earlier_resend(conn, "r-1")
+            assert found is not None and msgspec.json.decode(found["payload"]) == small
+            # a row written before 0027 (column filled): verified, and its column still compared
+            await conn.execute("UPDATE audit_events SET payload = audit_payload(payload, body) WHERE seq = 2")
+            assert await verify_audit_chain(conn) == []
+            await conn.execute("""UPDATE audit_events SET payload = '{"resend_id": "r-2"}' WHERE seq = 2""")
+            problems = await verify_audit_chain(conn)
+            assert problems and all("seq 2" in p and "payload" in p for p in problems), problems
+            assert await resend_repo.earlier_resend(conn, "r-1") is None  # the column wins where set
 
     asyncio.run(scenario())
 
