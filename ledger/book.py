@@ -367,13 +367,38 @@ class Book:
 
     # -- single-shard postings --------------------------------------------------------------
     def stage(self, lines: tuple[Line, ...], staging: Staging) -> Rejection | None:
-        """Check these lines against the book plus the staging; add them if they pass."""
-        rejection = self.shortfall(lines, staging)
-        if rejection is not None:
-            return rejection
-        self._ensure_accounts(lines, staging)
+        """Check these lines against the book plus the staging; add them if they pass.
+
+        The same as `shortfall`, then `_ensure_accounts`, then `Staging.add` per line, in one pass
+        over the lines for the common case (no guarded account among them): a shard stages every
+        journal of its group commit through here.
+        """
+        rows, kinds, new = self._rows, self._kind, staging.new_accounts
+        unknown: list[Line] | None = None
+        guarded = False
         for line in lines:
-            staging.add(line)
+            row = rows.get(line.account_id)
+            if row is None or kinds[row] == NO_ACCOUNT:
+                if unknown is None:
+                    unknown = []
+                unknown.append(line)
+            elif kinds[row] & NO_NEGATIVE:
+                guarded = True
+        if guarded:
+            rejection = self.shortfall(lines, staging)
+            if rejection is not None:
+                return rejection
+        if unknown is not None:
+            for line in unknown:
+                if line.account_id not in new:
+                    new[line.account_id] = line.account_type
+        deltas = staging.deltas
+        for line in lines:
+            key = (line.account_id, line.currency)
+            delta = deltas.get(key)
+            if delta is None:
+                delta = deltas[key] = [0, 0]
+            delta[0 if line.side == "debit" else 1] += line.amount
         return None
 
     def apply(self, staging: Staging) -> None:

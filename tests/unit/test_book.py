@@ -227,3 +227,67 @@ def test_stage_reserved_dropped_keeps_the_reservation() -> None:
     assert book.reservations["tx"] == lines
     assert book.balance(("liability:cust", USD)) == [0, 100, 0, 0]
     assert book.available(("liability:cust", USD)) == 40
+
+
+def test_refused_journal_stages_neither_its_new_accounts_nor_its_amounts() -> None:
+    """`stage` checks a guarded line before it stages anything. Tried: a guarded debit beyond the
+    balance beside a line on an account the book does not know, in both line orders -> refused,
+    nothing staged (no new account, no delta); the same journal within the balance -> the new
+    account and both deltas staged."""
+    for guarded_first in (True, False):
+        book = _book_with_customer(100)
+        staging = Staging()
+        lines = _move("liability:cust", "asset:new", 101)
+        if not guarded_first:
+            lines = (lines[1], lines[0])
+        rejection = book.stage(lines, staging)
+        assert rejection is not None and rejection.code == ErrorCode.INSUFFICIENT_FUNDS
+        assert staging.new_accounts == {} and staging.deltas == {}
+        assert book.stage(_move("liability:cust", "asset:new", 100), staging) is None
+        assert staging.new_accounts == {"asset:new": AccountType.ASSET}
+        assert staging.deltas == {("liability:cust", USD): [100, 0], ("asset:new", USD): [0, 100]}
+
+
+def test_stage_equals_the_three_steps_it_fuses() -> None:
+    """`stage` against `shortfall` + `_ensure_accounts` + `Staging.add`, journal by journal over a
+    seeded mix of guarded, unguarded and unknown accounts in two currencies (some refused): the
+    same answers and the same staging."""
+    import random
+
+    rng = random.Random(7)
+    accounts = [
+        "liability:g1",
+        "asset:g2",
+        "asset:u1",
+        "liability:u2",
+        "asset:n1",
+        "expense:n2",
+        "revenue:n3",
+    ]
+    fused, steps = Book(), Book()
+    for book in (fused, steps):
+        book.load_account("liability:g1", AccountType.LIABILITY, True)
+        book.load_account("asset:g2", AccountType.ASSET, True)
+        book.load_account("asset:u1", AccountType.ASSET, False)
+        book.load_account("liability:u2", AccountType.LIABILITY, False)
+    staged_fused, staged_steps = Staging(), Staging()
+    refused = 0
+    for _ in range(400):
+        debit, credit = rng.sample(accounts, 2)
+        lines = _move(debit, credit, rng.randint(1, 50), rng.choice([USD, "EUR"]))
+        answer = fused.stage(lines, staged_fused)
+        expected = steps.shortfall(lines, staged_steps)
+        if expected is None:
+            steps._ensure_accounts(lines, staged_steps)
+            for line in lines:
+                staged_steps.add(line)
+        assert (answer is None) == (expected is None)
+        assert answer is None or answer.details == expected.details  # type: ignore[union-attr]
+        refused += answer is not None
+        if rng.random() < 0.1:
+            fused.apply(staged_fused)
+            steps.apply(staged_steps)
+            staged_fused, staged_steps = Staging(), Staging()
+        assert staged_fused.deltas == staged_steps.deltas
+        assert staged_fused.new_accounts == staged_steps.new_accounts
+    assert 0 < refused < 400  # both roads taken
