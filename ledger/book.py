@@ -373,25 +373,20 @@ class Book:
         over the lines for the common case (no guarded account among them): a shard stages every
         journal of its group commit through here.
         """
-        rows, kinds, new = self._rows, self._kind, staging.new_accounts
-        unknown: list[Line] | None = None
-        guarded = False
+        rows, kinds = self._rows, self._kind
+        unknown = guarded = False
         for line in lines:
             row = rows.get(line.account_id)
             if row is None or kinds[row] == NO_ACCOUNT:
-                if unknown is None:
-                    unknown = []
-                unknown.append(line)
+                unknown = True
             elif kinds[row] & NO_NEGATIVE:
                 guarded = True
         if guarded:
             rejection = self.shortfall(lines, staging)
             if rejection is not None:
                 return rejection
-        if unknown is not None:
-            for line in unknown:
-                if line.account_id not in new:
-                    new[line.account_id] = line.account_type
+        if unknown:
+            self._ensure_accounts(lines, staging)
         deltas = staging.deltas
         for line in lines:
             key = (line.account_id, line.currency)
